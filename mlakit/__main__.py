@@ -1,0 +1,5 @@
+import sys
+
+from mlakit.cli import main
+
+sys.exit(main())

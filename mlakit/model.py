@@ -1,0 +1,139 @@
+"""The decoder-only Llama-family transformer, with GQA-family or MLA attention.
+
+One readable file in the gpt-fast/nanoGPT spirit: embeddings, pre-norm blocks of
+attention + SwiGLU MLP, final norm, output head (tied or not).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mlakit.attention import GQAttention, MLAttention
+from mlakit.cache import ModelCache
+from mlakit.config import ModelConfig
+from mlakit.norm import RMSNorm
+from mlakit.rope import mla_rope_inv_freq, rope_cos_sin, rope_inv_freq
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)`` (w1 = gate, w3 = up, w2 = down)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
+        self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
+        self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = MLAttention(config, layer) if config.is_mla else GQAttention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = MLP(config)
+
+    def forward(self, x, cos, sin, positions, mask, cache=None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = None if config.tie_embeddings else nn.Linear(config.dim, config.vocab_size, bias=False)
+        # RoPE frequencies stay float32 whatever dtype the weights take, so they are
+        # not a buffer (``.to(bfloat16)`` would round them); one copy per device.
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def rope_frequencies(self, device: torch.device) -> torch.Tensor:
+        """``[rot / 2]`` float32 RoPE frequencies of this model's attention, on ``device``."""
+        if device not in self._inv_freq:
+            with torch.device("cpu"):
+                config = self.config
+                inv_freq = mla_rope_inv_freq(config) if config.is_mla else rope_inv_freq(config, config.head_dim)
+            self._inv_freq[device] = inv_freq.to(device)
+        return self._inv_freq[device]
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: ModelCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``[b, s, vocab]`` for ``tokens [b, s]`` at ``positions [b, s]``
+        (default ``0..s-1``). With a cache, the new tokens attend to everything the
+        cache holds for their sequence up to their own position. ``logits_at [b]``
+        picks one position per sequence (``[b, 1, vocab]``): the prefill of
+        generation needs only the last prompt token's logits."""
+        b, s = tokens.shape
+        if positions is None:
+            positions = torch.arange(s, device=tokens.device).expand(b, s)
+        cos, sin = rope_cos_sin(self.rope_frequencies(tokens.device), positions)  # [b, s, rot/2]
+        mask = self.attention_mask(positions, cache)
+        x = self.tok_embeddings(tokens)  # [b, s, dim]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, positions, mask, None if cache is None else cache.layers[i])
+        if logits_at is not None:
+            x = x[torch.arange(b, device=x.device), logits_at][:, None]  # [b, 1, dim]
+        return self.head(self.norm(x))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output is None:
+            return F.linear(x, self.tok_embeddings.weight)
+        return self.output(x)
+
+    def attention_mask(self, positions: torch.Tensor, cache: ModelCache | None) -> torch.Tensor:
+        """``[b, s, L]``: key j is visible to a query at position p iff ``j_pos <= p``
+        (and within the sliding window, where the model has one)."""
+        if cache is None:
+            key_pos = positions[:, None, :]  # [b, 1, s]: the keys are the new tokens
+        else:
+            # keys are cache slots 0..L-1; read only as far as the furthest position
+            kv_len = cache.max_len if torch.compiler.is_compiling() else int(positions.max()) + 1
+            key_pos = torch.arange(kv_len, device=positions.device)[None, None, :]  # [1, 1, L]
+        query_pos = positions[:, :, None]  # [b, s, 1]
+        mask = key_pos <= query_pos
+        if self.config.sliding_window is not None:
+            mask = mask & (key_pos > query_pos - self.config.sliding_window)
+        return mask
+
+    # ---------------------------------------------------------------- helpers
+    def new_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None) -> ModelCache:
+        """A cache for ``max_batch`` sequences of up to ``max_len`` tokens, on the model's device."""
+        weight = self.tok_embeddings.weight
+        return ModelCache(self.config, max_batch, max_len, dtype=dtype or weight.dtype, device=weight.device)
+
+    def set_mla_mode(self, mode: str) -> None:
+        """Select the MLA execution path ("naive" or "absorbed") of every layer."""
+        for layer in self.layers:
+            if isinstance(layer.attention, MLAttention):
+                layer.attention.mode = mode
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def init_random(self, seed: int = 0, std: float = 0.02) -> "Transformer":
+        """Random normal weights (benchmarks and tests): never zeros, norms at one."""
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.copy_(torch.randn(param.shape, generator=generator) * std)
+        return self

@@ -1,0 +1,43 @@
+"""Tiny random transformers models, built in the test (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_hf_model(arch: str, n_kv_heads: int, seed: int = 0, **overrides):
+    transformers = __import__("transformers")
+    common = dict(
+        vocab_size=211, hidden_size=96, intermediate_size=160, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=n_kv_heads, max_position_embeddings=256,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    common.update(overrides)
+    if arch == "llama":
+        config = transformers.LlamaConfig(head_dim=16, **common)
+        cls = transformers.LlamaForCausalLM
+    elif arch == "mistral":
+        config = transformers.MistralConfig(head_dim=16, sliding_window=common.pop("sliding_window", None), **common)
+        cls = transformers.MistralForCausalLM
+    elif arch == "qwen2":
+        config = transformers.Qwen2Config(**common)
+        cls = transformers.Qwen2ForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    # default init leaves biases and norms at 0/1: make every parameter matter
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + 0.1 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+    return model
+
+
+def save_tiny(tmp_path, arch: str, n_kv_heads: int, **overrides):
+    model = tiny_hf_model(arch, n_kv_heads, **overrides)
+    path = tmp_path / f"{arch}-kv{n_kv_heads}"
+    model.save_pretrained(path)
+    return model, path

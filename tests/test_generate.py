@@ -1,0 +1,94 @@
+"""Generation against transformers' `generate`, and the sampling rules on their own."""
+
+import pytest
+import torch
+
+import mlakit.loading as loading
+from hf_models import save_tiny
+from mlakit.engine import SamplingParams, generate, generate_stream, sample_next
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, device):
+    hf_model, path = save_tiny(tmp_path_factory.mktemp("gen"), "qwen2", 2)
+    return hf_model.to(device), loading.load(path, device=device).model
+
+
+def hf_greedy(hf_model, prompt, max_new_tokens):
+    device = hf_model.device
+    out = hf_model.generate(torch.tensor([prompt], device=device),
+                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
+                            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=2, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_batched_greedy_equals_transformers_one_by_one(tiny):
+    hf_model, model = tiny
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 211, (n,), generator=gen).tolist() for n in (3, 12, 7, 1)]
+    params = SamplingParams(max_new_tokens=20, greedy=True, stop_token_ids=[2])
+    outputs = generate(model, prompts, params)
+    for prompt, out in zip(prompts, outputs):
+        assert out == hf_greedy(hf_model, prompt, 20)
+
+
+def test_stops_at_eos_and_streams(tiny):
+    _, model = tiny
+    prompt = [5, 6, 7]
+    free = generate(model, [prompt], SamplingParams(max_new_tokens=12, greedy=True, stop_token_ids=[]))[0]
+    stop = free[4]  # pretend the fifth token is the stop token
+    steps = list(generate_stream(model, [prompt], SamplingParams(max_new_tokens=12, greedy=True,
+                                                                 stop_token_ids=[stop])))
+    streamed = [s[0] for s in steps]
+    assert streamed == free[: free.index(stop) + 1]  # stops right after the first stop token
+
+
+def test_max_new_tokens_and_finished_sequences(tiny):
+    _, model = tiny
+    outputs = generate(model, [[5, 6], [7, 8, 9]], SamplingParams(max_new_tokens=5, greedy=True, stop_token_ids=[]))
+    assert [len(o) for o in outputs] == [5, 5]
+    assert generate(model, [[5]], SamplingParams(max_new_tokens=0, greedy=True)) == [[]]
+
+
+def test_seeded_sampling_is_reproducible(tiny):
+    _, model = tiny
+    params = SamplingParams(max_new_tokens=15, temperature=1.5, top_p=0.9, seed=123, stop_token_ids=[])
+    a = generate(model, [[5, 6, 7]], params)
+    b = generate(model, [[5, 6, 7]], params)
+    c = generate(model, [[5, 6, 7]], SamplingParams(max_new_tokens=15, temperature=1.5, top_p=0.9, seed=124,
+                                                    stop_token_ids=[]))
+    assert a == b
+    assert a != c
+
+
+def test_sampling_rules():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
+    gen = torch.Generator().manual_seed(0)
+    # temperature: empirical frequencies follow softmax(logits / T)
+    draws = sample_next(logits, SamplingParams(temperature=2.0), gen)
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    expected = (logits[0].double() / 2.0).softmax(-1)
+    assert (freq - expected).abs().max() < 0.015
+    # top-k keeps only the k best
+    draws = sample_next(logits, SamplingParams(top_k=2), gen)
+    assert set(draws.tolist()) == {0, 1}
+    # top-p keeps the smallest prefix whose mass reaches p
+    probs = logits[0].softmax(-1)
+    p = float(probs[0] + probs[1]) - 1e-3  # tokens 0 and 1 are needed, 2 is not
+    draws = sample_next(logits, SamplingParams(top_p=p), gen)
+    assert set(draws.tolist()) == {0, 1}
+    assert set(sample_next(logits, SamplingParams(top_p=1e-6), gen).tolist()) == {0}
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=0.0), dict(top_k=0), dict(top_p=1.5), dict(max_new_tokens=-1)])
+def test_bad_sampling_params_are_refused(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_too_long_is_refused(tiny):
+    _, model = tiny
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, [[5] * 250], SamplingParams(max_new_tokens=10))

@@ -87,14 +87,15 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     n_heads = hf["num_attention_heads"]
     attention_bias = bool(hf.get("attention_bias", False))
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
     mla = {}
     if arch == "deepseek_v3":
         mla = dict(
             attention="mla", kv_lora_rank=hf["kv_lora_rank"], q_lora_rank=hf.get("q_lora_rank"),
             qk_rope_head_dim=hf["qk_rope_head_dim"], qk_nope_head_dim=hf["qk_nope_head_dim"],
             v_head_dim=hf["v_head_dim"], latent_norm=True,
-            head_dim=hf["qk_rope_head_dim"] + hf["qk_nope_head_dim"],
         )
+        head_dim = hf["qk_rope_head_dim"] + hf["qk_nope_head_dim"]  # informational for native MLA
     return ModelConfig(
         arch=arch,
         vocab_size=hf["vocab_size"],
@@ -102,7 +103,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         n_layers=hf["num_hidden_layers"],
         n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=mla.pop("head_dim", None) or hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        head_dim=head_dim,
         intermediate_size=hf["intermediate_size"],
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=float(rope_theta),

@@ -80,6 +80,9 @@ class MLAttention(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int, mode: str = "naive") -> None:
         super().__init__()
+        # Cached absorbed attention goes through mlakit.kernels.mla_decode (Triton on
+        # CUDA, its PyTorch reference elsewhere); False keeps the plain einsum path.
+        self.use_kernels = config.sliding_window is None  # the kernel has no sliding window
         self.n_heads = config.n_heads
         self.kv_lora_rank = config.kv_lora_ranks()[layer]
         self.nope_dim = config.qk_nope_head_dim
@@ -129,6 +132,9 @@ class MLAttention(nn.Module):
         if self.kv_norm is not None:
             latent = self.kv_norm(latent)
         k_rope = apply_rope(k_rope, cos, sin)
+        if cache is not None and self.mode == "absorbed" and self.use_kernels:
+            out = self._decode_absorbed(q_nope, q_rope, latent, k_rope, positions, cache)
+            return self.wo(out.reshape(b, s, self.n_heads * self.v_dim))
         if cache is not None:
             kv = cache.update(latent, k_rope, positions)[:, : mask.shape[-1]].to(x.dtype)  # [b, L, r + p]
             latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
@@ -150,6 +156,20 @@ class MLAttention(nn.Module):
             attn_mask=mask[:, None], scale=self.scale,
         )  # [b, h, s, v]
         return out.transpose(1, 2)  # [b, s, h, v]
+
+    def _decode_absorbed(self, q_nope, q_rope, latent, k_rope, positions, cache: LatentCache) -> torch.Tensor:
+        """Absorbed attention of the new tokens over the whole latent cache, through
+        the decode kernel. The new tokens must sit at consecutive positions ending at
+        ``cache.lengths - 1`` (what generation does)."""
+        from mlakit.kernels import absorb_output, absorb_query, mla_decode
+
+        b = q_nope.shape[0]
+        kv = cache.update(latent, k_rope, positions)  # [b, L_max, r + p]
+        w_uk, w_uv = self.up_projections()
+        q_latent = absorb_query(q_nope, w_uk).to(kv.dtype)  # [b, s, h, r]
+        out_latent = mla_decode(q_latent, q_rope.to(kv.dtype), kv, cache.lengths[:b], self.scale,
+                                self.kv_lora_rank)  # [b, s, h, r]
+        return absorb_output(out_latent.to(q_nope.dtype), w_uv.transpose(1, 2))  # [b, s, h, v]
 
     def _attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
         w_uk, w_uv = self.up_projections()

@@ -22,7 +22,7 @@ class _Cache(nn.Module):
         super().__init__()
         self.max_batch = max_batch
         self.max_len = max_len
-        # [max_batch] number of slots written per sequence (max position + 1)
+        # [max_batch] length of each sequence: last written position + 1
         self.register_buffer("lengths", torch.zeros(max_batch, dtype=torch.int32, device=device), persistent=False)
 
     def reset(self) -> None:
@@ -36,10 +36,11 @@ class _Cache(nn.Module):
             raise ValueError(f"position {int(positions.max())} exceeds the cache's max_len {self.max_len}")
 
     def _advance(self, positions: torch.Tensor) -> None:
-        # [b] after writing positions [b, s]: lengths = max(lengths, last position + 1)
+        # After writing positions [b, s] (consecutive), each sequence ends at its last one.
+        # Not a running max: a right-padded prefill writes past a short prompt's end, and
+        # that prompt's next token (written at its true length) sets the length back.
         batch = positions.shape[0]
-        new = (positions.max(dim=1).values + 1).to(self.lengths.dtype)
-        self.lengths[:batch] = torch.maximum(self.lengths[:batch], new)
+        self.lengths[:batch] = (positions[:, -1] + 1).to(self.lengths.dtype)
 
     def bytes_per_token(self) -> int:
         raise NotImplementedError

@@ -116,6 +116,13 @@ class Transformer(nn.Module):
             if isinstance(layer.attention, MLAttention):
                 layer.attention.mode = mode
 
+    def set_kernels(self, enabled: bool) -> None:
+        """Route cached absorbed MLA attention through ``mlakit.kernels`` (the default)
+        or through the plain einsum path."""
+        for layer in self.layers:
+            if isinstance(layer.attention, MLAttention):
+                layer.attention.use_kernels = enabled and self.config.sliding_window is None
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

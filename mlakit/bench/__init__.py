@@ -1,0 +1,1 @@
+"""Benchmarks that follow the measurement protocol (../shared/PROTOCOL.md)."""

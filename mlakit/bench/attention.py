@@ -1,0 +1,344 @@
+"""decode-attn-v1: one attention layer, one new token per sequence, on one GPU.
+
+Implements the protocol of PROTOCOL.md (section decode-attn-v1): in one process
+on one GPU, first the copy-bandwidth ceiling (device-to-device copy of 2 GiB,
+bytes read + written), then for each (batch, context) of the grid:
+
+    SDPA MHA / GQA-8 / MQA   torch scaled_dot_product_attention, bf16, head_dim 128
+    MLA einsum               absorbed MLA on the latent cache in plain PyTorch
+    FlashMLA                 DeepSeek's kernel (dense bf16), when ``flash_mla`` imports
+    MLA Triton               mlakit.kernels.mla_decode
+
+Each row: median microseconds (triton.testing.do_bench: CUDA events, L2 flushed
+between runs), cache bytes read / time (GB/s), ratio to the copy bandwidth, and
+the speed-up over GQA-8 SDPA.  Random normal data, never zeros.
+
+GQA/MQA are timed two ways: ``enable_gqa=True`` (query [b, heads, 1, d]) and
+"folded", where the query heads of one KV group become the query-length axis
+([b, kv_heads, group, d] against [b, kv_heads, L, d]) -- exactly grouped-query
+attention for one new token.  Speed-ups are against the faster of the two.
+
+"(CUDA graph)" rows time the replay of a captured graph of the same call: the
+GPU time without Python launch overhead (what a graph-captured decode step
+pays).  The plain rows include whatever launch overhead the host adds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+PROTOCOL = "decode-attn-v1"
+DEFAULT_GRID: Tuple[Tuple[int, int], ...] = ((1, 32768), (16, 8192), (64, 4096), (128, 8192))
+FLASH_MLA_PAGE = 64  # FlashMLA's paged-cache block size
+
+
+def _do_bench(fn: Callable[[], object], warmup_ms: int, rep_ms: int) -> float:
+    """Median time of fn in milliseconds (CUDA events, L2 flushed between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def cuda_graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
+    """Capture fn (after a warm-up on a side stream) into a CUDA graph; return its replay.
+
+    Timing the replay measures the GPU work without the Python launch overhead,
+    which for a ~20 us kernel can be larger than the kernel itself.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, warmup_ms: int = 25, rep_ms: int = 100) -> float:
+    """Device-to-device copy of ``nbytes``; GB/s counting bytes read plus bytes written."""
+    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    ms = _do_bench(lambda: dst.copy_(src), warmup_ms, rep_ms)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.float(), ref.float()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def mla_einsum_decode(q_latent, q_rope, latent, k_rope, softmax_scale):
+    """Absorbed MLA decode in plain PyTorch (bf16 matmuls, fp32 softmax). One new token.
+
+    q_latent [b, h, r], q_rope [b, h, p], latent [b, L, r], k_rope [b, L, p] -> [b, h, r]
+    """
+    scores = torch.einsum("bhr,blr->bhl", q_latent, latent)
+    scores = scores + torch.einsum("bhp,blp->bhl", q_rope, k_rope)
+    probs = torch.softmax(scores.float() * softmax_scale, dim=-1).to(latent.dtype)
+    return torch.einsum("bhl,blr->bhr", probs, latent)
+
+
+def _flash_mla_runner(q_latent, q_rope, cache, softmax_scale, rank):
+    """Build a FlashMLA (dense bf16, legacy SM90 kernel) call on our cache, or None if unavailable."""
+    try:
+        import flash_mla  # noqa: F401
+        from flash_mla import flash_mla_with_kvcache, get_mla_metadata
+    except Exception:  # not installed / does not load
+        return None, "flash_mla not importable"
+    batch, max_len, width = cache.shape
+    if max_len % FLASH_MLA_PAGE:
+        return None, f"context not a multiple of {FLASH_MLA_PAGE}"
+    q = torch.cat([q_latent, q_rope], dim=-1)[:, None]  # [b, 1, h, r + p]
+    blocks_per_seq = max_len // FLASH_MLA_PAGE
+    # Our contiguous cache is a paged cache whose pages are in order.
+    k_cache = cache.view(batch * blocks_per_seq, FLASH_MLA_PAGE, 1, width)
+    block_table = torch.arange(batch * blocks_per_seq, dtype=torch.int32, device=cache.device).view(batch, blocks_per_seq)
+    seqlens = torch.full((batch,), max_len, dtype=torch.int32, device=cache.device)
+    sched, _ = get_mla_metadata()
+
+    def run():
+        out, _lse = flash_mla_with_kvcache(
+            q, k_cache, block_table, seqlens, rank, sched,
+            softmax_scale=softmax_scale, causal=False, use_legacy=True,
+        )
+        return out[:, 0]  # [b, h, r]
+
+    try:
+        run()
+        torch.cuda.synchronize()
+    except Exception as exc:  # e.g. an unsupported head count
+        return None, f"FlashMLA failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+    return run, ""
+
+
+def run_attention_bench(
+    grid: Sequence[Tuple[int, int]] = DEFAULT_GRID,
+    heads: int = 32,
+    head_dim: int = 128,
+    kv_lora_rank: int = 512,
+    rope_dim: int = 64,
+    kv_head_counts: Optional[Sequence[int]] = None,
+    device: str = "cuda",
+    include_baselines: bool = True,
+    include_flash_mla: bool = True,
+    mla_config: Optional[dict] = None,
+    cuda_graphs: bool = True,
+    warmup_ms: int = 25,
+    rep_ms: int = 100,
+    copy_bytes: int = 2 << 30,
+    log: Optional[Callable[[str], None]] = None,
+) -> List[Dict]:
+    """Run decode-attn-v1 and return one dict per (row, method), the copy ceiling first."""
+    from mlakit.kernels import mla_decode
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{PROTOCOL} needs a CUDA GPU")
+    dev = torch.device(device)
+    gpu = torch.cuda.get_device_name(dev)
+    dtype = torch.bfloat16
+    log = log or (lambda msg: None)
+    if kv_head_counts is None:
+        kv_head_counts = [k for k in (heads, 8, 1) if heads % k == 0]
+    kv_head_counts = list(dict.fromkeys(kv_head_counts))
+
+    copy_gbps = measure_copy_bandwidth(dev, copy_bytes, warmup_ms, rep_ms)
+    log(f"copy bandwidth {copy_gbps:.0f} GB/s on {gpu}")
+    base = dict(protocol=PROTOCOL, gpu=gpu, copy_gbps=copy_gbps, heads=heads)
+    rows: List[Dict] = [dict(base, batch=0, context=0, method=f"copy {copy_bytes / 2**30:g} GiB D2D",
+                             cache_mb=copy_bytes / 1e6, us=2 * copy_bytes / copy_gbps / 1e3,
+                             gbps=copy_gbps, pct_copy=100.0)]
+
+    def add(batch, context, method, nbytes, ms, flops=None, note="", rel_err=None):
+        row = dict(base, batch=batch, context=context, method=method, cache_mb=nbytes / 1e6)
+        if ms is None:
+            row.update(us=None, gbps=None, pct_copy=None, note=note)
+        else:
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            row.update(us=ms * 1e3, gbps=gbps, pct_copy=100 * gbps / copy_gbps, note=note)
+            if flops is not None:
+                row["tflops"] = flops / (ms * 1e-3) / 1e12
+        if rel_err is not None:
+            row["rel_err"] = rel_err
+        rows.append(row)
+        log(f"  b={batch:<4d} ctx={context:<6d} {method:<22s} "
+            + (f"{row['us']:9.1f} us {row['gbps']:7.0f} GB/s {row['pct_copy']:5.1f}%" if ms else note))
+        return row
+
+    for batch, context in grid:
+        group_rows = []
+        # --- SDPA baselines -------------------------------------------------
+        if include_baselines:
+            q = torch.randn(batch, heads, 1, head_dim, dtype=dtype, device=dev)
+            for kv_heads in kv_head_counts:
+                group = heads // kv_heads
+                name = "SDPA MHA" if kv_heads == heads else ("SDPA MQA" if kv_heads == 1 else f"SDPA GQA-{kv_heads}")
+                try:
+                    k = torch.randn(batch, kv_heads, context, head_dim, dtype=dtype, device=dev)
+                    v = torch.randn_like(k)
+                except torch.OutOfMemoryError:
+                    group_rows.append(add(batch, context, name, 0, None, note="out of memory"))
+                    continue
+                nbytes = k.numel() * k.element_size() * 2
+                flops = 4 * batch * heads * context * head_dim
+
+                def sdpa(q=q, k=k, v=v, gqa=kv_heads != heads):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+
+                group_rows.append(add(batch, context, name, nbytes, _do_bench(sdpa, warmup_ms, rep_ms), flops))
+                if group > 1:
+                    q_folded = q.view(batch, kv_heads, group, head_dim)  # heads of a group -> query length
+
+                    def sdpa_folded(q_folded=q_folded, k=k, v=v):
+                        return torch.nn.functional.scaled_dot_product_attention(q_folded, k, v)
+
+                    group_rows.append(add(batch, context, name + " folded", nbytes,
+                                          _do_bench(sdpa_folded, warmup_ms, rep_ms), flops))
+                del k, v
+            del q
+            torch.cuda.empty_cache()
+
+        # --- MLA ------------------------------------------------------------
+        rank, rope = kv_lora_rank, rope_dim
+        cache = torch.randn(batch, context, rank + rope, dtype=dtype, device=dev)  # [b, L, r + p]
+        q_latent = torch.randn(batch, heads, rank, dtype=dtype, device=dev)  # [b, h, r]
+        q_rope = torch.randn(batch, heads, rope, dtype=dtype, device=dev)  # [b, h, p]
+        # Absorbed queries have grown by the up-projection; a realistic scale keeps the softmax non-degenerate.
+        softmax_scale = 1.0 / math.sqrt(rank + rope)
+        lengths = torch.full((batch,), context, dtype=torch.int32, device=dev)
+        nbytes = cache.numel() * cache.element_size()
+        flops = 2 * batch * heads * context * (rank + rope) + 2 * batch * heads * context * rank
+        latent, k_rope = cache[..., :rank], cache[..., rank:]
+
+        def einsum_fn():
+            return mla_einsum_decode(q_latent, q_rope, latent, k_rope, softmax_scale)
+
+        ref = None
+        if include_baselines:
+            try:
+                ref = einsum_fn()
+                group_rows.append(add(batch, context, "MLA einsum (PyTorch)", nbytes, _do_bench(einsum_fn, warmup_ms, rep_ms), flops))
+            except torch.OutOfMemoryError:
+                group_rows.append(add(batch, context, "MLA einsum (PyTorch)", nbytes, None, note="out of memory"))
+            torch.cuda.empty_cache()
+
+        if include_flash_mla:
+            run, why = _flash_mla_runner(q_latent, q_rope, cache, softmax_scale, rank)
+            if run is None:
+                group_rows.append(add(batch, context, "FlashMLA", nbytes, None, note=why))
+            else:
+                err = _rel_err(run(), ref) if ref is not None else None
+                group_rows.append(add(batch, context, "FlashMLA", nbytes, _do_bench(run, warmup_ms, rep_ms), flops, rel_err=err))
+                if cuda_graphs:
+                    group_rows.append(add(batch, context, "FlashMLA (CUDA graph)", nbytes,
+                                          _do_bench(cuda_graph_replay(run), warmup_ms, rep_ms), flops))
+
+        q4_latent, q4_rope = q_latent[:, None], q_rope[:, None]  # [b, 1, h, *]
+        out = torch.empty_like(q4_latent)
+
+        def triton_fn():
+            return mla_decode(q4_latent, q4_rope, cache, lengths, softmax_scale, rank, out=out, config=mla_config)
+
+        triton_fn()
+        err = _rel_err(out[:, 0], ref) if ref is not None else None
+        group_rows.append(add(batch, context, "MLA Triton (mlakit)", nbytes, _do_bench(triton_fn, warmup_ms, rep_ms), flops, rel_err=err))
+        if cuda_graphs:
+            group_rows.append(add(batch, context, "MLA Triton (CUDA graph)", nbytes,
+                                  _do_bench(cuda_graph_replay(triton_fn), warmup_ms, rep_ms), flops))
+        del cache, q_latent, q_rope, out, ref, latent, k_rope
+        torch.cuda.empty_cache()
+
+        # Speed-ups against the faster of the two GQA-8 formulations.
+        gqa8 = [r["us"] for r in group_rows if r["method"].startswith("SDPA GQA-8") and r.get("us")]
+        for r in group_rows:
+            if gqa8 and r.get("us"):
+                r["speedup_vs_gqa8"] = min(gqa8) / r["us"]
+    return rows
+
+
+def format_table(rows: List[Dict]) -> str:
+    """Markdown table of run_attention_bench rows, headed by protocol, GPU and copy bandwidth."""
+    if not rows:
+        return "(no rows)"
+    head = rows[0]
+    lines = [
+        f"{head['protocol']} on {head['gpu']} (copy {head['copy_gbps']:.0f} GB/s, {head['heads']} query heads)",
+        "",
+        "| batch | context | method | cache MB | us | GB/s | % copy | vs GQA-8 | TFLOP/s | rel err | note |",
+        "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        def fmt(key, spec):
+            value = r.get(key)
+            return "" if value is None else format(value, spec)
+
+        lines.append(
+            f"| {r['batch'] or ''} | {r['context'] or ''} | {r['method']} | {r['cache_mb']:.0f} | {fmt('us', '.1f')} "
+            f"| {fmt('gbps', '.0f')} | {fmt('pct_copy', '.1f')} | {fmt('speedup_vs_gqa8', '.2f')} "
+            f"| {fmt('tflops', '.1f')} | {fmt('rel_err', '.1e')} | {r.get('note', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def _parse_grid(text: str) -> List[Tuple[int, int]]:
+    grid = []
+    for item in text.split(","):
+        batch, context = item.lower().split("x")
+        grid.append((int(batch), int(context)))
+    return grid
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grid", type=_parse_grid, default=list(DEFAULT_GRID),
+                        help="comma-separated BATCHxCONTEXT pairs (default: the protocol grid 1x32768,16x8192,64x4096,128x8192)")
+    parser.add_argument("--shape", default="32,512,64",
+                        help="HEADS,KV_LORA_RANK,ROPE_DIM of the MLA layer (default 32,512,64; a converted SmolLM2: 9,64,32)")
+    parser.add_argument("--head-dim", type=int, default=128, help="head_dim of the SDPA baselines (default 128)")
+    parser.add_argument("--kv-heads", default=None, help="comma-separated KV head counts of the SDPA baselines (default: HEADS,8,1 where they divide HEADS)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip SDPA and einsum rows")
+    parser.add_argument("--no-flash-mla", action="store_true", help="skip FlashMLA even if importable")
+    parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement (ms)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    from mlakit.errors import MlakitError
+
+    if not torch.cuda.is_available():
+        raise MlakitError(f"{PROTOCOL} times GPU kernels and needs a CUDA GPU")
+    try:
+        heads, rank, rope = (int(x) for x in args.shape.split(","))
+    except ValueError:
+        raise MlakitError(f"--shape must be HEADS,KV_LORA_RANK,ROPE_DIM, got {args.shape!r}") from None
+    kv_heads = [int(x) for x in args.kv_heads.split(",")] if args.kv_heads else None
+    rows = run_attention_bench(
+        grid=args.grid, heads=heads, head_dim=args.head_dim, kv_lora_rank=rank, rope_dim=rope,
+        kv_head_counts=kv_heads, include_baselines=not args.no_baselines,
+        include_flash_mla=not args.no_flash_mla, rep_ms=args.rep_ms,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlakit bench attention", description=f"{PROTOCOL}: one attention layer, decode")
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

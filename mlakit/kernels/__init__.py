@@ -1,0 +1,28 @@
+"""Triton kernels for MLA decode, each with a plain PyTorch reference beside it.
+
+Importing this package never needs Triton: ``HAS_TRITON`` says whether it is
+installed, and ``mla_decode`` / ``rope_append`` fall back to their references
+when it is not (or when the tensors are on the CPU and ``TRITON_INTERPRET=1``
+was not set before import).
+"""
+
+from mlakit.kernels.mla_decode import (
+    HAS_TRITON,
+    INTERPRET,
+    absorb_output,
+    absorb_query,
+    mla_decode,
+    mla_decode_reference,
+)
+from mlakit.kernels.rope_append import rope_append, rope_append_reference
+
+__all__ = [
+    "HAS_TRITON",
+    "INTERPRET",
+    "absorb_output",
+    "absorb_query",
+    "mla_decode",
+    "mla_decode_reference",
+    "rope_append",
+    "rope_append_reference",
+]

@@ -1,0 +1,353 @@
+#!/usr/bin/env python3
+"""GPU check of mlakit.kernels in one go: correctness, tuning sweep, decode-attn-v1 table.
+
+Run on the GPU machine from the repository root:
+
+    python3 scripts/device/kernels_check.py            # everything, results under $OUT (or ./kernels_out)
+    python3 scripts/device/kernels_check.py --no-sweep # correctness + tables only
+
+Sections (each prints as it goes; the decode-attn-v1 table comes last):
+  1. environment (GPU, torch, triton, flash_mla)
+  2. correctness of every kernel against its PyTorch reference on CUDA
+     (fresh random inputs, output poisoned with NaN, relative error bounds
+     bf16/fp16 <= 1e-2, fp32 <= 1e-4)
+  3. sweep of launch configurations on the benchmark shapes (median us, GB/s,
+     registers / spills / shared memory of the compiled kernel)
+  4. decode-attn-v1 (32 heads, rank 512 + rope 64) with the default configuration,
+     then the shapes FlashMLA cannot run (9 heads rank 64/128 + rope 32) and 128 heads.
+Writes check.json, sweep.json, bench.json and tables.md under the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+import importlib  # noqa: E402
+
+from mlakit.bench.attention import (  # noqa: E402
+    cuda_graph_replay,
+    format_table,
+    measure_copy_bandwidth,
+    run_attention_bench,
+)
+from mlakit.kernels import (  # noqa: E402
+    mla_decode,
+    mla_decode_reference,
+    rope_append,
+    rope_append_reference,
+)
+
+
+# The submodule, not the function of the same name that mlakit.kernels re-exports.
+mla_mod = importlib.import_module("mlakit.kernels.mla_decode")
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def log(msg=""):
+    print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------------
+# 2. correctness
+# ---------------------------------------------------------------------------
+
+DECODE_CASES = [
+    # batch, s_q, heads, rank, rope, max_len, lengths, splits (None = default)
+    (1, 1, 1, 16, 0, 17, [1], None),
+    (2, 1, 9, 48, 24, 100, [100, 37], None),
+    (3, 1, 16, 64, 32, 300, [300, 1, 129], None),
+    (3, 3, 16, 64, 32, 300, [300, 3, 129], 4),
+    (2, 3, 9, 96, 24, 257, [257, 70], 1),
+    (4, 1, 32, 512, 64, 1000, [1000, 999, 64, 5], None),
+    (2, 2, 32, 512, 64, 700, [700, 333], 3),
+    (2, 1, 128, 512, 64, 513, [513, 200], None),
+    (2, 1, 128, 512, 64, 513, [513, 200], 1),
+    (1, 1, 32, 512, 64, 32768, [32768], None),
+    (5, 4, 9, 128, 32, 2048, [2048, 4, 1000, 1999, 77], None),
+]
+
+ROPE_CASES = [
+    # batch, s, rank, rope, max_len, norm
+    (1, 1, 16, 0, 8, False),
+    (4, 1, 512, 64, 64, True),
+    (3, 5, 48, 24, 40, True),
+    (2, 3, 96, 32, 16, False),
+    (128, 1, 512, 64, 256, True),
+]
+
+
+def check_correctness():
+    results, failures = [], 0
+    dev = torch.device("cuda")
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(1234)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        tol = 1e-4 if dtype == torch.float32 else 1e-2
+        for batch, s_q, heads, rank, rope, max_len, lens, splits in DECODE_CASES:
+            def rnd(*shape):
+                return torch.randn(*shape, generator=gen, device=dev).to(dtype)
+
+            q_latent, q_rope = rnd(batch, s_q, heads, rank), rnd(batch, s_q, heads, rope)
+            kv_cache = rnd(batch + 1, max_len, rank + rope)
+            lengths = torch.tensor(lens, dtype=torch.int32, device=dev)
+            scale = 1.0 / math.sqrt(rank + rope)
+            out = torch.full((batch, s_q, heads, rank), float("nan"), dtype=dtype, device=dev)
+            cfg = {"num_splits": splits} if splits else None
+            name = f"mla_decode {str(dtype)[6:]} b{batch} s{s_q} h{heads} r{rank} p{rope} L{max_len} splits={splits}"
+            try:
+                mla_decode(q_latent, q_rope, kv_cache, lengths, scale, rank, out=out, config=cfg)
+                torch.cuda.synchronize()
+                # Reference on fp32-upcast inputs, returned in fp32 (no output rounding).
+                ref = mla_decode_reference(q_latent.float(), q_rope.float(), kv_cache.float(), lengths, scale, rank)
+                err = rel_err(out, ref)
+                ok = bool(torch.isfinite(out).all()) and err <= tol
+            except Exception as exc:  # report and go on
+                err, ok = None, False
+                name += f" EXC {type(exc).__name__}: {exc}"
+                traceback.print_exc()
+            failures += not ok
+            results.append(dict(case=name, rel_err=err, ok=ok))
+            log(f"  {'ok  ' if ok else 'FAIL'} {name}: rel_err={err}")
+        for batch, seq, rank, rope, max_len, norm in ROPE_CASES:
+            latent = torch.randn(batch, seq, rank, generator=gen, device=dev).to(dtype)
+            k_rope = torch.randn(batch, seq, rope, generator=gen, device=dev).to(dtype)
+            # distinct positions per sequence (duplicates would make the write order matter)
+            positions = torch.stack([torch.randperm(max_len, generator=gen, device=dev)[:seq] for _ in range(batch)])
+            positions[0, 0] = -1  # padding token: skipped
+            cos = torch.randn(max_len, rope // 2, generator=gen, device=dev)
+            sin = torch.randn(max_len, rope // 2, generator=gen, device=dev)
+            weight = torch.randn(rank, generator=gen, device=dev) if norm else None
+            cache = torch.full((batch + 1, max_len, rank + rope), float("nan"), dtype=dtype, device=dev)
+            cache_ref = cache.clone()
+            name = f"rope_append {str(dtype)[6:]} b{batch} s{seq} r{rank} p{rope} norm={norm}"
+            try:
+                rope_append(latent, k_rope, cache, positions, cos, sin, weight)
+                rope_append_reference(latent, k_rope, cache_ref, positions, cos, sin, weight)
+                torch.cuda.synchronize()
+                written = ~torch.isnan(cache_ref)
+                same_nan = bool((torch.isnan(cache) == ~written).all())
+                err = rel_err(cache[written], cache_ref[written])
+                ok = same_nan and err <= tol
+            except Exception as exc:
+                err, ok = None, False
+                name += f" EXC {type(exc).__name__}: {exc}"
+                traceback.print_exc()
+            failures += not ok
+            results.append(dict(case=name, rel_err=err, ok=ok))
+            log(f"  {'ok  ' if ok else 'FAIL'} {name}: rel_err={err}")
+    return results, failures
+
+
+# ---------------------------------------------------------------------------
+# 3. sweep
+# ---------------------------------------------------------------------------
+
+
+def bench_ms(fn, rep=40):
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"))
+
+
+def sweep_shape(batch, context, heads, rank, rope, kernel_cfgs, occupancies, num_sms, copy_gbps):
+    dev = torch.device("cuda")
+    dtype = torch.bfloat16
+    cache = torch.randn(batch, context, rank + rope, dtype=dtype, device=dev)
+    q_latent = torch.randn(batch, 1, heads, rank, dtype=dtype, device=dev)
+    q_rope = torch.randn(batch, 1, heads, rope, dtype=dtype, device=dev)
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q_latent)
+    scale = 1.0 / math.sqrt(rank + rope)
+    ref = mla_decode_reference(q_latent[:1], q_rope[:1], cache[:1], lengths[:1], scale, rank)
+    nbytes = cache.numel() * cache.element_size()
+    flops = 2 * batch * heads * context * (2 * rank + rope)
+    rows = []
+    for block_h, block_n, warps, stages in kernel_cfgs:
+        row_blocks = -(-heads // block_h)
+        programs = batch * row_blocks
+        split_opts = sorted({max(1, min(num_sms * occ // programs, context // block_n, 256)) for occ in occupancies})
+        for splits in split_opts:
+            cfg = dict(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
+            rec = dict(batch=batch, context=context, heads=heads, rank=rank, rope=rope, **cfg)
+            try:
+                fn = lambda: mla_decode(q_latent, q_rope, cache, lengths, scale, rank, out=out, config=cfg)  # noqa: E731
+                fn()
+                torch.cuda.synchronize()
+                err = rel_err(out[:1], ref)
+                kern = mla_mod.LAST_COMPILED.get("split")
+                ms = bench_ms(cuda_graph_replay(fn))  # GPU time, no launch overhead
+                gbps = nbytes / (ms * 1e-3) / 1e9
+                rec.update(us=ms * 1e3, gbps=gbps, pct_copy=100 * gbps / copy_gbps,
+                           tflops=flops / (ms * 1e-3) / 1e12, rel_err=err,
+                           regs=getattr(kern, "n_regs", None), spills=getattr(kern, "n_spills", None),
+                           smem=getattr(getattr(kern, "metadata", None), "shared", None))
+                log(f"    h{block_h:<3d} n{block_n:<4d} w{warps} st{stages} sp{splits:<4d} {ms * 1e3:8.1f} us "
+                    f"{gbps:6.0f} GB/s {rec['pct_copy']:5.1f}% {rec['tflops']:6.1f} TF  err {err:.1e} "
+                    f"regs {rec['regs']} spills {rec['spills']} smem {rec['smem']}")
+            except Exception as exc:
+                rec.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+                log(f"    h{block_h:<3d} n{block_n:<4d} w{warps} st{stages} sp{splits:<4d} ERROR {rec['error']}")
+            rows.append(rec)
+    del cache, q_latent, q_rope, out
+    torch.cuda.empty_cache()
+    return rows
+
+
+BIG_RANK_CFGS = [  # block_h, block_n, num_warps, num_stages
+    (32, 64, 8, 2), (32, 64, 4, 2), (32, 64, 8, 3), (32, 32, 4, 2), (32, 32, 4, 3), (32, 32, 8, 3),
+    (32, 32, 8, 4), (32, 16, 4, 4), (64, 64, 8, 2), (64, 32, 4, 3), (64, 32, 8, 3), (64, 64, 4, 2),
+]
+SMALL_RANK_CFGS = [
+    (16, 64, 4, 3), (16, 128, 4, 3), (16, 128, 4, 4), (16, 256, 4, 3), (16, 64, 2, 4), (16, 128, 8, 3),
+]
+HEADS128_CFGS = [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (32, 64, 8, 2)]
+
+
+def launch_overhead_study():
+    """Default config on the protocol grid: eager vs CUDA-graph time, host time per call."""
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    rows = []
+    for batch, context in ((1, 32768), (16, 8192), (64, 4096), (128, 8192)):
+        cache = torch.randn(batch, context, 576, dtype=dtype, device=dev)
+        q_latent = torch.randn(batch, 1, 32, 512, dtype=dtype, device=dev)
+        q_rope = torch.randn(batch, 1, 32, 64, dtype=dtype, device=dev)
+        lengths = torch.full((batch,), context, dtype=torch.int32, device=dev)
+        out = torch.empty_like(q_latent)
+        fn = lambda: mla_decode(q_latent, q_rope, cache, lengths, 0.04, 512, out=out)  # noqa: E731
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(200):
+            fn()
+        host_us = (time.perf_counter() - t0) / 200 * 1e6
+        torch.cuda.synchronize()
+        eager, graph = bench_ms(fn) * 1e3, bench_ms(cuda_graph_replay(fn)) * 1e3
+        cfg = mla_mod.default_config(batch, 1, 32, 512, 64, context, dev, dtype)
+        log(f"  b={batch} ctx={context} eager {eager:.1f} us, graph {graph:.1f} us, host enqueue {host_us:.1f} us/call, cfg {cfg}")
+        rows.append(dict(batch=batch, context=context, eager_us=eager, graph_us=graph, host_us=host_us, cfg=cfg))
+        del cache
+    torch.cuda.empty_cache()
+    return rows
+
+
+def run_sweep(num_sms, copy_gbps, quick=False):
+    rows = []
+    plan = [
+        # (batch, context, heads, rank, rope, configs, occupancies)
+        (1, 32768, 32, 512, 64, BIG_RANK_CFGS, (1, 2)),
+        (16, 8192, 32, 512, 64, BIG_RANK_CFGS, (1, 2)),
+        (64, 4096, 32, 512, 64, BIG_RANK_CFGS, (1, 2)),
+        (128, 8192, 32, 512, 64, BIG_RANK_CFGS, (0, 1, 2)),
+        (16, 8192, 9, 64, 32, SMALL_RANK_CFGS, (1, 2, 4)),
+        (64, 8192, 9, 64, 32, SMALL_RANK_CFGS, (1, 2, 4)),
+        (128, 8192, 9, 128, 32, SMALL_RANK_CFGS, (0, 1, 2, 4)),
+        (64, 4096, 128, 512, 64, HEADS128_CFGS, (1, 2)),
+    ]
+    if quick:
+        plan = plan[:1]
+    for batch, context, heads, rank, rope, cfgs, occs in plan:
+        log(f"  sweep b={batch} ctx={context} heads={heads} rank={rank} rope={rope}")
+        t0 = time.time()
+        shape_rows = sweep_shape(batch, context, heads, rank, rope, cfgs, occs, num_sms, copy_gbps)
+        rows += shape_rows
+        good = sorted((r for r in shape_rows if "us" in r), key=lambda r: r["us"])
+        for r in good[:3]:
+            log(f"   best: h{r['block_h']} n{r['block_n']} w{r['num_warps']} st{r['num_stages']} sp{r['num_splits']}"
+                f" {r['us']:.1f} us {r['gbps']:.0f} GB/s {r['pct_copy']:.1f}% ({time.time() - t0:.0f} s)")
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "kernels_out"))
+    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--quick-sweep", action="store_true")
+    parser.add_argument("--no-check", action="store_true")
+    parser.add_argument("--no-extra", action="store_true", help="skip the small-rank and 128-head tables")
+    parser.add_argument("--no-table", action="store_true", help="skip the decode-attn-v1 tables")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.time()
+
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    try:
+        import flash_mla
+
+        fm = f"flash_mla {getattr(flash_mla, '__version__', '?')} legacy={flash_mla.has_legacy()}"
+    except Exception as exc:
+        fm = f"flash_mla not importable ({type(exc).__name__}: {str(exc)[:100]})"
+    env = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__, flash_mla=fm)
+    log(f"== environment: {env}")
+
+    summary = {"env": env}
+    if not args.no_check:
+        log("== correctness (CUDA, kernel vs reference)")
+        results, failures = check_correctness()
+        summary["check_failures"] = failures
+        json.dump(results, open(os.path.join(args.out, "check.json"), "w"), indent=1)
+        log(f"== correctness: {len(results) - failures}/{len(results)} ok ({time.time() - t_start:.0f} s)")
+
+    copy_gbps = measure_copy_bandwidth(torch.device("cuda"))
+    log(f"== copy bandwidth {copy_gbps:.0f} GB/s")
+    log("== launch overhead (default config)")
+    summary["overhead"] = launch_overhead_study()
+    if not args.no_sweep:
+        log("== sweep (CUDA-graph replay timing)")
+        sweep = run_sweep(props.multi_processor_count, copy_gbps, quick=args.quick_sweep)
+        json.dump(sweep, open(os.path.join(args.out, "sweep.json"), "w"), indent=1)
+        log(f"== sweep done ({time.time() - t_start:.0f} s)")
+
+    tables = []
+    if args.no_table:
+        json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=1)
+        log(f"== total {time.time() - t_start:.0f} s")
+        return 1 if summary.get("check_failures") else 0
+    log("== decode-attn-v1")
+    rows = run_attention_bench(log=log)
+    tables.append(format_table(rows))
+    all_rows = list(rows)
+    if not args.no_extra:
+        log("== shapes FlashMLA cannot run: converted small models (9 heads)")
+        for shape in ((9, 64, 32), (9, 128, 32)):
+            extra = run_attention_bench(grid=((16, 8192), (64, 8192), (128, 8192), (16, 32768)), heads=shape[0],
+                                        head_dim=64, kv_lora_rank=shape[1], rope_dim=shape[2], kv_head_counts=[3],
+                                        include_flash_mla=False, log=log)
+            tables.append(format_table(extra))
+            all_rows += extra
+        log("== 128 heads (compute-bound)")
+        extra = run_attention_bench(grid=((16, 8192), (64, 4096), (128, 8192)), heads=128, include_baselines=False, log=log)
+        tables.append(format_table(extra))
+        all_rows += extra
+    json.dump(all_rows, open(os.path.join(args.out, "bench.json"), "w"), indent=1)
+    json.dump(summary, open(os.path.join(args.out, "summary.json"), "w"), indent=1)
+    text = "\n\n".join(tables)
+    open(os.path.join(args.out, "tables.md"), "w").write(text + "\n")
+    log(f"== total {time.time() - t_start:.0f} s; correctness failures: {summary.get('check_failures')}")
+    log(text)
+    return 1 if summary.get("check_failures") else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

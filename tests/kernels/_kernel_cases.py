@@ -1,0 +1,105 @@
+"""Test cases and the comparison logic shared by the interpreter runner and the CUDA tests.
+
+Kept free of pytest and of any mlakit import at module level, so the interpreter
+subprocess can import it before mlakit.kernels (TRITON_INTERPRET must be set
+before the kernels are decorated).
+"""
+
+from __future__ import annotations
+
+import math
+
+DTYPE_TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
+
+# Tiny shapes for the CPU interpreter: every required feature appears at least once.
+# id: (dtype, batch, s_q, heads, rank, rope, max_len, lengths, num_splits or None)
+INTERP_DECODE_CASES = {
+    "f32-h9-r48-p24-ragged-len1": ("float32", 2, 1, 9, 48, 24, 40, [37, 1], None),
+    "f32-h16-r64-p32-sq3-split2": ("float32", 3, 3, 16, 64, 32, 70, [70, 3, 45], 2),
+    "f32-h1-r16-p0-nosplit": ("float32", 1, 1, 1, 16, 0, 20, [20], 1),
+    "f32-h16-r64-p0-split3": ("float32", 2, 1, 16, 64, 0, 33, [33, 17], 3),
+    "f32-h1-r16-p24-sq3-len-eq-sq": ("float32", 2, 3, 1, 16, 24, 9, [3, 8], 2),
+    "f16-h9-r48-p24": ("float16", 2, 1, 9, 48, 24, 40, [40, 23], None),
+    "bf16-h9-r64-p32-sq3": ("bfloat16", 2, 3, 9, 64, 32, 50, [50, 4], None),
+}
+
+# id: (dtype, batch, s, rank, rope, max_len, norm)
+INTERP_ROPE_CASES = {
+    "f32-r48-p24-norm": ("float32", 2, 3, 48, 24, 10, True),
+    "f32-r64-p0": ("float32", 3, 1, 64, 0, 6, False),
+    "f32-r16-p32": ("float32", 2, 2, 16, 32, 8, False),
+    "bf16-r64-p32-norm": ("bfloat16", 2, 1, 64, 32, 5, True),
+    "f16-r48-p24": ("float16", 1, 4, 48, 24, 12, False),
+}
+
+# CUDA: larger shapes, incl. the decode-attn-v1 one.
+CUDA_DECODE_CASES = dict(INTERP_DECODE_CASES)
+CUDA_DECODE_CASES.update({
+    "bf16-h32-r512-p64-ragged": ("bfloat16", 4, 1, 32, 512, 64, 1000, [1000, 999, 64, 5], None),
+    "bf16-h32-r512-p64-sq2-split3": ("bfloat16", 2, 2, 32, 512, 64, 700, [700, 333], 3),
+    "f16-h128-r512-p64": ("float16", 2, 1, 128, 512, 64, 513, [513, 200], None),
+    "bf16-h32-r512-p64-long": ("bfloat16", 1, 1, 32, 512, 64, 32768, [32768], None),
+    "bf16-h9-r128-p32-sq4": ("bfloat16", 5, 4, 9, 128, 32, 2048, [2048, 4, 1000, 1999, 77], None),
+    "f32-h32-r512-p64": ("float32", 2, 1, 32, 512, 64, 300, [300, 129], None),
+})
+CUDA_ROPE_CASES = dict(INTERP_ROPE_CASES)
+CUDA_ROPE_CASES.update({
+    "bf16-r512-p64-norm-b128": ("bfloat16", 128, 1, 512, 64, 256, True),
+})
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def run_decode_case(case, device="cpu", seed=0) -> dict:
+    """Kernel (through mla_decode's dispatch) vs reference on fresh random inputs."""
+    import torch
+
+    from mlakit.kernels import mla_decode, mla_decode_reference
+
+    dtype_name, batch, s_q, heads, rank, rope, max_len, lengths, splits = case
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    q_latent, q_rope = rnd(batch, s_q, heads, rank), rnd(batch, s_q, heads, rope)
+    kv_cache = rnd(batch + 1, max_len, rank + rope)  # one spare row: the kernel must use row b only
+    lens = torch.tensor(lengths, dtype=torch.int64, device=device)
+    scale = 1.0 / math.sqrt(rank + rope)
+    out = torch.full((batch, s_q, heads, rank), float("nan"), dtype=dtype, device=device)  # poison
+    config = {"num_splits": splits} if splits else None
+    mla_decode(q_latent, q_rope, kv_cache, lens, scale, rank, out=out, config=config)
+    ref = mla_decode_reference(q_latent.float(), q_rope.float(), kv_cache.float(), lens, scale, rank)
+    return {"rel_err": rel_err(out, ref), "finite": bool(torch.isfinite(out).all()), "tol": DTYPE_TOL[dtype_name]}
+
+
+def run_rope_case(case, device="cpu", seed=0) -> dict:
+    import torch
+
+    from mlakit.kernels import rope_append, rope_append_reference
+
+    dtype_name, batch, seq, rank, rope, max_len, norm = case
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    latent = torch.randn(batch, seq, rank, generator=gen).to(device=device, dtype=dtype)
+    k_rope = torch.randn(batch, seq, rope, generator=gen).to(device=device, dtype=dtype)
+    # distinct positions per sequence; the first token of sequence 0 is padding (-1): skipped
+    positions = torch.stack([torch.randperm(max_len, generator=gen)[:seq] for _ in range(batch)]).to(device)
+    positions[0, 0] = -1
+    cos = torch.randn(max_len, rope // 2, generator=gen).to(device)
+    sin = torch.randn(max_len, rope // 2, generator=gen).to(device)
+    weight = torch.randn(rank, generator=gen).to(device) if norm else None
+    cache = torch.full((batch + 1, max_len, rank + rope), float("nan"), dtype=dtype, device=device)  # poison
+    cache_ref = cache.clone()
+    rope_append(latent, k_rope, cache, positions, cos, sin, weight)
+    rope_append_reference(latent, k_rope, cache_ref, positions, cos, sin, weight)
+    written = ~torch.isnan(cache_ref)
+    return {
+        "rel_err": rel_err(cache[written], cache_ref[written]),
+        "finite": bool((torch.isnan(cache) == ~written).all()),  # wrote exactly the reference's slots
+        "tol": DTYPE_TOL[dtype_name],
+    }

@@ -1,0 +1,149 @@
+"""The PyTorch references against independent float64 math, weight absorption, argument checks.
+
+These need neither Triton nor a GPU.
+"""
+
+import math
+
+import pytest
+import torch
+
+from mlakit.kernels import (
+    INTERPRET,
+    absorb_output,
+    absorb_query,
+    mla_decode,
+    mla_decode_reference,
+    rope_append,
+    rope_append_reference,
+)
+
+
+def naive_attention_fp64(q_latent, q_rope, kv_cache, lengths, scale, rank):
+    """Softmax attention from scratch in float64 over the concatenated key [latent, k_rope]."""
+    batch, s_q = q_latent.shape[:2]
+    q = torch.cat([q_latent, q_rope], dim=-1).double()  # [b, s, h, r + p]
+    keys = kv_cache[:batch].double()  # [b, L, r + p]
+    values = keys[..., :rank]  # [b, L, r]
+    scores = torch.einsum("bshd,bld->bshl", q, keys) * scale
+    slot = torch.arange(keys.shape[1])[None, None, :]  # [1, 1, L]
+    last = lengths.long()[:, None, None] - s_q + torch.arange(s_q)[None, :, None]  # [b, s, 1]
+    mask = (slot <= last)[:, :, None, :]  # [b, s, 1, L]
+    scores = torch.where(mask, scores, torch.tensor(-math.inf, dtype=torch.float64))
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True))
+    weights = weights / weights.sum(-1, keepdim=True)
+    return torch.einsum("bshl,blr->bshr", weights, values)
+
+
+@pytest.mark.parametrize("batch,s_q,heads,rank,rope,max_len,lengths", [
+    (2, 1, 9, 48, 24, 40, [37, 1]),
+    (3, 3, 16, 64, 32, 70, [70, 3, 45]),
+    (1, 1, 1, 16, 0, 20, [20]),
+    (2, 2, 4, 512, 64, 130, [130, 64]),
+])
+def test_reference_matches_fp64_naive_attention(batch, s_q, heads, rank, rope, max_len, lengths):
+    gen = torch.Generator().manual_seed(7)
+    q_latent = torch.randn(batch, s_q, heads, rank, generator=gen)
+    q_rope = torch.randn(batch, s_q, heads, rope, generator=gen)
+    kv_cache = torch.randn(batch + 2, max_len, rank + rope, generator=gen)
+    lens = torch.tensor(lengths)
+    scale = 1.0 / math.sqrt(rank + rope)
+    ref = mla_decode_reference(q_latent, q_rope, kv_cache, lens, scale, rank)
+    naive = naive_attention_fp64(q_latent, q_rope, kv_cache, lens, scale, rank)
+    assert ref.dtype == torch.float32 and ref.shape == (batch, s_q, heads, rank)
+    assert float((ref.double() - naive).norm() / naive.norm()) < 1e-5
+
+
+def test_absorbed_equals_decompressed_mla():
+    """q_nope.(W_uk c) + q_rope.k_rope == absorbed form; W_uv applied after attention == before."""
+    gen = torch.Generator().manual_seed(3)
+    batch, s_q, heads, nope, rope, rank, v_dim, max_len = 2, 2, 4, 16, 8, 24, 12, 30
+    q_nope = torch.randn(batch, s_q, heads, nope, generator=gen, dtype=torch.float64)
+    q_rope = torch.randn(batch, s_q, heads, rope, generator=gen, dtype=torch.float64)
+    w_uk = torch.randn(heads, nope, rank, generator=gen, dtype=torch.float64) / math.sqrt(rank)
+    w_uv = torch.randn(heads, rank, v_dim, generator=gen, dtype=torch.float64) / math.sqrt(rank)
+    kv_cache = torch.randn(batch, max_len, rank + rope, generator=gen, dtype=torch.float64)
+    lens = torch.tensor([max_len, 11])
+    scale = 1.0 / math.sqrt(nope + rope)
+
+    # Decompressed: per-head keys and values, as transformers does it.
+    latent, k_rope = kv_cache[..., :rank], kv_cache[..., rank:]
+    k_nope = torch.einsum("blr,hdr->blhd", latent, w_uk)  # [b, L, h, nope]
+    values = torch.einsum("blr,hrv->blhv", latent, w_uv)  # [b, L, h, v]
+    scores = (torch.einsum("bshd,blhd->bshl", q_nope, k_nope)
+              + torch.einsum("bshp,blp->bshl", q_rope, k_rope)) * scale
+    slot = torch.arange(max_len)[None, None, :]
+    last = lens[:, None, None] - s_q + torch.arange(s_q)[None, :, None]
+    scores = scores.masked_fill(~(slot <= last)[:, :, None, :], -math.inf)
+    expected = torch.einsum("bshl,blhv->bshv", torch.softmax(scores, -1), values)
+
+    q_latent = absorb_query(q_nope, w_uk)  # [b, s, h, r]
+    out = absorb_output(mla_decode_reference(q_latent, q_rope, kv_cache, lens, scale, rank), w_uv)
+    assert out.shape == expected.shape
+    assert float((out - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_rope_append_reference_formula():
+    gen = torch.Generator().manual_seed(5)
+    batch, seq, rank, rope, max_len = 2, 2, 8, 6, 7
+    latent = torch.randn(batch, seq, rank, generator=gen)
+    k_rope = torch.randn(batch, seq, rope, generator=gen)
+    positions = torch.tensor([[3, -1], [0, 6]])  # -1: padding, skipped
+    cos, sin = torch.randn(max_len, rope // 2, generator=gen), torch.randn(max_len, rope // 2, generator=gen)
+    weight = torch.randn(rank, generator=gen)
+    cache = torch.full((batch, max_len, rank + rope), float("nan"))
+    rope_append_reference(latent, k_rope, cache, positions, cos, sin, weight, norm_eps=1e-6)
+
+    x, k, pos = latent[1, 1], k_rope[1, 1], 6
+    normed = x / torch.sqrt((x * x).mean() + 1e-6) * weight
+    half = rope // 2
+    rotated = torch.cat([k[:half] * cos[pos] - k[half:] * sin[pos], k[half:] * cos[pos] + k[:half] * sin[pos]])
+    torch.testing.assert_close(cache[1, 6], torch.cat([normed, rotated]))
+    written = ~torch.isnan(cache[..., 0])
+    assert written.sum() == 3 and written[0, 3] and written[1, 0] and written[1, 6]
+
+
+@pytest.mark.skipif(INTERPRET, reason="under TRITON_INTERPRET the CPU path is the kernel")
+def test_cpu_dispatch_uses_reference():
+    gen = torch.Generator().manual_seed(1)
+    q_latent, q_rope = torch.randn(1, 1, 2, 16, generator=gen), torch.randn(1, 1, 2, 8, generator=gen)
+    kv_cache, lens = torch.randn(1, 5, 24, generator=gen), torch.tensor([4])
+    torch.testing.assert_close(mla_decode(q_latent, q_rope, kv_cache, lens, 0.3, 16),
+                               mla_decode_reference(q_latent, q_rope, kv_cache, lens, 0.3, 16), rtol=0, atol=0)
+
+
+def test_absorb_query_is_batched_matmul():
+    q_nope, w_uk = torch.randn(2, 3, 4, 5), torch.randn(4, 5, 6)
+    expected = torch.stack([q_nope[:, :, h] @ w_uk[h] for h in range(4)], dim=2)
+    torch.testing.assert_close(absorb_query(q_nope, w_uk), expected)
+    o_latent, w_uv = torch.randn(2, 3, 4, 6), torch.randn(4, 6, 7)
+    expected = torch.stack([o_latent[:, :, h] @ w_uv[h] for h in range(4)], dim=2)
+    torch.testing.assert_close(absorb_output(o_latent, w_uv), expected)
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda a: a.update(kv_cache=torch.randn(2, 5, 23)), "kv_cache last dim"),
+    (lambda a: a.update(q_rope=torch.randn(2, 1, 3, 8)), "q_rope"),
+    (lambda a: a.update(lengths=torch.tensor([4.0, 5.0])), "lengths must be int"),
+    (lambda a: a.update(lengths=torch.tensor([4])), "lengths has 1 entries"),
+    (lambda a: a.update(q_latent=torch.randn(2, 1, 2, 16, dtype=torch.float64)), "dtype"),
+    (lambda a: a.update(kv_cache=torch.randn(1, 5, 24)), "fewer than batch"),
+])
+def test_mla_decode_argument_errors(mutate, message):
+    args = dict(q_latent=torch.randn(2, 1, 2, 16), q_rope=torch.randn(2, 1, 2, 8),
+                kv_cache=torch.randn(2, 5, 24), lengths=torch.tensor([4, 5]))
+    mutate(args)
+    with pytest.raises((ValueError, TypeError), match=message):
+        mla_decode(args["q_latent"], args["q_rope"], args["kv_cache"], args["lengths"], 0.3, 16)
+
+
+def test_rope_append_argument_errors():
+    latent, k_rope = torch.randn(2, 1, 16), torch.randn(2, 1, 8)
+    cache, positions = torch.randn(2, 5, 24), torch.tensor([[0], [1]])
+    cos = sin = torch.randn(5, 4)
+    with pytest.raises(ValueError, match="cos and sin"):
+        rope_append(latent, k_rope, cache, positions, cos[:, :3], sin[:, :3])
+    with pytest.raises(ValueError, match="kv_cache last dim"):
+        rope_append(latent, k_rope, torch.randn(2, 5, 25), positions, cos, sin)
+    with pytest.raises(ValueError, match="norm_weight"):
+        rope_append(latent, k_rope, cache, positions, cos, sin, norm_weight=torch.randn(15))

@@ -48,20 +48,27 @@ class GQAttention(nn.Module):
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim)  # [b, s, h, d]
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, kv_h, d]
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, kv_h, d]
-        q = apply_rope(q, cos, sin)
+        q = apply_rope(q, cos, sin).transpose(1, 2)  # [b, h, s, d]
         k = apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(k, v, positions)  # [b, L_max, kv_h, d]
+            k, v = cache.update(k, v, positions)  # [b, kv_h, L_max, d]
             kv_len = mask.shape[-1]
-            k, v = k[:, :kv_len].to(q.dtype), v[:, :kv_len].to(q.dtype)
+            k, v = k[:, :, :kv_len].to(q.dtype), v[:, :, :kv_len].to(q.dtype)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, kv_h, s, d]
         group = self.n_heads // self.n_kv_heads
-        k = k.repeat_interleave(group, dim=2)  # [b, L, h, d]
-        v = v.repeat_interleave(group, dim=2)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask[:, None], scale=self.scale,
-        )  # [b, h, s, d]
-        return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+        if s == 1 and group > 1:
+            # one new token: a group's query heads become the query axis of their KV head,
+            # so the cache is read once per KV head and never copied per query head
+            out = F.scaled_dot_product_attention(
+                q.reshape(b, self.n_kv_heads, group, self.head_dim), k, v,
+                attn_mask=mask[:, None], scale=self.scale,
+            )  # [b, kv_h, group, d] == [b, h, 1, d]
+        else:
+            k = k.repeat_interleave(group, dim=1)  # [b, h, L, d]
+            v = v.repeat_interleave(group, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)  # [b, h, s, d]
+        return self.wo(out.reshape(b, self.n_heads, s, self.head_dim).transpose(1, 2).reshape(b, s, -1))
 
 
 class MLAttention(nn.Module):

@@ -32,7 +32,9 @@ class _Cache(nn.Module):
         batch = positions.shape[0]
         if batch > self.max_batch:
             raise ValueError(f"batch {batch} exceeds the cache's max_batch {self.max_batch}")
-        if not torch.compiler.is_compiling() and positions.numel() and int(positions.max()) >= self.max_len:
+        # The position bound needs the values on the host: checked on the CPU only, so a
+        # GPU step never syncs (and can be captured in a CUDA graph); the engine checks there.
+        if positions.device.type == "cpu" and positions.numel() and int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} exceeds the cache's max_len {self.max_len}")
 
     def _advance(self, positions: torch.Tensor) -> None:
@@ -47,28 +49,33 @@ class _Cache(nn.Module):
 
 
 class KVCache(_Cache):
-    """Per-head keys and values of one layer (MHA / GQA / MQA)."""
+    """Per-head keys and values of one layer (MHA / GQA / MQA).
+
+    Head-major ``[B, kv_heads, L, head_dim]``: attention reads each head's keys as one
+    contiguous block, with no transpose copy per step.
+    """
 
     def __init__(self, max_batch: int, max_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         super().__init__(max_batch, max_len, device)
-        shape = (max_batch, max_len, n_kv_heads, head_dim)  # [B, L, kv_heads, head_dim]
+        shape = (max_batch, n_kv_heads, max_len, head_dim)  # [B, kv_heads, L, head_dim]
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v ``[b, s, kv_heads, head_dim]`` at ``positions [b, s]``;
-        return this batch's whole buffers ``[b, L, kv_heads, head_dim]``."""
+        return this batch's whole buffers ``[b, kv_heads, L, head_dim]``."""
         self._check(positions)
         batch = k.shape[0]
         rows = torch.arange(batch, device=positions.device)[:, None]  # [b, 1]
-        self.k[rows, positions] = k.to(self.k.dtype)
-        self.v[rows, positions] = v.to(self.v.dtype)
+        # advanced indices around a slice: the indexed view is [b, s, kv_heads, head_dim]
+        self.k[rows, :, positions] = k.to(self.k.dtype)
+        self.v[rows, :, positions] = v.to(self.v.dtype)
         self._advance(positions)
         return self.k[:batch], self.v[:batch]
 
     def bytes_per_token(self) -> int:
-        return 2 * self.k.shape[2] * self.k.shape[3] * self.k.element_size()
+        return 2 * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
 
 
 class LatentCache(_Cache):

@@ -3,7 +3,8 @@
 A static cache is sized once (batch x (longest prompt + new tokens)); the prompts
 are right-padded and prefilled together, then every step feeds one token per
 sequence at that sequence's own position. Finished sequences keep stepping
-(their tokens are discarded) so shapes never change.
+(their tokens are discarded) so shapes never change; on CUDA the step is one
+CUDA-graph replay (see ``Engine``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from mlakit.cache import ModelCache
 from mlakit.model import Transformer
 
 
@@ -65,9 +65,87 @@ def _pad_right(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[
     return tokens, lengths
 
 
+class Engine:
+    """Static-cache inference for a fixed batch: prefill, then one-token decode steps.
+
+    The cache is sized once (``batch`` x ``max_len``). MLA models prefill in the
+    naive (decompressed) form and decode in the absorbed form, as DeepSeek and vLLM
+    do: a long prompt is compute-bound and the decompressed form does fewer FLOPs
+    per token, while a decode step is bound by reading the cache, which the
+    absorbed form reads once per sequence instead of once per head.
+
+    On CUDA the decode step is captured once as a CUDA graph and replayed: all its
+    inputs live in static buffers (tokens, positions, the cache, the lengths) and
+    attention spans the whole cache (``kv_len = max_len``), so no step reads a
+    value on the host and nothing is re-captured as positions advance.
+    """
+
+    def __init__(self, model: Transformer, batch: int, max_len: int, cuda_graph: bool | None = None,
+                 cache_dtype: torch.dtype | None = None) -> None:
+        if max_len > model.config.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+        self.model = model
+        self.batch = batch
+        self.max_len = max_len
+        self.device = model.device
+        self.cache = model.new_cache(batch, max_len, dtype=cache_dtype)
+        self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self._tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # [b, 1]
+        self._positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # [b, 1]
+        self._logits: torch.Tensor | None = None  # [b, vocab], written by the graph
+        self._graph = None
+
+    def reset(self) -> None:
+        self.cache.reset()
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Run right-padded prompts ``tokens [b, s]`` of ``lengths [b]`` from an empty
+        cache; return the logits of each prompt's last token ``[b, vocab]``."""
+        if int(lengths.max()) > self.max_len:
+            raise ValueError(f"prompt of {int(lengths.max())} tokens exceeds the engine's max_len {self.max_len}")
+        self.cache.reset()
+        self.model.set_mla_mode("naive")
+        return self.model(tokens, cache=self.cache, logits_at=lengths - 1)[:, -1]
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One step: ``tokens [b]`` at ``positions [b]`` -> logits ``[b, vocab]``.
+        The returned tensor is overwritten by the next step under CUDA graphs."""
+        self._tokens.copy_(tokens.view(-1, 1))
+        self._positions.copy_(positions.view(-1, 1))
+        if not self.cuda_graph:
+            return self._step()
+        if self._graph is None:
+            self._capture()
+        self._graph.replay()
+        return self._logits
+
+    def _step(self) -> torch.Tensor:
+        self.model.set_mla_mode("absorbed")
+        kv_len = self.max_len if self.cuda_graph else None
+        return self.model(self._tokens, self._positions, self.cache, kv_len=kv_len)[:, -1]
+
+    def _capture(self) -> None:
+        # Warm-up runs compile the kernels and settle the allocator. They write this
+        # step's own tokens at this step's own positions, exactly what the replay that
+        # follows writes again, so they leave the cache as the step will.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._logits = self._step()
+
+
 @torch.inference_mode()
 def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                    cache: ModelCache | None = None) -> Iterator[list[int | None]]:
+                    engine: Engine | None = None) -> Iterator[list[int | None]]:
     """Yield, after each step, the new token of every sequence (None once it stopped)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -76,16 +154,17 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params
     total = int(lengths.max()) + params.max_new_tokens
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt + new tokens ({total}) exceed the model's max_seq_len {model.config.max_seq_len}")
-    if cache is None:
-        cache = model.new_cache(len(prompts), total)
-    else:
-        cache.reset()
+    if engine is None:
+        engine = Engine(model, len(prompts), total)
+    elif engine.batch != len(prompts) or engine.max_len < total:
+        raise ValueError(f"the engine holds {engine.batch} x {engine.max_len} tokens; "
+                         f"this call needs {len(prompts)} x {total}")
     stop = set(model.config.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
 
-    logits = model(tokens, cache=cache, logits_at=lengths - 1)[:, -1]  # [b, vocab]
+    logits = engine.prefill(tokens, lengths)  # [b, vocab]
     positions = lengths.clone()  # [b] position of each sequence's next token
     finished = [False] * len(prompts)
     for _ in range(params.max_new_tokens):
@@ -97,7 +176,7 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params
         yield step
         if all(finished):
             return
-        logits = model(next_tokens[:, None], positions[:, None], cache)[:, -1]
+        logits = engine.decode(next_tokens, positions)
         positions += 1
 
 

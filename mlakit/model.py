@@ -66,17 +66,21 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: ModelCache | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                cache: ModelCache | None = None, logits_at: torch.Tensor | None = None,
+                kv_len: int | None = None) -> torch.Tensor:
         """Logits ``[b, s, vocab]`` for ``tokens [b, s]`` at ``positions [b, s]``
         (default ``0..s-1``). With a cache, the new tokens attend to everything the
         cache holds for their sequence up to their own position. ``logits_at [b]``
         picks one position per sequence (``[b, 1, vocab]``): the prefill of
-        generation needs only the last prompt token's logits."""
+        generation needs only the last prompt token's logits. ``kv_len`` (with a
+        cache) fixes how many cache slots attention spans; by default the furthest
+        position + 1, which reads ``positions`` on the host — a CUDA-graph step
+        passes the cache's ``max_len`` instead."""
         b, s = tokens.shape
         if positions is None:
             positions = torch.arange(s, device=tokens.device).expand(b, s)
         cos, sin = rope_cos_sin(self.rope_frequencies(tokens.device), positions)  # [b, s, rot/2]
-        mask = self.attention_mask(positions, cache)
+        mask = self.attention_mask(positions, cache, kv_len)
         x = self.tok_embeddings(tokens)  # [b, s, dim]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, positions, mask, None if cache is None else cache.layers[i])
@@ -89,14 +93,16 @@ class Transformer(nn.Module):
             return F.linear(x, self.tok_embeddings.weight)
         return self.output(x)
 
-    def attention_mask(self, positions: torch.Tensor, cache: ModelCache | None) -> torch.Tensor:
+    def attention_mask(self, positions: torch.Tensor, cache: ModelCache | None,
+                       kv_len: int | None = None) -> torch.Tensor:
         """``[b, s, L]``: key j is visible to a query at position p iff ``j_pos <= p``
         (and within the sliding window, where the model has one)."""
         if cache is None:
             key_pos = positions[:, None, :]  # [b, 1, s]: the keys are the new tokens
         else:
             # keys are cache slots 0..L-1; read only as far as the furthest position
-            kv_len = cache.max_len if torch.compiler.is_compiling() else int(positions.max()) + 1
+            if kv_len is None:
+                kv_len = cache.max_len if torch.compiler.is_compiling() else int(positions.max()) + 1
             key_pos = torch.arange(kv_len, device=positions.device)[None, None, :]  # [1, 1, L]
         query_pos = positions[:, :, None]  # [b, s, 1]
         mask = key_pos <= query_pos
@@ -135,12 +141,13 @@ class Transformer(nn.Module):
         return self.tok_embeddings.weight.dtype
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> "Transformer":
-        """Random normal weights (benchmarks and tests): never zeros, norms at one."""
-        generator = torch.Generator().manual_seed(seed)
-        for name, param in self.named_parameters():
-            with torch.no_grad():
+        """Random normal weights (benchmarks and tests): never zeros, norms at one.
+        Drawn on the parameters' device (fast for big models on a GPU)."""
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
                 if name.endswith("norm.weight"):
                     param.fill_(1.0)
                 else:
-                    param.copy_(torch.randn(param.shape, generator=generator) * std)
+                    param.normal_(0.0, std, generator=generator)
         return self

@@ -65,8 +65,9 @@ class GQAttention(nn.Module):
                 attn_mask=mask[:, None], scale=self.scale,
             )  # [b, kv_h, group, d] == [b, h, 1, d]
         else:
-            k = k.repeat_interleave(group, dim=1)  # [b, h, L, d]
-            v = v.repeat_interleave(group, dim=1)
+            if group > 1:  # MHA (group 1) needs no copy
+                k = k.repeat_interleave(group, dim=1)  # [b, h, L, d]
+                v = v.repeat_interleave(group, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)  # [b, h, s, d]
         return self.wo(out.reshape(b, self.n_heads, s, self.head_dim).transpose(1, 2).reshape(b, s, -1))
 

@@ -116,6 +116,67 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mlakit.evaluate import evaluate, format_result
+
+    result = evaluate(_load(args), progress=not args.json)
+    print(json.dumps(result.to_dict()) if args.json else format_result(result))
+    return 0
+
+
+# ------------------------------------------------------------------ convert
+def _convert_options(args: argparse.Namespace):
+    from mlakit.convert import ConvertOptions
+
+    return ConvertOptions(kv_saving=args.kv_saving, kv_lora_rank=args.kv_lora_rank, rope_dim=args.rope_dim,
+                          rank_allocation=args.rank_allocation, calib_tokens=args.calib_tokens,
+                          progress=not getattr(args, "json", False))
+
+
+def _savings(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise MlakitError(f"--sweep takes comma-separated savings like 0.5,0.75, got {text!r}") from None
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    device = _resolve_device(args.device or "cpu")
+    options = _convert_options(args)
+    if args.sweep is not None:
+        from mlakit.loading import load
+        from mlakit.report import run_sweep, write_report
+
+        if args.report is None:
+            raise MlakitError("--sweep needs --report DIR (where the table and the plot go)")
+        import torch
+
+        sweep = run_sweep(load(args.source, dtype=torch.float32, device=device), _savings(args.sweep), options)
+        for path in write_report(sweep, args.report):
+            print(f"wrote {path}")
+        return 0
+    if args.output is None:
+        raise MlakitError("give -o OUT (where the converted checkpoint goes), or --sweep with --report")
+    from mlakit.convert.api import convert_checkpoint
+
+    summary = convert_checkpoint(args.source, args.output, options, device=device, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps({"output": args.output, **summary.to_dict()}))
+    else:
+        print(f"wrote {args.output}")
+        print("\n".join(summary.lines()))
+    return 0
+
+
+# ------------------------------------------------------------------ demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mlakit.convert.demo import main_job
+
+    main_job(_convert_options(args), out=args.output)
+    return 0
+
+
 # ------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -143,7 +204,71 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print one JSON object")
     _device_args(info, default_device="cpu")
     info.set_defaults(func=cmd_info)
+
+    ev = sub.add_parser("eval", help="perplexity on the protocol (wikitext2-smollm2-v1)",
+                        description="wikitext2-smollm2-v1 of shared/PROTOCOL.md: 40 windows x 512 tokens from "
+                                    "token 131072 of wikitext-2 test, each from an empty cache; ppl = exp(mean NLL).")
+    ev.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    _device_args(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    conv = sub.add_parser("convert", help="convert an MHA/GQA model to MLA (no training)",
+                          description="Calibrate on the protocol's calibration tokens [0, 32768) and convert "
+                                      "SOURCE to MLA at the given KV-cache budget.")
+    conv.add_argument("source", metavar="SOURCE", help=MODEL_HELP)
+    conv.add_argument("-o", "--output", metavar="OUT", help="the mlakit checkpoint directory to write")
+    _convert_budget_args(conv)
+    conv.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    conv.add_argument("--sweep", metavar="SAVINGS", default=None,
+                      help="comma-separated KV savings: convert at each (uniform and adaptive), evaluate, report")
+    conv.add_argument("--report", metavar="DIR", default=None, help="where --sweep writes sweep.md/.png/.json")
+    conv.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    conv.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    conv.set_defaults(func=cmd_convert)
+
+    demo = sub.add_parser("demo", help="the main job: convert the default model, evaluate both, print a table",
+                          description="Convert the default model at a default budget, evaluate original and "
+                                      "converted on wikitext2-smollm2-v1, print KV bytes, saving, ppl and samples.")
+    _convert_budget_args(demo)
+    demo.add_argument("-o", "--output", metavar="OUT", default=None, help="also save the converted checkpoint")
+    demo.set_defaults(func=cmd_demo)
+
+    from mlakit.export.cli import add_export_parser
+
+    add_export_parser(sub)
+
+    bench = sub.add_parser("bench", help="benchmarks on the protocol of ../shared/PROTOCOL.md (GPU)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    attention = bench_sub.add_parser(
+        "attention", help="decode-attn-v1: one attention layer, MHA/GQA/MQA (SDPA) vs MLA kernels",
+        description="decode-attn-v1: decode time of one attention layer per (batch, context), "
+                    "GB/s of cache read and the ratio to the copy bandwidth, on one CUDA GPU.")
+    from mlakit.bench import attention as attention_bench
+
+    attention_bench.add_arguments(attention)
+    attention.set_defaults(func=attention_bench.run_from_args)
+    e2e = bench_sub.add_parser("e2e", help="decode-e2e-v1: whole model, MHA/GQA/MQA/MLA decode and prefill",
+                               description="decode-e2e-v1: decode tokens/s, memory and largest batch of a model's "
+                                           "GQA/MHA/MQA/MLA variants, and transformers' generate, on one CUDA GPU.")
+    from mlakit.bench import e2e as e2e_bench
+
+    e2e_bench.add_arguments(e2e)
+    e2e.set_defaults(func=e2e_bench.run_from_args)
     return parser
+
+
+def _convert_budget_args(parser: argparse.ArgumentParser) -> None:
+    from mlakit.convert.api import DEFAULT_CALIB_TOKENS, DEFAULT_KV_SAVING
+
+    parser.add_argument("--kv-saving", type=float, default=None,
+                        help=f"fraction of the source's KV cache to save (default {DEFAULT_KV_SAVING})")
+    parser.add_argument("--kv-lora-rank", type=int, default=None, help="explicit latent rank (with --rope-dim)")
+    parser.add_argument("--rope-dim", type=int, default=None, help="dimension of the shared RoPE key (even)")
+    parser.add_argument("--rank-allocation", choices=("uniform", "adaptive"), default="uniform",
+                        help="same rank in every layer, or per-layer ranks from calibration (same total)")
+    parser.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
+                        help=f"calibration tokens from the protocol's range [0, 32768) (default {DEFAULT_CALIB_TOKENS})")
 
 
 def _device_args(parser: argparse.ArgumentParser, default_device: str | None = None) -> None:

@@ -362,6 +362,7 @@ def save_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: Any 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary directory
         model.config.save(tmp)
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS_FILENAME, metadata={"format": "pt", "producer": "mlakit"})

@@ -69,3 +69,12 @@ def test_help_lists_subcommands(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "generate" in out and "info" in out
+
+
+def test_bench_attention_without_gpu_is_explained(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", "attention"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -1,0 +1,204 @@
+"""``convert``: a GQA-family model -> an MLA model with a smaller KV cache, no training."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mlakit.config import ModelConfig
+from mlakit.convert.calibrate import LayerStats, calibrate
+from mlakit.convert.factorize import build_layer, max_rank, plan_layer, rope_spectrum, rotation_expectation
+from mlakit.convert.ranks import DEFAULT_KV_SAVING, RANK_ALLOCATIONS, Budget, allocate_ranks, make_budget, select_frequencies
+from mlakit.errors import MlakitError
+from mlakit.loading import build_model
+from mlakit.model import Transformer
+from mlakit.rope import rope_inv_freq
+
+DEFAULT_CALIB_TOKENS = 8192
+ROPE_SELECTIONS = ("energy", "rotation")
+NOPE_ROTATIONS = ("expected", "none")
+
+
+@dataclass
+class ConvertOptions:
+    kv_saving: float | None = None  # fraction of the source's cache saved (default 0.5)
+    kv_lora_rank: int | None = None  # explicit budget (with rope_dim)
+    rope_dim: int | None = None
+    rank_allocation: str = "uniform"
+    calib_tokens: int | None = DEFAULT_CALIB_TOKENS  # None: the whole protocol calibration range (32768)
+    calib_seq_len: int = 512
+    alpha: float = 30.0  # weight of the key (score) error against the value (output) error (measured: 1, 3, 10, 30)
+    rope_selection: str = "rotation"  # energy | rotation (energy x what leaving it unrotated costs)
+    nope_rotation: str = "expected"  # expected: E[e^{jθΔ}] folded into NoPE queries; none: plain unrotated
+    value_fit: str = "attention"  # attention: value up-projections refit on attention-averaged inputs; pca
+    query_weighted: bool = True  # RoPE PCA weighted by query energy
+    min_rank_fraction: float = 0.5  # adaptive: no layer gets less than this fraction of the uniform rank
+    batch_size: int = 4
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            raise MlakitError(f"--rank-allocation must be one of {RANK_ALLOCATIONS}, got {self.rank_allocation!r}")
+        if self.rope_selection not in ROPE_SELECTIONS:
+            raise MlakitError(f"rope selection must be one of {ROPE_SELECTIONS}")
+        if self.nope_rotation not in NOPE_ROTATIONS:
+            raise MlakitError(f"nope rotation must be one of {NOPE_ROTATIONS}")
+        if self.alpha <= 0:
+            raise MlakitError("alpha must be positive")
+
+
+@dataclass
+class ConvertSummary:
+    source_values_per_token_layer: int
+    values_per_token_layer: float
+    kv_saving: float  # against the source's own cache
+    rope_dim: int
+    ranks: list[int]
+    rope_freq_indices: list[int]
+    calib_tokens: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def lines(self) -> list[str]:
+        ranks = self.ranks
+        rank_text = str(ranks[0]) if len(set(ranks)) == 1 else f"{min(ranks)}..{max(ranks)} per layer: {ranks}"
+        return [
+            f"budget      {self.values_per_token_layer:g} values/token/layer (source {self.source_values_per_token_layer}),"
+            f" KV saving {100 * self.kv_saving:.1f}%",
+            f"rope dim    {self.rope_dim} (frequencies {self.rope_freq_indices})",
+            f"latent rank {rank_text}",
+            f"calibration {self.calib_tokens} tokens",
+            "time        " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()),
+        ]
+
+
+def check_source(config: ModelConfig) -> None:
+    if config.is_mla:
+        raise MlakitError("the source is already an MLA model")
+    if config.arch not in ("llama", "mistral", "qwen2"):
+        raise MlakitError(f"converting {config.arch!r} models is not supported (supported: llama, mistral, qwen2)")
+    if config.head_dim % 2:
+        raise MlakitError("head_dim must be even")
+
+
+def resolve_budget(config: ModelConfig, options: ConvertOptions) -> Budget:
+    return make_budget(config.n_kv_heads, config.head_dim, options.kv_saving, options.kv_lora_rank, options.rope_dim)
+
+
+@dataclass
+class Analysis:
+    """Calibration-dependent, budget-independent work (reused across a sweep)."""
+    stats: list[LayerStats]
+    spectra: list[Any]
+    rho: list[torch.Tensor]
+    calib_tokens: int
+    seconds: float
+
+
+def analyse(model: Transformer, tokens: torch.Tensor, options: ConvertOptions) -> Analysis:
+    from tqdm.auto import tqdm
+
+    options.check()
+    check_source(model.config)
+    start = time.perf_counter()
+    stats = calibrate(model, tokens, seq_len=options.calib_seq_len, batch_size=options.batch_size,
+                      progress=options.progress)
+    inv_freq = rope_inv_freq(model.config, model.config.head_dim)
+    spectra, rho = [], []
+    for layer, st in zip(tqdm(model.layers, desc="rope spectra", disable=not options.progress, leave=False), stats):
+        spectra.append(rope_spectrum(layer.attention, st.sigma, options.query_weighted))
+        rho.append(rotation_expectation(st.dist, inv_freq))
+    return Analysis(stats, spectra, rho, stats[0].tokens, time.perf_counter() - start)
+
+
+def convert_model(model: Transformer, analysis: Analysis, options: ConvertOptions) -> tuple[Transformer, ConvertSummary]:
+    """The MLA model at ``options``' budget from a source model and its analysis."""
+    from tqdm.auto import tqdm
+
+    options.check()
+    config = model.config
+    budget = resolve_budget(config, options)
+    start = time.perf_counter()
+    G, d = config.n_kv_heads, config.head_dim
+    weights = None
+    if options.rope_selection == "rotation":
+        weights = [1 - r.abs().pow(2).mean(0) for r in analysis.rho]  # [d/2] per layer
+    counts = select_frequencies([s.lam for s in analysis.spectra], budget.rope_dim // 2, weights)
+    plans = []
+    for layer, st, spec, rho in tqdm(list(zip(model.layers, analysis.stats, analysis.spectra, analysis.rho)),
+                                     desc="factorise", disable=not options.progress, leave=False):
+        plans.append(plan_layer(layer.attention, st.sigma, spec, counts,
+                                rho if options.nope_rotation == "expected" else None, options.alpha))
+    ranks = allocate_ranks([p.spectrum for p in plans], budget.rank, options.rank_allocation,
+                           [max_rank(p) for p in plans],
+                           max(1, int(options.min_rank_fraction * budget.rank)))
+    nope_dim = d if plans[0].nope else 0
+    freq_indices = [i for i, _ in plans[0].pairs]
+    mla_config = config.replace(
+        attention="mla", kv_lora_rank=ranks[0] if len(set(ranks)) == 1 else ranks, qk_rope_head_dim=budget.rope_dim,
+        qk_nope_head_dim=nope_dim, v_head_dim=d, q_lora_rank=None, latent_norm=False,
+        qk_rope_freq_indices=freq_indices,
+    )
+    dtype = model.dtype
+    state = {k: v for k, v in model.state_dict().items() if ".attention." not in k}
+    for l, (layer, plan) in enumerate(zip(model.layers, plans)):
+        attn = layer.attention
+        sigma_attn = analysis.stats[l].sigma_attn if options.value_fit == "attention" else None
+        for name, tensor in build_layer(attn, plan, ranks[l], nope_dim, sigma_attn).items():
+            if name.endswith(".bias") and not config.qkv_bias:
+                continue
+            state[f"layers.{l}.attention.{name}"] = tensor.to(dtype)
+        state[f"layers.{l}.attention.wo.weight"] = attn.wo.weight.detach()
+        if attn.wo.bias is not None:
+            state[f"layers.{l}.attention.wo.bias"] = attn.wo.bias.detach()
+    plans.clear()
+    mla = build_model(mla_config, {k: v.to("cpu") for k, v in state.items()}, dtype=dtype, device=model.device)
+    full = 2 * G * d
+    values = mla_config.kv_values_per_token_total() / config.n_layers
+    summary = ConvertSummary(
+        source_values_per_token_layer=full, values_per_token_layer=values, kv_saving=1 - values / full,
+        rope_dim=budget.rope_dim, ranks=ranks, rope_freq_indices=freq_indices, calib_tokens=analysis.calib_tokens,
+        seconds={"calibrate": analysis.seconds, "factorise": time.perf_counter() - start},
+    )
+    return mla, summary
+
+
+def convert(model: Transformer, tokens: torch.Tensor, options: ConvertOptions) -> tuple[Transformer, ConvertSummary]:
+    """Calibrate ``model`` on ``tokens`` and convert it at ``options``' budget."""
+    options.check()
+    check_source(model.config)
+    resolve_budget(model.config, options)  # bad budgets fail before the calibration
+    return convert_model(model, analyse(model, tokens, options), options)
+
+
+def convert_checkpoint(source: str, out: str | None, options: ConvertOptions, device: str = "cpu",
+                       overwrite: bool = False, log=print) -> ConvertSummary:
+    """``mlakit convert``: load ``source``, calibrate on the protocol's calibration range,
+    convert, and write an mlakit checkpoint to ``out`` (atomically)."""
+    from pathlib import Path
+
+    from mlakit.evaluate import calibration_tokens
+    from mlakit.loading import load, save_checkpoint
+
+    if out is not None and Path(out).exists() and not overwrite:
+        raise MlakitError(f"{out} already exists (pass --overwrite to replace it)")
+    options.check()
+    start = time.perf_counter()
+    loaded = load(source, dtype=torch.float32, device=device)
+    check_source(loaded.model.config)
+    resolve_budget(loaded.model.config, options)
+    tokens = calibration_tokens(loaded.tokenizer, options.calib_tokens)
+    load_seconds = time.perf_counter() - start
+    model, summary = convert(loaded.model, tokens, options)
+    summary.seconds = {"load": load_seconds, **summary.seconds}
+    if out is not None:
+        t = time.perf_counter()
+        save_checkpoint(model, out, loaded.tokenizer, overwrite=overwrite)
+        summary.seconds["save"] = time.perf_counter() - t
+    summary.seconds["total"] = time.perf_counter() - start
+    return summary

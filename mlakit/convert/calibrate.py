@@ -1,0 +1,106 @@
+"""Calibration: per-layer statistics of the source model on the protocol's calibration tokens.
+
+The hidden states of all calibration tokens are pushed through the source model one
+layer at a time (memory: one model + the hidden states ``[n_tokens, dim]`` + one
+layer's work), collecting for every layer
+
+- ``sigma``: ``E[x̄ x̄ᵀ]`` of the attention input ``x̄ = [attention_norm(h); 1]`` (float64,
+  ``[dim + 1, dim + 1]``). Every query, key and value is an affine map of ``x``, so all
+  the second moments the factorisation needs follow from it;
+- ``dist``: per query head, the attention mass at each query-key distance
+  ``[n_heads, seq_len]`` (used to estimate how much RoPE rotation a key dimension
+  really needs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mlakit.model import Transformer
+from mlakit.rope import apply_rope, rope_cos_sin
+
+
+@dataclass
+class LayerStats:
+    sigma: torch.Tensor  # [dim + 1, dim + 1] float64, E[x̄ x̄ᵀ]
+    dist: torch.Tensor  # [n_heads, seq_len] float64, attention mass per distance (rows sum to 1)
+    tokens: int
+    # [G or 1, dim + 1, dim + 1]: E[x̃ x̃ᵀ] of the attention-averaged inputs, per KV group (one
+    # matrix for all heads when G (dim+1)^2 is large, to keep memory near one model)
+    sigma_attn: torch.Tensor | None = None
+
+
+def _attention_stats(attn, x: torch.Tensor, xa: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[h, L]`` attention mass at distance 0..L-1 of a GQA layer on ``x [b, L, dim]`` (causal),
+    and ``[G, dim+1, dim+1]``: second moments of the attention-averaged inputs
+    ``x̃_h = Σ_j p_hj x̄_j`` (what each head's value path really sees), summed per KV group."""
+    b, length, _ = x.shape
+    q = apply_rope(attn.wq(x).view(b, length, attn.n_heads, attn.head_dim), cos, sin)
+    k = apply_rope(attn.wk(x).view(b, length, attn.n_kv_heads, attn.head_dim), cos, sin)
+    k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=2)
+    scores = torch.einsum("bshd,blhd->bhsl", q, k) * attn.scale  # [b, h, L, L]
+    causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    pos = torch.arange(length, device=x.device)
+    offset = (pos[:, None] - pos[None, :]).clamp(min=0)  # [L, L] distance of key j from query i
+    hist = torch.zeros(b, attn.n_heads, length, dtype=probs.dtype, device=x.device)
+    hist.scatter_add_(-1, offset.reshape(1, 1, -1).expand(b, attn.n_heads, -1), probs.reshape(b, attn.n_heads, -1))
+    group = attn.n_heads // attn.n_kv_heads
+    sigma_attn = torch.zeros(attn.n_kv_heads, xa.shape[-1], xa.shape[-1], dtype=torch.float64, device=x.device)
+    xa = xa.view(b, length, -1).to(probs.dtype)
+    for h in range(attn.n_heads):
+        xt = (probs[:, h] @ xa).reshape(-1, xa.shape[-1])  # [b * L, dim + 1]
+        sigma_attn[h // group] += (xt.T @ xt).double()
+    return hist.sum(0).double(), sigma_attn
+
+
+PER_GROUP_LIMIT = 1 << 22  # elements of G (dim+1)^2 above which the KV groups share one matrix
+
+
+def _shrink(sigma_attn: torch.Tensor) -> torch.Tensor:
+    if sigma_attn.numel() > PER_GROUP_LIMIT:
+        sigma_attn = sigma_attn.mean(0, keepdim=True)
+    return sigma_attn.float().cpu()
+
+
+@torch.inference_mode()
+def calibrate(model: Transformer, tokens: torch.Tensor, seq_len: int = 512, batch_size: int = 4,
+              progress: bool = True) -> list[LayerStats]:
+    """Statistics of every layer of the GQA-family ``model`` on ``tokens [n]`` cut into
+    sequences of ``seq_len`` (each from position 0), layer by layer."""
+    from tqdm.auto import tqdm
+
+    config = model.config
+    device = model.device
+    n_seq = tokens.numel() // seq_len
+    if n_seq == 0:
+        seq_len, n_seq = tokens.numel(), 1
+    seqs = tokens[: n_seq * seq_len].view(n_seq, seq_len).to(device)
+    hidden = [model.tok_embeddings(seqs[i:i + batch_size]) for i in range(0, n_seq, batch_size)]
+    positions = torch.arange(seq_len, device=device)[None]
+    cos, sin = rope_cos_sin(model.rope_frequencies(device), positions)
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None]
+    stats = []
+    bar = tqdm(total=config.n_layers * len(hidden), desc="calibrate", unit="chunk", disable=not progress)
+    for layer in model.layers:
+        sigma = torch.zeros(config.dim + 1, config.dim + 1, dtype=torch.float64, device=device)
+        dist = torch.zeros(config.n_heads, seq_len, dtype=torch.float64, device=device)
+        sigma_attn = torch.zeros(config.n_kv_heads, config.dim + 1, config.dim + 1, dtype=torch.float64, device=device)
+        for j, h in enumerate(hidden):
+            x = layer.attention_norm(h)
+            xa = F.pad(x.reshape(-1, config.dim).double(), (0, 1), value=1.0)  # [n, dim + 1]
+            sigma += xa.T @ xa
+            d_hist, s_attn = _attention_stats(layer.attention, x, xa, cos, sin)
+            dist += d_hist
+            sigma_attn += s_attn
+            hidden[j] = layer(h, cos, sin, positions.expand(h.shape[0], -1), mask.expand(h.shape[0], -1, -1))
+            bar.update(1)
+        n = n_seq * seq_len
+        stats.append(LayerStats(sigma=(sigma / n).cpu(), dist=(dist / dist.sum(-1, keepdim=True)).cpu(), tokens=n,
+                                sigma_attn=_shrink(sigma_attn / (n * (config.n_heads // config.n_kv_heads)))))
+    bar.close()
+    return stats

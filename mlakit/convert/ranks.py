@@ -1,0 +1,110 @@
+"""Budgets: KV saving -> values per token per layer -> RoPE dimension + latent ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mlakit.errors import MlakitError
+
+RANK_ALLOCATIONS = ("uniform", "adaptive")
+DEFAULT_KV_SAVING = 0.5
+
+
+@dataclass
+class Budget:
+    values_per_layer: int  # kv_lora_rank + qk_rope_head_dim (mean over layers)
+    rope_dim: int
+
+    @property
+    def rank(self) -> int:
+        return self.values_per_layer - self.rope_dim
+
+
+def default_rope_dim(values_per_layer: int, n_kv_heads: int, head_dim: int) -> int:
+    """RoPE dimension used when only a saving is given: a quarter of the budget,
+    rounded to a whole number of rotary pairs, at most 64 and at most all key dims."""
+    p = min(64, values_per_layer // 4, n_kv_heads * head_dim)
+    return max(2, p - p % 2)
+
+
+def make_budget(n_kv_heads: int, head_dim: int, kv_saving: float | None = None, kv_lora_rank: int | None = None,
+                rope_dim: int | None = None) -> Budget:
+    """Check and resolve the user's budget options against the source shape."""
+    full = 2 * n_kv_heads * head_dim
+    if kv_saving is not None and kv_lora_rank is not None:
+        raise MlakitError("give either --kv-saving or --kv-lora-rank (with --rope-dim), not both")
+    if rope_dim is not None:
+        if rope_dim < 0 or rope_dim % 2:
+            raise MlakitError(f"--rope-dim must be even and >= 0, got {rope_dim}")
+        if rope_dim > n_kv_heads * head_dim:
+            raise MlakitError(f"--rope-dim {rope_dim} exceeds the source's key dimensions "
+                              f"({n_kv_heads} KV heads x {head_dim} = {n_kv_heads * head_dim})")
+    if kv_lora_rank is not None:
+        if rope_dim is None:
+            raise MlakitError("--kv-lora-rank needs --rope-dim")
+        values = kv_lora_rank + rope_dim
+    else:
+        if kv_saving is None:
+            kv_saving = DEFAULT_KV_SAVING
+        if not kv_saving < 1:
+            raise MlakitError(f"--kv-saving must be below 1, got {kv_saving}")
+        if kv_saving < 0:
+            raise MlakitError(f"--kv-saving {kv_saving} asks for a cache larger than the original")
+        values = int(round((1 - kv_saving) * full))
+        if rope_dim is None:
+            rope_dim = default_rope_dim(values, n_kv_heads, head_dim)
+    if values > full:
+        raise MlakitError(f"budget of {values} values per token per layer is larger than the original cache ({full})")
+    if values - rope_dim < 1:
+        raise MlakitError(f"budget of {values} values per token per layer is too small to hold the RoPE key "
+                          f"({rope_dim}) and a latent of at least 1")
+    return Budget(values_per_layer=values, rope_dim=rope_dim)
+
+
+def select_frequencies(lams: list[torch.Tensor], n_pairs: int, weights: list[torch.Tensor] | None = None) -> list[int]:
+    """How many components of each frequency go into the shared RoPE key (one choice for
+    all layers: the model has one frequency table). ``lams[l] [d/2, G]``: score energy of
+    each component of layer ``l`` (descending per frequency); ``weights[l] [d/2]``: how
+    much a component of that frequency loses when it is left unrotated. Each layer's
+    energies are normalised to sum 1, so every layer counts the same."""
+    half, G = lams[0].shape
+    score = torch.zeros(half, G, dtype=torch.float64)
+    for l, lam in enumerate(lams):
+        value = lam * (weights[l][:, None] if weights is not None else 1.0)
+        score += value / value.sum().clamp(min=1e-300)
+    # per frequency the scores are non-increasing in the component index, so a top-k
+    # over all (frequency, component) entries always takes a prefix of each frequency
+    order = torch.argsort(score.flatten(), descending=True, stable=True)[:n_pairs]
+    counts = [0] * half
+    for idx in order.tolist():
+        counts[idx // G] += 1
+    return counts
+
+
+def allocate_ranks(spectra: list[torch.Tensor], rank: int, method: str, max_ranks: list[int],
+                   min_rank: int = 1) -> list[int]:
+    """Latent rank of every layer; the total is ``rank * n_layers`` either way.
+
+    ``uniform``: every layer gets ``rank``. ``adaptive``: each layer's spectrum (the
+    eigenvalues of its error-metric covariance) is normalised to sum 1 and the
+    ranks go, one by one, to the largest remaining normalised eigenvalue of any
+    layer (the energy-ratio rule of X-EcoMLA, applied jointly)."""
+    n = len(spectra)
+    if method == "uniform":
+        return [min(rank, m) for m in max_ranks]
+    if method != "adaptive":
+        raise MlakitError(f"rank allocation must be one of {RANK_ALLOCATIONS}, got {method!r}")
+    total = rank * n
+    base = [min(min_rank, m) for m in max_ranks]
+    entries = []
+    for l, spec in enumerate(spectra):
+        norm = spec / spec.sum().clamp(min=1e-300)
+        for k in range(base[l], max_ranks[l]):
+            entries.append((float(norm[k]), l))
+    entries.sort(key=lambda e: -e[0])
+    ranks = list(base)
+    for _, l in entries[: max(0, total - sum(base))]:
+        ranks[l] += 1
+    return ranks

@@ -1,0 +1,77 @@
+"""``mlakit export``: thin command; wire it with ``add_export_parser(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mlakit.errors import MlakitError
+
+FORMATS = ("hf-deepseek", "gguf")
+MODEL_HELP = "an MLA model: a Hugging Face directory, an mlakit checkpoint directory, or a .gguf file"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from mlakit.loading import default_model_path, load
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise MlakitError(f"{out} already exists (use --overwrite)")
+    loaded = load(args.model, dtype=torch.float32, device="cpu")
+    if args.format == "hf-deepseek":
+        from mlakit.export.hf_deepseek import export_hf_deepseek
+
+        if args.type is not None or args.tokenizer_gguf is not None:
+            raise MlakitError("--type and --tokenizer-gguf are for --format gguf (use --dtype for hf-deepseek)")
+        form = export_hf_deepseek(loaded.model, out, tokenizer=loaded.tokenizer, dtype=args.dtype or "float32",
+                                  overwrite=args.overwrite)
+        size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    else:
+        from mlakit.export.gguf import export_gguf
+
+        if args.dtype is not None:
+            raise MlakitError("--dtype is for --format hf-deepseek (use --type for gguf)")
+        tokenizer_gguf = args.tokenizer_gguf
+        if tokenizer_gguf is None and str(args.model) == "default":
+            tokenizer_gguf = default_model_path()
+        elif tokenizer_gguf is None and str(args.model).endswith(".gguf"):
+            tokenizer_gguf = args.model
+        form = export_gguf(loaded.model, out, qtype=args.type or "f32", tokenizer_gguf=tokenizer_gguf,
+                           tokenizer=loaded.tokenizer, name=Path(str(args.model)).name, overwrite=args.overwrite)
+        size = out.stat().st_size
+    summary = {"output": str(out), "format": args.format, "bytes": size, "notes": form.notes,
+               "linearised_norm_bound": form.linearised_bound}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {out} ({size / 2**20:.1f} MiB, {args.format})")
+        for note in form.notes:
+            print(f"  - {note}")
+    return 0
+
+
+def add_export_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``export`` to the ``mlakit`` subcommands (``build_parser``'s ``sub``)."""
+    parser = subparsers.add_parser(
+        "export", help="write an MLA model as a DeepSeek-V3 HF directory or a deepseek2 GGUF file",
+        description="Export an MLA model for engines with no custom code: a stock DeepSeek-V3 Hugging Face "
+                    "directory (transformers, vLLM, SGLang) or a GGUF file of architecture deepseek2 (llama.cpp). "
+                    "The model's function is kept exactly (see docs/export.md); what cannot be represented is "
+                    "refused with a message.")
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("--format", required=True, choices=FORMATS, help="hf-deepseek (a directory) or gguf (a file)")
+    parser.add_argument("-o", "--output", required=True, metavar="PATH", help="the directory or .gguf file to write")
+    parser.add_argument("--type", choices=("f32", "f16", "q8_0"), default=None,
+                        help="gguf: tensor type (default f32; norms and attn_kv_a_mqa stay f32)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="hf-deepseek: weights dtype (default float32; float16 cannot hold the exact rewrite)")
+    parser.add_argument("--tokenizer-gguf", default=None, metavar="FILE",
+                        help="gguf: copy the tokenizer from this GGUF file (default: MODEL itself when it is a "
+                             ".gguf file or 'default'; otherwise the model's byte-level BPE tokenizer)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(func=cmd_export)
+    return parser

@@ -1,0 +1,177 @@
+"""Export check on the real default model: mlakit vs transformers (hf-deepseek) vs llama.cpp (GGUF).
+
+    python scripts/llamacpp_check.py [--source CKPT] [--out DIR] [--types f32 f16 q8_0]
+
+Needs: the default model, the protocol text, ``pip install llama-cpp-python``.
+Without ``--source`` the default model (SmolLM2-135M) is converted with mlakit's
+converter, with the shared RoPE key restricted to DeepSeek-compatible
+frequencies (the first ``rope_dim / 2`` source frequencies, one component each:
+DeepSeek's RoPE needs ``theta'^(-2i/p)``, the converter's own energy-based
+selection repeats frequencies). Prints protocol perplexities (wikitext2-smollm2-v1),
+logits errors, greedy continuations and file sizes; writes ``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mlakit.evaluate import PROTOCOL, eval_windows, protocol_tokens, window_nll
+from mlakit.loading import default_model_path, load, save_checkpoint
+
+PROMPT = "The capital of France is"
+
+
+def rel_err(out, ref) -> float:
+    out, ref = torch.as_tensor(out).double(), torch.as_tensor(ref).double()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def convert_default(out: Path, tokenizer, log) -> Path:
+    import mlakit.convert.api as api
+    from mlakit.evaluate import calibration_tokens
+
+    if (out / "mlakit.json").exists():
+        return out
+    original = api.select_frequencies
+
+    def deepseek_frequencies(lams, n_pairs, weights=None):  # first n_pairs frequencies, one component each
+        counts = original(lams, n_pairs, weights)
+        return [1 if i < n_pairs else 0 for i in range(len(counts))]
+
+    api.select_frequencies = deepseek_frequencies
+    try:
+        source = load("default", dtype=torch.float32).model
+        t = time.perf_counter()
+        model, summary = api.convert(source, calibration_tokens(tokenizer, 8192), api.ConvertOptions(progress=False))
+        log(f"converted in {time.perf_counter() - t:.0f}s: " + "; ".join(summary.lines()[:3]))
+    finally:
+        api.select_frequencies = original
+    save_checkpoint(model, out, tokenizer, overwrite=True)
+    return out
+
+
+def nll_from_logits(logits: np.ndarray, targets: np.ndarray) -> float:
+    x = torch.from_numpy(logits).double()
+    return torch.nn.functional.cross_entropy(x, torch.from_numpy(targets), reduction="sum").item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default=None, help="an MLA checkpoint (default: convert the default model)")
+    parser.add_argument("--out", default="/tmp/mlakit-export-check")
+    parser.add_argument("--types", nargs="+", default=["f32", "f16", "q8_0"])
+    parser.add_argument("--windows", type=int, default=40, help="evaluation windows (protocol: 40)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--skip-transformers", action="store_true", help="only mlakit and llama.cpp")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"protocol": PROTOCOL}
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    tokenizer = load("default").tokenizer
+    source = Path(args.source) if args.source else convert_default(out / "converted", tokenizer, log)
+    model = load(source, dtype=torch.float32).model
+    results["model"] = {"source": str(source), "kv_lora_rank": model.config.kv_lora_rank,
+                        "qk_rope_head_dim": model.config.qk_rope_head_dim,
+                        "qk_rope_freq_indices": model.config.qk_rope_freq_indices}
+    windows = eval_windows(protocol_tokens(tokenizer))[: args.windows]
+    n_pred = windows.shape[0] * (windows.shape[1] - 1)
+    prompt = tokenizer(PROMPT).input_ids
+
+    from mlakit.engine import SamplingParams, generate
+
+    t = time.perf_counter()
+    ppl = math.exp(window_nll(model, windows).item() / n_pred)
+    with torch.no_grad():
+        ref0 = model(windows[:1])[0].double()
+    greedy = generate(model, [prompt], SamplingParams(max_new_tokens=32, greedy=True))[0][-32:]
+    results["mlakit"] = {"ppl": ppl, "greedy": greedy, "text": tokenizer.decode(greedy)}
+    log(f"mlakit        ppl {ppl:.4f}  ({time.perf_counter() - t:.0f}s)  greedy: {tokenizer.decode(greedy)!r}")
+
+    # ---- transformers
+    import transformers
+
+    from mlakit.export import export_gguf, export_hf_deepseek
+
+    hf_dir = out / "hf-deepseek"
+    if args.skip_transformers:
+        hf_dir = Path(__import__("tempfile").mkdtemp()) / "hf-deepseek"
+    form = export_hf_deepseek(model, hf_dir, tokenizer=tokenizer, overwrite=True)
+    results["notes"] = form.notes
+    results["linearised_bound"] = form.linearised_bound
+    size = sum(p.stat().st_size for p in hf_dir.iterdir())
+    if args.skip_transformers:
+        __import__("shutil").rmtree(hf_dir.parent)
+    hf = None if args.skip_transformers else transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    t = time.perf_counter()
+    with torch.no_grad():
+        total = 0.0
+        for i in (range(0, windows.shape[0], 4) if hf is not None else []):
+            batch = windows[i:i + 4]
+            logits = hf(batch[:, :-1]).logits.double()
+            if i == 0:
+                err = rel_err(hf(windows[:1]).logits[0], ref0)
+            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                       batch[:, 1:].reshape(-1), reduction="sum").item()
+        if hf is None:
+            total, err = float("nan"), float("nan")
+        hf_greedy = [] if hf is None else hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    hf_ppl = math.exp(total / n_pred) if hf is not None else float("nan")
+    results["transformers"] = {"ppl": hf_ppl, "logits_rel_err": err, "greedy_equal": hf_greedy == greedy,
+                               "bytes": size}
+    log(f"transformers  ppl {hf_ppl:.4f}  logits rel err {err:.2e}  greedy equal {hf_greedy == greedy}  "
+        f"({size / 2**20:.1f} MiB, {time.perf_counter() - t:.0f}s)")
+    del hf
+
+    # ---- llama.cpp
+    import llama_cpp
+
+    for qtype in args.types:
+        path = out / f"model-{qtype}.gguf"
+        export_gguf(model, path, qtype=qtype, tokenizer_gguf=default_model_path(), overwrite=True)
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
+                              n_threads=args.threads, type_k=0, type_v=0)  # float32 KV cache
+        t = time.perf_counter()
+        total = 0.0
+        for i, window in enumerate(windows.tolist()):
+            llm.reset()
+            llm.eval(window[:-1])
+            logits = np.array(llm.scores[: len(window) - 1], dtype=np.float64)
+            total += nll_from_logits(logits, np.array(window[1:]))
+            if i == 0:
+                llm.reset()
+                llm.eval(window)
+                err = rel_err(np.array(llm.scores[: len(window)]), ref0)
+        llm.reset()
+        llm.eval(prompt)
+        gen = []
+        for _ in range(32):
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            gen.append(tok)
+            llm.eval([tok])
+        llm.close()
+        lppl = math.exp(total / n_pred)
+        results[f"llama.cpp-{qtype}"] = {"ppl": lppl, "ppl_vs_mlakit": lppl / ppl - 1, "logits_rel_err": err,
+                                         "greedy_equal": gen == greedy, "greedy": gen,
+                                         "bytes": path.stat().st_size}
+        log(f"llama.cpp {qtype:5s} ppl {lppl:.4f} ({100 * (lppl / ppl - 1):+.3f}%)  logits rel err {err:.2e}  "
+            f"greedy equal {gen == greedy}  ({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t:.0f}s)")
+        if gen != greedy:
+            log(f"    llama.cpp greedy: {tokenizer.decode(gen)!r}")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    log(f"wrote {out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""GQA -> MLA conversion: exact at the full budget (against transformers), finite below it."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from hf_models import save_tiny  # noqa: E402
+from mlakit.convert import ConvertOptions, analyse, convert, convert_model  # noqa: E402
+from mlakit.errors import MlakitError  # noqa: E402
+from mlakit.loading import load, save_checkpoint  # noqa: E402
+
+CASES = [("llama", 2), ("llama", 6), ("qwen2", 2), ("qwen2", 1), ("mistral", 3)]
+
+
+def calib_tokens(n=512, vocab=211, seed=0):
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def options(**kw):
+    return ConvertOptions(calib_seq_len=64, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(0, 211, (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("arch,kv", CASES, ids=[f"{a}-kv{k}" for a, k in CASES])
+def test_full_budget_reproduces_transformers(tmp_path, arch, kv, tokens, rel_err):
+    hf, path = save_tiny(tmp_path, arch, kv)
+    source = load(path).model
+    full_rope = kv * source.config.head_dim  # every key dim of every KV head in the RoPE key
+    mla, summary = convert(source, calib_tokens(256), options(kv_saving=0.0, rope_dim=full_rope))
+    config = mla.config
+    assert config.is_mla and config.qk_rope_head_dim == full_rope and config.qk_nope_head_dim == 0
+    assert config.kv_lora_ranks() == [full_rope] * config.n_layers  # the latent holds all value dims
+    assert config.kv_values_per_token_total() == source.config.kv_values_per_token_total()
+    assert summary.kv_saving == 0
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        for mode in ("naive", "absorbed"):
+            mla.set_mla_mode(mode)
+            assert rel_err(mla(tokens), ref) <= 1e-5, mode
+        # decoding token by token from the latent cache (absorbed) as well
+        cache = mla.new_cache(2, 48)
+        steps = [mla(tokens[:, i:i + 1], torch.full((2, 1), i), cache) for i in range(tokens.shape[1])]
+    assert rel_err(torch.cat(steps, 1), ref) <= 1e-5
+
+
+@pytest.mark.parametrize("arch,kv", [("llama", 2), ("qwen2", 2)])
+@pytest.mark.parametrize("budget", [dict(kv_saving=0.5), dict(kv_saving=0.75, rank_allocation="adaptive"),
+                                    dict(kv_saving=0.9), dict(kv_lora_rank=1, rope_dim=0),
+                                    dict(kv_lora_rank=3, rope_dim=2, rank_allocation="adaptive")])
+def test_smaller_budgets_are_finite_and_sized(tmp_path, arch, kv, budget, tokens):
+    hf, path = save_tiny(tmp_path, arch, kv)
+    source = load(path).model
+    mla, summary = convert(source, calib_tokens(), options(**budget))
+    full = 2 * kv * source.config.head_dim
+    if "kv_saving" in budget:
+        expected = round((1 - budget["kv_saving"]) * full)
+    else:
+        expected = budget["kv_lora_rank"] + budget["rope_dim"]
+    assert mla.config.kv_values_per_token_total() == expected * source.config.n_layers  # adaptive keeps the total
+    assert summary.values_per_token_layer == expected
+    with torch.no_grad():
+        for mode in ("naive", "absorbed"):
+            mla.set_mla_mode(mode)
+            out = mla(tokens)
+            assert torch.isfinite(out).all()
+    # the result is a valid checkpoint that loads back to the same function
+    saved = save_checkpoint(mla, tmp_path / "out")
+    again = load(saved).model
+    with torch.no_grad():
+        again.set_mla_mode("absorbed")
+        assert torch.equal(again(tokens), out)
+
+
+def test_error_shrinks_with_the_budget(tmp_path, tokens, rel_err):
+    hf, path = save_tiny(tmp_path, "llama", 2)
+    source = load(path).model
+    analysis = analyse(source, calib_tokens(1024), options())
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        errors = []
+        for saving in (0.25, 0.75):
+            mla, _ = convert_model(source, analysis, options(kv_saving=saving))
+            errors.append(rel_err(mla(tokens), ref))
+    assert errors[0] < errors[-1]
+
+
+@pytest.mark.parametrize("budget,message", [
+    (dict(kv_saving=-0.1), "larger than the original"),
+    (dict(kv_saving=1.0), "below 1"),
+    (dict(kv_lora_rank=60, rope_dim=8), "larger than the original"),
+    (dict(kv_lora_rank=0, rope_dim=8), "too small to hold the RoPE key"),
+    (dict(kv_saving=0.99, rope_dim=2), "too small to hold the RoPE key"),
+    (dict(kv_lora_rank=4, rope_dim=3), "even"),
+    (dict(kv_lora_rank=4, rope_dim=34), "exceeds the source's key dimensions"),
+    (dict(kv_lora_rank=4), "needs --rope-dim"),
+    (dict(kv_saving=0.5, kv_lora_rank=4, rope_dim=4), "not both"),
+    (dict(rank_allocation="random"), "rank-allocation"),
+])
+def test_bad_budgets_are_explained(tmp_path, budget, message):
+    _, path = save_tiny(tmp_path, "llama", 2)
+    with pytest.raises(MlakitError, match=message):
+        convert(load(path).model, calib_tokens(), options(**budget))
+
+
+def test_mla_source_is_refused(tmp_path):
+    _, path = save_tiny(tmp_path, "llama", 2)
+    source = load(path).model
+    mla, _ = convert(source, calib_tokens(), options(kv_saving=0.5))
+    with pytest.raises(MlakitError, match="already an MLA"):
+        convert(mla, calib_tokens(), options(kv_saving=0.5))
+
+
+def test_summary_is_json(tmp_path):
+    _, path = save_tiny(tmp_path, "qwen2", 2)
+    _, summary = convert(load(path).model, calib_tokens(), options(kv_saving=0.5, rank_allocation="adaptive"))
+    data = json.loads(json.dumps(summary.to_dict()))
+    assert sum(data["ranks"]) == len(data["ranks"]) * (32 - data["rope_dim"])
+    assert any("latent rank" in line for line in summary.lines())

@@ -1,0 +1,87 @@
+"""`mlakit eval`: the protocol's perplexity, against a direct transformers computation."""
+
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from convert.helpers import save_tiny_with_tokenizer  # noqa: E402
+from mlakit import evaluate as ev  # noqa: E402
+from mlakit.cli import main  # noqa: E402
+from mlakit.errors import MlakitError  # noqa: E402
+
+
+def _data_or_skip():
+    try:
+        return ev.data_path()
+    except MlakitError:
+        pytest.skip("the protocol text (shared/data/wikitext-2-raw/wiki.test.raw) is not here")
+
+
+def reference_ppl(hf_model, tokenizer, path) -> float:
+    """The protocol written out independently: transformers' forward pass, float64 NLL sum."""
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids)
+    windows = ids[131072:131072 + 40 * 512].view(40, 512)
+    total = 0.0
+    with torch.no_grad():
+        for w in windows.split(8):
+            logits = hf_model(w).logits[:, :-1].double()
+            total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1),
+                                                       reduction="sum").item()
+    return math.exp(total / (40 * 511))
+
+
+def test_eval_matches_transformers_on_a_tiny_model(tmp_path, capsys):
+    path_text = _data_or_skip()
+    hf, path = save_tiny_with_tokenizer(tmp_path, "qwen2", 2, max_position_embeddings=512)
+    expected = reference_ppl(hf, _tok(path), path_text)
+    assert main(["eval", str(path), "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["protocol"] == "wikitext2-smollm2-v1"
+    assert out["tokens"] == 40 * 511
+    assert out["kv_values_per_token_layer"] == 2 * 2 * 16
+    assert out["kv_saving"] == pytest.approx(1 - 64 / 384)
+    assert out["ppl"] == pytest.approx(expected, rel=1e-5)
+
+
+def _tok(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def test_calibration_and_evaluation_ranges_do_not_overlap():
+    assert ev.CALIB_RANGE[1] <= ev.EVAL_START
+    tokens = torch.arange(200_000)
+    windows = ev.eval_windows(tokens)
+    assert windows.shape == (40, 512) and int(windows[0, 0]) == 131072 and int(windows[-1, -1]) == 151551
+
+
+def test_too_short_text_is_explained():
+    with pytest.raises(MlakitError, match="fewer than"):
+        ev.eval_windows(torch.arange(1000))
+
+
+def test_bad_calibration_size_is_explained():
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return type("E", (), {"input_ids": [0] * 40000})()
+
+    _data_or_skip()
+    with pytest.raises(MlakitError, match="calibration tokens"):
+        ev.calibration_tokens(Tok(), 40000)
+
+
+@pytest.mark.slow
+def test_default_model_scores_the_protocol_value(capsys):
+    """PROTOCOL.md: the original default model scores 29.60 (transformers' forward pass)."""
+    pytest.importorskip("gguf")
+    _data_or_skip()
+    assert main(["eval", "default", "--json", "--device", "cpu", "--dtype", "float32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ppl"] == pytest.approx(29.60, rel=1e-3)
+    assert out["kv_values_per_token_layer"] == 384 and out["kv_saving"] == 0

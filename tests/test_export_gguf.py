@@ -1,0 +1,131 @@
+"""GGUF (deepseek2) export: file layout with the gguf package's reader, and — when
+llama-cpp-python is installed — logits and greedy tokens of the real llama.cpp."""
+
+import numpy as np
+import pytest
+import torch
+
+from mlakit import ModelConfig, Transformer
+from mlakit.errors import MlakitError
+from mlakit.export import export_gguf
+
+gguf = pytest.importorskip("gguf")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_gguf():
+    from mlakit.loading import default_model_path
+
+    try:
+        return default_model_path()  # the default model's tokenizer (vocab 49152)
+    except MlakitError as e:
+        pytest.skip(str(e))
+
+
+def mla(**kw) -> ModelConfig:
+    base = dict(vocab_size=49152, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=16, intermediate_size=96,
+                attention="mla", kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                max_seq_len=256, norm_eps=1e-5, tie_embeddings=True, bos_token_id=1, eos_token_ids=[2])
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+CASES = {
+    # converted-model-like: no latent norm, per-layer ranks (padded), no NoPE part (padded), every other frequency
+    "converted": dict(kv_lora_rank=[24, 32], qk_nope_head_dim=0, qk_rope_freq_indices=[0, 2, 4, 6]),
+    "native": dict(q_lora_rank=32, latent_norm=True, tie_embeddings=False, qk_nope_head_dim=16, norm_eps=1e-6),
+}
+
+
+def build(name):
+    model = Transformer(mla(**CASES[name])).init_random(seed=1, std=0.2)
+    if model.config.latent_norm:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("norm.weight"):
+                    p.copy_(1 + 0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5)))
+    return model
+
+
+def test_gguf_layout(tmp_path, tokenizer_gguf):
+    model = build("converted")
+    path = tmp_path / "m.gguf"
+    export_gguf(model, path, qtype="q8_0", tokenizer_gguf=tokenizer_gguf)
+    reader = gguf.GGUFReader(str(path))
+    f = {k: v.contents() for k, v in reader.fields.items()}
+    assert f["general.architecture"] == "deepseek2"
+    assert f["deepseek2.block_count"] == f["deepseek2.leading_dense_block_count"] == 2
+    assert f["deepseek2.attention.kv_lora_rank"] == 32  # padded to the largest layer
+    assert f["deepseek2.attention.head_count_kv"] == 1
+    assert f["deepseek2.attention.key_length"] == 32 + 8 and f["deepseek2.attention.value_length"] == 32
+    assert f["deepseek2.attention.key_length_mla"] == 1 + 8  # NoPE padded to 1
+    assert f["deepseek2.attention.value_length_mla"] == 16
+    assert f["deepseek2.rope.dimension_count"] == 8
+    assert f["deepseek2.rope.freq_base"] == pytest.approx(10000.0 ** (2 * 8 / 16))  # every other source frequency
+    assert f["deepseek2.expert_count"] == 0 and f["deepseek2.attention.q_lora_rank"] == 0
+    assert len(f["tokenizer.ggml.tokens"]) == 49152
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors  # tied
+    assert tensors["blk.0.attn_kv_a_mqa.weight"].tensor_type.name == "F32"
+    assert tensors["blk.0.ffn_up.weight"].tensor_type.name == "Q8_0"
+    assert list(tensors["blk.0.attn_k_b.weight"].shape) == [1, 32, 4]  # ne: [nope, r, h]
+    assert list(tensors["blk.0.attn_v_b.weight"].shape) == [32, 16, 4]  # ne: [r, v, h]
+
+
+def test_gguf_refusals(tmp_path, tokenizer_gguf):
+    with pytest.raises(MlakitError, match="biases"):
+        export_gguf(Transformer(mla(qkv_bias=True)), tmp_path / "a.gguf", tokenizer_gguf=tokenizer_gguf)
+    with pytest.raises(MlakitError, match="tokens"):
+        export_gguf(Transformer(mla(vocab_size=1000)).init_random(), tmp_path / "b.gguf", tokenizer_gguf=tokenizer_gguf)
+    with pytest.raises(MlakitError, match="linear scaling"):
+        export_gguf(Transformer(mla(qk_rope_freq_indices=[1, 2, 3, 4])).init_random(), tmp_path / "c.gguf",
+                    tokenizer_gguf=tokenizer_gguf)
+    with pytest.raises(MlakitError, match="--type"):
+        export_gguf(Transformer(mla()).init_random(), tmp_path / "d.gguf", qtype="q4_0", tokenizer_gguf=tokenizer_gguf)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_gguf_export_leaves_nothing(tmp_path, tokenizer_gguf, monkeypatch):
+    def boom(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        export_gguf(build("converted"), tmp_path / "m.gguf", tokenizer_gguf=tokenizer_gguf)
+    assert list(tmp_path.iterdir()) == []
+
+
+def llama_logits_and_greedy(path, tokens, n_new):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    # float32 KV cache (llama.cpp's default is float16, 1e-3 off on its own)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False,
+                          n_threads=2, seed=0, type_k=0, type_v=0)
+    llm.eval(tokens)
+    logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    out = []
+    for _ in range(n_new):
+        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(t)
+        llm.eval([t])
+    llm.close()
+    return logits, out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+# random weights are hard to quantise: q8_0 (weights and activations) is ~5e-2 off
+@pytest.mark.parametrize("qtype,tol", [("f32", 1e-4), ("f16", 1e-2), ("q8_0", 1e-1)])
+def test_llama_cpp_matches_mlakit(tmp_path, tokenizer_gguf, rel_err, name, qtype, tol):
+    pytest.importorskip("llama_cpp")
+    from mlakit.engine import SamplingParams, generate
+
+    model = build(name)
+    path = tmp_path / f"{name}-{qtype}.gguf"
+    export_gguf(model, path, qtype=qtype, tokenizer_gguf=tokenizer_gguf)
+    tokens = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    logits, greedy = llama_logits_and_greedy(path, tokens, 16)
+    with torch.no_grad():
+        ours = model(torch.tensor([tokens]))[0].double()
+    assert rel_err(torch.from_numpy(logits), ours) <= tol
+    if qtype == "f32":
+        expected = generate(model, [tokens], SamplingParams(max_new_tokens=16, greedy=True))[0][-16:]
+        assert greedy == expected

@@ -282,7 +282,7 @@ def _require(module: str, what: str) -> None:
         raise MlakitError(f"{what} needs the package {module!r}: pip install transformers gguf accelerate")
 
 
-def _gguf_cache_dir(path: Path) -> Path:
+def gguf_cache_dir(path: Path) -> Path:
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     root = Path(os.environ.get("MLAKIT_CACHE_DIR", Path.home() / ".cache" / "mlakit"))
@@ -296,7 +296,7 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, device: str = "cpu")
     the result is kept as an mlakit checkpoint in ``$MLAKIT_CACHE_DIR`` (default
     ``~/.cache/mlakit``) so later loads take about a second.
     """
-    cached = _gguf_cache_dir(path)
+    cached = gguf_cache_dir(path)
     if (cached / CONFIG_FILENAME).exists():
         loaded = load_mlakit_dir(cached, dtype, device)
         loaded.source = str(path)

@@ -18,8 +18,10 @@ def cached_eval(loaded):
     """The protocol result of the unchanged default model is the same every run: keep it
     (in ``$MLAKIT_CACHE_DIR/eval``)."""
     from mlakit.evaluate import PROTOCOL, EvalResult, evaluate
+    from mlakit.loading import gguf_cache_dir, default_model_path
 
-    key = f"default-{PROTOCOL}"
+    # keyed by the GGUF file itself (path, size, mtime), as the dequantised-model cache is
+    key = f"{gguf_cache_dir(default_model_path()).name}-{PROTOCOL}"
     root = Path(os.environ.get("MLAKIT_CACHE_DIR", Path.home() / ".cache" / "mlakit")) / "eval"
     path = root / f"{key}.json"
     if path.exists():

@@ -90,7 +90,8 @@ class MLAttention(nn.Module):
         super().__init__()
         # Cached absorbed attention goes through mlakit.kernels.mla_decode (Triton on
         # CUDA, its PyTorch reference elsewhere); False keeps the plain einsum path.
-        self.use_kernels = config.sliding_window is None  # the kernel has no sliding window
+        self.use_kernels = True
+        self.kernel_fits = config.sliding_window is None  # the kernel has no sliding window
         self.n_heads = config.n_heads
         self.kv_lora_rank = config.kv_lora_ranks()[layer]
         self.nope_dim = config.qk_nope_head_dim
@@ -140,7 +141,7 @@ class MLAttention(nn.Module):
         if self.kv_norm is not None:
             latent = self.kv_norm(latent)
         k_rope = apply_rope(k_rope, cos, sin)
-        if cache is not None and self.mode == "absorbed" and self.use_kernels:
+        if cache is not None and self.mode == "absorbed" and self.use_kernels and self.kernel_fits:
             out = self._decode_absorbed(q_nope, q_rope, latent, k_rope, positions, cache)
             return self.wo(out.reshape(b, s, self.n_heads * self.v_dim))
         if cache is not None:

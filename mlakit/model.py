@@ -127,7 +127,7 @@ class Transformer(nn.Module):
         or through the plain einsum path."""
         for layer in self.layers:
             if isinstance(layer.attention, MLAttention):
-                layer.attention.use_kernels = enabled and self.config.sliding_window is None
+                layer.attention.use_kernels = enabled
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -292,6 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `mlakit info ... | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # as the Python docs advise
+        return 1
     except Exception as e:  # out of memory reads better as one line than a traceback
         if type(e).__name__ == "OutOfMemoryError":
             print(f"mlakit: error: out of memory: {e}".splitlines()[0], file=sys.stderr)

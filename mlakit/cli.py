@@ -31,7 +31,13 @@ def _load(args: argparse.Namespace):
 
     device = _resolve_device(getattr(args, "device", None))
     dtype_name = getattr(args, "dtype", None) or ("bfloat16" if device.startswith("cuda") else "float32")
-    return load(args.model, dtype=getattr(torch, dtype_name), device=device)
+    loaded = load(args.model, dtype=getattr(torch, dtype_name), device=device)
+    if getattr(args, "runtime_rank", None) is not None:  # an elastic checkpoint at a smaller cache
+        from mlakit.heal.elastic import truncate_latent_rank
+
+        loaded.model = truncate_latent_rank(loaded.model, args.runtime_rank)
+        loaded.source = f"{loaded.source} (runtime rank {args.runtime_rank})"
+    return loaded
 
 
 # ------------------------------------------------------------------ generate
@@ -127,11 +133,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ convert
-def _convert_options(args: argparse.Namespace):
+def _convert_options(args: argparse.Namespace, sweep: bool = False):
     from mlakit.convert import ConvertOptions
 
+    if args.rope_frequencies == "both" and not sweep:
+        raise MlakitError("--rope-frequencies both is for --sweep; a conversion takes free or deepseek")
     return ConvertOptions(kv_saving=args.kv_saving, kv_lora_rank=args.kv_lora_rank, rope_dim=args.rope_dim,
                           rank_allocation=args.rank_allocation, calib_tokens=args.calib_tokens,
+                          rope_frequencies="free" if args.rope_frequencies == "both" else args.rope_frequencies,
                           progress=not getattr(args, "json", False))
 
 
@@ -144,7 +153,7 @@ def _savings(text: str) -> list[float]:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     device = _resolve_device(args.device or "cpu")
-    options = _convert_options(args)
+    options = _convert_options(args, sweep=args.sweep is not None)
     if args.sweep is not None:
         from mlakit.loading import load
         from mlakit.report import run_sweep, write_report
@@ -153,7 +162,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise MlakitError("--sweep needs --report DIR (where the table and the plot go)")
         import torch
 
-        sweep = run_sweep(load(args.source, dtype=torch.float32, device=device), _savings(args.sweep), options)
+        frequencies = ("free", "deepseek") if args.rope_frequencies == "both" else (args.rope_frequencies,)
+        sweep = run_sweep(load(args.source, dtype=torch.float32, device=device), _savings(args.sweep), options,
+                          rope_frequencies=frequencies)
         for path in write_report(sweep, args.report):
             print(f"wrote {path}")
         return 0
@@ -198,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     gen.add_argument("--json", action="store_true", help="print one JSON object (token ids and text) at the end")
     _device_args(gen)
+    _runtime_rank_arg(gen)
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="describe a model: architecture, size, attention kind, KV bytes per token")
@@ -212,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     _device_args(ev)
+    _runtime_rank_arg(ev)
     ev.set_defaults(func=cmd_eval)
 
     conv = sub.add_parser("convert", help="convert an MHA/GQA model to MLA (no training)",
@@ -234,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     _convert_budget_args(demo)
     demo.add_argument("-o", "--output", metavar="OUT", default=None, help="also save the converted checkpoint")
     demo.set_defaults(func=cmd_demo)
+
+    from mlakit.heal.cli import register as add_heal_parser
+
+    add_heal_parser(sub)
 
     from mlakit.export.cli import add_export_parser
 
@@ -268,6 +285,10 @@ def _convert_budget_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rope-dim", type=int, default=None, help="dimension of the shared RoPE key (even)")
     parser.add_argument("--rank-allocation", choices=("uniform", "adaptive"), default="uniform",
                         help="same rank in every layer, or per-layer ranks from calibration (same total)")
+    parser.add_argument("--rope-frequencies", choices=("free", "deepseek", "both"), default="free",
+                        help="free: the shared RoPE key takes the best (frequency, head-mix) pairs, repeats allowed; "
+                        "deepseek: one pair per frequency on an arithmetic progression, which stock DeepSeek-V3 "
+                        "engines (export --format hf-deepseek / gguf) can represent; both: --sweep runs each")
     parser.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
                         help=f"calibration tokens from the protocol's range [0, 32768) (default {DEFAULT_CALIB_TOKENS})")
 
@@ -278,6 +299,12 @@ def _device_args(parser: argparse.ArgumentParser, default_device: str | None = N
                         else f"cpu or cuda (default: {default_device})")
     parser.add_argument("--dtype", choices=DTYPES, default=None,
                         help="weights and cache dtype (default: bfloat16 on cuda, float32 on cpu)")
+
+
+def _runtime_rank_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runtime-rank", type=int, default=None, metavar="R",
+                        help="MLA: keep only the first R latent channels per layer (a smaller cache; best on "
+                             "checkpoints healed with --elastic-ranks)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,9 +26,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def variant_name(allocation: str, rope_frequencies: str) -> str:
+    return allocation if rope_frequencies == "free" else f"{allocation}, {rope_frequencies} RoPE"
+
+
 def run_sweep(loaded, savings: list[float], options, allocations=("uniform", "adaptive"),
-              log=print) -> dict[str, Any]:
-    """Rows of (allocation, saving, ppl, ...) plus the original's row."""
+              rope_frequencies=("free",), log=print) -> dict[str, Any]:
+    """Rows of (variant, saving, ppl, ...) plus the original's row; one calibration for all."""
     from mlakit.convert import analyse, convert_model
     from mlakit.evaluate import calibration_tokens
     from mlakit.loading import LoadedModel
@@ -42,37 +46,43 @@ def run_sweep(loaded, savings: list[float], options, allocations=("uniform", "ad
     analysis = analyse(loaded.model, tokens, options)
     rows = []
     for saving in savings:
-        for allocation in allocations:
-            opts = dataclasses.replace(options, kv_saving=saving, rank_allocation=allocation)
-            model, summary = convert_model(loaded.model, analysis, opts)
-            result = evaluate(LoadedModel(model, loaded.tokenizer, f"{loaded.source} -> MLA {allocation} {saving:g}"))
-            log(format_result(result))
-            rows.append({"allocation": allocation, "target_saving": saving, "ppl": result.ppl,
-                         "kv_values_per_token_layer": result.kv_values_per_token_layer,
-                         "kv_saving": summary.kv_saving, "rope_dim": summary.rope_dim, "ranks": summary.ranks,
-                         "convert_seconds": sum(summary.seconds.values()), "eval_seconds": result.seconds})
-            del model
+        for frequencies in rope_frequencies:
+            for allocation in allocations:
+                variant = variant_name(allocation, frequencies)
+                opts = dataclasses.replace(options, kv_saving=saving, rank_allocation=allocation,
+                                           rope_frequencies=frequencies)
+                model, summary = convert_model(loaded.model, analysis, opts)
+                result = evaluate(LoadedModel(model, loaded.tokenizer, f"{loaded.source} -> MLA {variant} {saving:g}"))
+                log(format_result(result))
+                rows.append({"variant": variant, "allocation": allocation, "rope_frequencies": frequencies,
+                             "target_saving": saving, "ppl": result.ppl,
+                             "kv_values_per_token_layer": result.kv_values_per_token_layer,
+                             "kv_saving": summary.kv_saving, "rope_dim": summary.rope_dim, "ranks": summary.ranks,
+                             "rope_freq_indices": summary.rope_freq_indices,
+                             "convert_seconds": sum(summary.seconds.values()), "eval_seconds": result.seconds})
+                del model
     return {"protocol": PROTOCOL, "source": loaded.source, "original_ppl": original.ppl,
             "original_kv_values_per_token_layer": original.kv_values_per_token_layer,
             "calib_tokens": analysis.calib_tokens, "calibrate_seconds": analysis.seconds,
-            "options": {k: v for k, v in dataclasses.asdict(options).items() if k not in ("kv_saving", "progress")},
+            "options": {k: v for k, v in dataclasses.asdict(options).items()
+                        if k not in ("kv_saving", "progress", "rank_allocation", "rope_frequencies")},
             "rows": rows, "seconds": time.perf_counter() - start}
 
 
 def markdown_table(sweep: dict[str, Any]) -> str:
     rows = sweep["rows"]
     savings = sorted({r["target_saving"] for r in rows})
-    allocations = sorted({r["allocation"] for r in rows}, key=lambda a: a != "uniform")
-    head = ["KV saving", "values/token/layer", "rope dim"] + [f"ppl ({a})" for a in allocations]
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    head = ["KV saving", "values/token/layer", "rope dim"] + [f"ppl ({v})" for v in variants]
     lines = [f"Protocol `{sweep['protocol']}`, source `{sweep['source']}` (original ppl "
              f"{sweep['original_ppl']:.2f}, {sweep['original_kv_values_per_token_layer']:g} values/token/layer), "
              f"calibration {sweep['calib_tokens']} tokens.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in savings:
-        by = {r["allocation"]: r for r in rows if r["target_saving"] == s}
+        by = {r["variant"]: r for r in rows if r["target_saving"] == s}
         first = next(iter(by.values()))
         cells = [f"{100 * first['kv_saving']:.1f}%", f"{first['kv_values_per_token_layer']:g}", str(first["rope_dim"])]
-        cells += [f"{by[a]['ppl']:.2f}" if a in by else "" for a in allocations]
+        cells += [f"{by[v]['ppl']:.2f}" if v in by else "" for v in variants]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -84,9 +94,9 @@ def plot(sweep: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for allocation in sorted({r["allocation"] for r in sweep["rows"]}):
-        rows = sorted((r for r in sweep["rows"] if r["allocation"] == allocation), key=lambda r: r["kv_saving"])
-        ax.plot([100 * r["kv_saving"] for r in rows], [r["ppl"] for r in rows], marker="o", label=f"{allocation} ranks")
+    for variant in dict.fromkeys(r["variant"] for r in sweep["rows"]):
+        rows = sorted((r for r in sweep["rows"] if r["variant"] == variant), key=lambda r: r["kv_saving"])
+        ax.plot([100 * r["kv_saving"] for r in rows], [r["ppl"] for r in rows], marker="o", label=variant)
     ax.axhline(sweep["original_ppl"], color="gray", linestyle="--", label=f"original ({sweep['original_ppl']:.2f})")
     ax.set_xlabel("KV cache saving (%)")
     ax.set_ylabel("perplexity")

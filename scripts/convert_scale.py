@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import tempfile
 import time
 
 import torch
@@ -47,9 +48,10 @@ def main() -> None:
         tokens = torch.randint(0, config.vocab_size, (args.calib_tokens,), generator=torch.Generator().manual_seed(0))
     load_s = time.perf_counter() - start
     rss_model = peak_rss_gib()
-    options = ConvertOptions(kv_saving=args.kv_saving, calib_tokens=args.calib_tokens,
-                             rank_allocation=args.rank_allocation)
-    mla, summary = convert(model, tokens, options)
+    with tempfile.TemporaryDirectory(prefix="mlakit-convert-") as spill:  # as `mlakit convert` does
+        options = ConvertOptions(kv_saving=args.kv_saving, calib_tokens=args.calib_tokens,
+                                 rank_allocation=args.rank_allocation, spill_dir=spill)
+        mla, summary = convert(model, tokens, options)
     print(json.dumps({
         "model": args.model, "parameters": model.num_parameters(), "device": args.device,
         "calib_tokens": int(tokens.numel()), "kv_saving": summary.kv_saving, "load_s": round(load_s, 1),

@@ -4,10 +4,9 @@
 
 Needs: the default model, the protocol text, ``pip install llama-cpp-python``.
 Without ``--source`` the default model (SmolLM2-135M) is converted with mlakit's
-converter, with the shared RoPE key restricted to DeepSeek-compatible
-frequencies (the first ``rope_dim / 2`` source frequencies, one component each:
-DeepSeek's RoPE needs ``theta'^(-2i/p)``, the converter's own energy-based
-selection repeats frequencies). Prints protocol perplexities (wikitext2-smollm2-v1),
+converter at ``--kv-saving`` (default 0.5) with ``rope_frequencies="deepseek"``
+(one component per source frequency, on an arithmetic progression: what
+DeepSeek's RoPE ``theta'^(-2k/p) / factor`` can represent). Prints protocol perplexities (wikitext2-smollm2-v1),
 logits errors, greedy continuations and file sizes; writes ``results.json``.
 """
 
@@ -33,26 +32,17 @@ def rel_err(out, ref) -> float:
     return ((out - ref).norm() / ref.norm()).item()
 
 
-def convert_default(out: Path, tokenizer, log) -> Path:
+def convert_default(out: Path, tokenizer, saving: float, log) -> Path:
     import mlakit.convert.api as api
     from mlakit.evaluate import calibration_tokens
 
     if (out / "mlakit.json").exists():
         return out
-    original = api.select_frequencies
-
-    def deepseek_frequencies(lams, n_pairs, weights=None):  # first n_pairs frequencies, one component each
-        counts = original(lams, n_pairs, weights)
-        return [1 if i < n_pairs else 0 for i in range(len(counts))]
-
-    api.select_frequencies = deepseek_frequencies
-    try:
-        source = load("default", dtype=torch.float32).model
-        t = time.perf_counter()
-        model, summary = api.convert(source, calibration_tokens(tokenizer, 8192), api.ConvertOptions(progress=False))
-        log(f"converted in {time.perf_counter() - t:.0f}s: " + "; ".join(summary.lines()[:3]))
-    finally:
-        api.select_frequencies = original
+    source = load("default", dtype=torch.float32).model
+    t = time.perf_counter()
+    options = api.ConvertOptions(kv_saving=saving, rope_frequencies="deepseek", progress=False)
+    model, summary = api.convert(source, calibration_tokens(tokenizer, options.calib_tokens), options)
+    log(f"converted in {time.perf_counter() - t:.0f}s: " + "; ".join(summary.lines()[:3]))
     save_checkpoint(model, out, tokenizer, overwrite=True)
     return out
 
@@ -66,6 +56,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=None, help="an MLA checkpoint (default: convert the default model)")
     parser.add_argument("--out", default="/tmp/mlakit-export-check")
+    parser.add_argument("--kv-saving", type=float, default=0.5, help="budget of the conversion (without --source)")
     parser.add_argument("--types", nargs="+", default=["f32", "f16", "q8_0"])
     parser.add_argument("--windows", type=int, default=40, help="evaluation windows (protocol: 40)")
     parser.add_argument("--threads", type=int, default=None)
@@ -79,7 +70,7 @@ def main() -> None:
         print(msg, flush=True)
 
     tokenizer = load("default").tokenizer
-    source = Path(args.source) if args.source else convert_default(out / "converted", tokenizer, log)
+    source = Path(args.source) if args.source else convert_default(out / "converted", tokenizer, args.kv_saving, log)
     model = load(source, dtype=torch.float32).model
     results["model"] = {"source": str(source), "kv_lora_rank": model.config.kv_lora_rank,
                         "qk_rope_head_dim": model.config.qk_rope_head_dim,

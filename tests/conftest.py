@@ -27,6 +27,17 @@ def _isolated_cache_dir(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("MLAKIT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mlakit-cache"))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: their steps are microseconds of work, and spinning thread pools on a
+    busy 2-core CI box make them take hundreds of milliseconds. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     """Where parity tests run: cpu, or cuda with MLAKIT_TEST_DEVICE=cuda (the GPU check)."""

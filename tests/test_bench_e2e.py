@@ -12,14 +12,7 @@ from mlakit.config import preset
 pytest.importorskip("matplotlib")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the tiny model's steps are microseconds of work; spinning thread pools on a busy
-    # CI box make them take hundreds of milliseconds
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_options(**overrides) -> e2e.E2EOptions:

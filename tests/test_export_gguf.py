@@ -1,6 +1,8 @@
 """GGUF (deepseek2) export: file layout with the gguf package's reader, and — when
 llama-cpp-python is installed — logits and greedy tokens of the real llama.cpp."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -33,6 +35,8 @@ def mla(**kw) -> ModelConfig:
 CASES = {
     # converted-model-like: no latent norm, per-layer ranks (padded), no NoPE part (padded), every other frequency
     "converted": dict(kv_lora_rank=[24, 32], qk_nope_head_dim=0, qk_rope_freq_indices=[0, 2, 4, 6]),
+    # frequencies 1, 3, 5, 7 of the source: theta' and a linear factor (llama.cpp's rope.scaling.type linear)
+    "converted-shifted": dict(kv_lora_rank=24, qk_nope_head_dim=0, qk_rope_freq_indices=[1, 3, 5, 7]),
     "native": dict(q_lora_rank=32, latent_norm=True, tie_embeddings=False, qk_nope_head_dim=16, norm_eps=1e-6),
 }
 
@@ -70,6 +74,27 @@ def test_gguf_layout(tmp_path, tokenizer_gguf):
     assert tensors["blk.0.ffn_up.weight"].tensor_type.name == "Q8_0"
     assert list(tensors["blk.0.attn_k_b.weight"].shape) == [1, 32, 4]  # ne: [nope, r, h]
     assert list(tensors["blk.0.attn_v_b.weight"].shape) == [32, 16, 4]  # ne: [r, v, h]
+    assert "deepseek2.rope.scaling.type" not in f
+
+
+def test_gguf_shifted_frequencies_use_linear_scaling(tmp_path, tokenizer_gguf):
+    """Frequencies 1, 3, 5, 7 of 8: theta' = theta^(2 * 8 / 16), linear factor theta^(2 / 16); llama.cpp's
+    extra RoPE magnitude 1 + 0.1 ln(factor) is divided out of the RoPE rows (checked against llama.cpp below)."""
+    model = build("converted-shifted")
+    path = tmp_path / "m.gguf"
+    export_gguf(model, path, qtype="f32", tokenizer_gguf=tokenizer_gguf)
+    reader = gguf.GGUFReader(str(path))
+    f = {k: v.contents() for k, v in reader.fields.items()}
+    factor = 10000.0 ** (2 / 16)
+    assert f["deepseek2.rope.scaling.type"] == "linear"
+    assert f["deepseek2.rope.scaling.factor"] == pytest.approx(factor)
+    assert f["deepseek2.rope.freq_base"] == pytest.approx(10000.0 ** (2 * 8 / 16))
+    kv_a = torch.from_numpy(next(t for t in reader.tensors if t.name == "blk.0.attn_kv_a_mqa.weight").data.copy())
+    ours = model.layers[0].attention.wkv_a.weight.detach()
+    gain = 1 / (1 + 0.1 * math.log(factor))
+    # RoPE rows (the last 8, interleaved pair order) scaled by the gain; latent rows untouched up to the
+    # linearised-norm scale, so compare row norms of the RoPE block only
+    torch.testing.assert_close(kv_a[-8:].norm(), gain * ours[-8:].norm(), rtol=1e-5, atol=0)
 
 
 def test_gguf_refusals(tmp_path, tokenizer_gguf):
@@ -77,8 +102,8 @@ def test_gguf_refusals(tmp_path, tokenizer_gguf):
         export_gguf(Transformer(mla(qkv_bias=True)), tmp_path / "a.gguf", tokenizer_gguf=tokenizer_gguf)
     with pytest.raises(MlakitError, match="tokens"):
         export_gguf(Transformer(mla(vocab_size=1000)).init_random(), tmp_path / "b.gguf", tokenizer_gguf=tokenizer_gguf)
-    with pytest.raises(MlakitError, match="linear scaling"):
-        export_gguf(Transformer(mla(qk_rope_freq_indices=[1, 2, 3, 4])).init_random(), tmp_path / "c.gguf",
+    with pytest.raises(MlakitError, match="arithmetic progression"):
+        export_gguf(Transformer(mla(qk_rope_freq_indices=[0, 1, 3, 4])).init_random(), tmp_path / "c.gguf",
                     tokenizer_gguf=tokenizer_gguf)
     with pytest.raises(MlakitError, match="--type"):
         export_gguf(Transformer(mla()).init_random(), tmp_path / "d.gguf", qtype="q4_0", tokenizer_gguf=tokenizer_gguf)

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mlakit.config import ModelConfig
-from mlakit.convert.calibrate import LayerStats, calibrate
-from mlakit.convert.factorize import build_layer, max_rank, plan_layer, rope_spectrum, rotation_expectation
-from mlakit.convert.ranks import DEFAULT_KV_SAVING, RANK_ALLOCATIONS, Budget, allocate_ranks, make_budget, select_frequencies
+from mlakit.convert.calibrate import LayerStats, LayerStore, calibrate
+from mlakit.convert.factorize import build_layer, plan_layer, rope_spectrum, rotation_expectation
+from mlakit.convert.ranks import (
+    DEFAULT_KV_SAVING, RANK_ALLOCATIONS, ROPE_FREQUENCIES, Budget, allocate_ranks, frequency_scores, make_budget,
+    select_frequencies,
+)
 from mlakit.errors import MlakitError
 from mlakit.loading import build_model
 from mlakit.model import Transformer
@@ -32,16 +38,23 @@ class ConvertOptions:
     calib_seq_len: int = 512
     alpha: float = 30.0  # weight of the key (score) error against the value (output) error (measured: 1, 3, 10, 30)
     rope_selection: str = "rotation"  # energy | rotation (energy x what leaving it unrotated costs)
+    # free: any (frequency, component) pairs, repeats allowed; deepseek: one component per frequency on an
+    # arithmetic progression of frequencies, which stock DeepSeek-V3 engines (and the exports) can represent
+    rope_frequencies: str = "free"
     nope_rotation: str = "expected"  # expected: E[e^{jθΔ}] folded into NoPE queries; none: plain unrotated
     value_fit: str = "attention"  # attention: value up-projections refit on attention-averaged inputs; pca
     query_weighted: bool = True  # RoPE PCA weighted by query energy
     min_rank_fraction: float = 0.5  # adaptive: no layer gets less than this fraction of the uniform rank
     batch_size: int = 4
     progress: bool = True
+    # keep per-layer statistics in this directory instead of memory (convert_checkpoint uses a temporary one)
+    spill_dir: str | None = None
 
     def check(self) -> None:
         if self.rank_allocation not in RANK_ALLOCATIONS:
             raise MlakitError(f"--rank-allocation must be one of {RANK_ALLOCATIONS}, got {self.rank_allocation!r}")
+        if self.rope_frequencies not in ROPE_FREQUENCIES:
+            raise MlakitError(f"--rope-frequencies must be one of {ROPE_FREQUENCIES}, got {self.rope_frequencies!r}")
         if self.rope_selection not in ROPE_SELECTIONS:
             raise MlakitError(f"rope selection must be one of {ROPE_SELECTIONS}")
         if self.nope_rotation not in NOPE_ROTATIONS:
@@ -91,11 +104,17 @@ def resolve_budget(config: ModelConfig, options: ConvertOptions) -> Budget:
 
 
 @dataclass
+class LayerAnalysis:
+    stats: LayerStats
+    spectrum: Any  # factorize.RopeSpectrum
+
+
+@dataclass
 class Analysis:
     """Calibration-dependent, budget-independent work (reused across a sweep)."""
-    stats: list[LayerStats]
-    spectra: list[Any]
-    rho: list[torch.Tensor]
+    layers: LayerStore  # LayerAnalysis per layer (on disk with ConvertOptions.spill_dir)
+    lams: list[torch.Tensor]  # [d/2, G] per layer: score energy of each RoPE component
+    rho: list[torch.Tensor]  # [H, d/2] per layer: E[e^{jθΔ}]
     calib_tokens: int
     seconds: float
 
@@ -107,13 +126,19 @@ def analyse(model: Transformer, tokens: torch.Tensor, options: ConvertOptions) -
     check_source(model.config)
     start = time.perf_counter()
     stats = calibrate(model, tokens, seq_len=options.calib_seq_len, batch_size=options.batch_size,
-                      progress=options.progress)
+                      progress=options.progress, store=LayerStore(options.spill_dir))
     inv_freq = rope_inv_freq(model.config, model.config.head_dim)
-    spectra, rho = [], []
-    for layer, st in zip(tqdm(model.layers, desc="rope spectra", disable=not options.progress, leave=False), stats):
-        spectra.append(rope_spectrum(layer.attention, st.sigma, options.query_weighted))
+    layers = LayerStore(options.spill_dir and Path(options.spill_dir) / "analysis")
+    if layers.directory is not None:
+        layers.directory.mkdir(exist_ok=True)
+    lams, rho = [], []
+    for l in tqdm(range(len(stats)), desc="rope spectra", disable=not options.progress, leave=False):
+        st = stats[l]
+        spectrum = rope_spectrum(model.layers[l].attention, st.sigma, options.query_weighted)
         rho.append(rotation_expectation(st.dist, inv_freq))
-    return Analysis(stats, spectra, rho, stats[0].tokens, time.perf_counter() - start)
+        lams.append(spectrum.lam)
+        layers.append(LayerAnalysis(st, spectrum))
+    return Analysis(layers, lams, rho, st.tokens, time.perf_counter() - start)
 
 
 def convert_model(model: Transformer, analysis: Analysis, options: ConvertOptions) -> tuple[Transformer, ConvertSummary]:
@@ -128,17 +153,27 @@ def convert_model(model: Transformer, analysis: Analysis, options: ConvertOption
     weights = None
     if options.rope_selection == "rotation":
         weights = [1 - r.abs().pow(2).mean(0) for r in analysis.rho]  # [d/2] per layer
-    counts = select_frequencies([s.lam for s in analysis.spectra], budget.rope_dim // 2, weights)
-    plans = []
-    for layer, st, spec, rho in tqdm(list(zip(model.layers, analysis.stats, analysis.spectra, analysis.rho)),
-                                     desc="factorise", disable=not options.progress, leave=False):
-        plans.append(plan_layer(layer.attention, st.sigma, spec, counts,
-                                rho if options.nope_rotation == "expected" else None, options.alpha))
-    ranks = allocate_ranks([p.spectrum for p in plans], budget.rank, options.rank_allocation,
-                           [max_rank(p) for p in plans],
+    scores = frequency_scores(analysis.lams, weights)
+    counts = select_frequencies(scores, budget.rope_dim // 2, options.rope_frequencies)
+
+    def plan(l: int, entry: LayerAnalysis):
+        rho = analysis.rho[l] if options.nope_rotation == "expected" else None
+        return plan_layer(model.layers[l].attention, entry.stats.sigma, entry.spectrum, counts, rho, options.alpha)
+
+    # Plans are large (the joint metric rows and eigenvectors of a layer), so they are made
+    # one layer at a time and dropped after use; adaptive ranks need every layer's
+    # spectrum first, so that allocation plans every layer twice.
+    n_layers, half = config.n_layers, d // 2
+    n_nope = half * G - sum(counts)  # complex components left without rotation
+    full_rank = 2 * n_nope + G * d  # the joint NoPE-key/V metric's dimension (plan_layer)
+    spectra = None
+    if options.rank_allocation != "uniform":
+        spectra = [plan(l, analysis.layers[l]).spectrum for l in tqdm(range(n_layers), desc="spectra", disable=not options.progress,
+                                                  leave=False)]
+    ranks = allocate_ranks(spectra, budget.rank, options.rank_allocation, [full_rank] * n_layers,
                            max(1, int(options.min_rank_fraction * budget.rank)))
-    nope_dim = d if plans[0].nope else 0
-    freq_indices = [i for i, _ in plans[0].pairs]
+    nope_dim = d if n_nope else 0
+    freq_indices = [i for i in range(half) for _ in range(counts[i])]
     mla_config = config.replace(
         attention="mla", kv_lora_rank=ranks[0] if len(set(ranks)) == 1 else ranks, qk_rope_head_dim=budget.rope_dim,
         qk_nope_head_dim=nope_dim, v_head_dim=d, q_lora_rank=None, latent_norm=False,
@@ -146,18 +181,17 @@ def convert_model(model: Transformer, analysis: Analysis, options: ConvertOption
     )
     dtype = model.dtype
     state = {k: v for k, v in model.state_dict().items() if ".attention." not in k}
-    for l, (layer, plan) in enumerate(zip(model.layers, plans)):
-        attn = layer.attention
-        sigma_attn = analysis.stats[l].sigma_attn if options.value_fit == "attention" else None
-        for name, tensor in build_layer(attn, plan, ranks[l], nope_dim, sigma_attn).items():
+    for l in tqdm(range(n_layers), desc="factorise", disable=not options.progress, leave=False):
+        attn, entry = model.layers[l].attention, analysis.layers[l]
+        sigma_attn = entry.stats.sigma_attn if options.value_fit == "attention" else None
+        for name, tensor in build_layer(attn, plan(l, entry), ranks[l], nope_dim, sigma_attn).items():
             if name.endswith(".bias") and not config.qkv_bias:
                 continue
             state[f"layers.{l}.attention.{name}"] = tensor.to(dtype)
         state[f"layers.{l}.attention.wo.weight"] = attn.wo.weight.detach()
         if attn.wo.bias is not None:
             state[f"layers.{l}.attention.wo.bias"] = attn.wo.bias.detach()
-    plans.clear()
-    mla = build_model(mla_config, {k: v.to("cpu") for k, v in state.items()}, dtype=dtype, device=model.device)
+    mla = build_model(mla_config, state, dtype=dtype, device=model.device)  # shares the non-attention tensors
     full = 2 * G * d
     values = mla_config.kv_values_per_token_total() / config.n_layers
     summary = ConvertSummary(
@@ -194,7 +228,9 @@ def convert_checkpoint(source: str, out: str | None, options: ConvertOptions, de
     resolve_budget(loaded.model.config, options)
     tokens = calibration_tokens(loaded.tokenizer, options.calib_tokens)
     load_seconds = time.perf_counter() - start
-    model, summary = convert(loaded.model, tokens, options)
+    with tempfile.TemporaryDirectory(prefix="mlakit-convert-") as spill:
+        model, summary = convert(loaded.model, tokens,
+                                 options if options.spill_dir else dataclasses.replace(options, spill_dir=spill))
     summary.seconds = {"load": load_seconds, **summary.seconds}
     if out is not None:
         t = time.perf_counter()

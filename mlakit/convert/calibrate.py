@@ -15,6 +15,8 @@ layer's work), collecting for every layer
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,33 @@ def _attention_stats(attn, x: torch.Tensor, xa: torch.Tensor, cos: torch.Tensor,
     return hist.sum(0).double(), sigma_attn
 
 
+class LayerStore:
+    """Per-layer analysis objects (dataclasses of tensors), in memory or — with a
+    directory — on disk, so that only the layer being worked on is in memory (for
+    an 8B model one layer's statistics are ~0.2 GB, all layers' ~7 GB)."""
+
+    def __init__(self, directory: str | Path | None = None):
+        self.directory = Path(directory) if directory is not None else None
+        self._items: list[Any] = []
+
+    def append(self, item: Any) -> None:
+        if self.directory is None:
+            self._items.append(item)
+            return
+        path = self.directory / f"layer{len(self._items)}.pt"
+        torch.save(item, path)
+        self._items.append(path)
+
+    def __getitem__(self, index: int) -> Any:
+        item = self._items[index]
+        if self.directory is None:
+            return item
+        return torch.load(item, weights_only=False)  # our own file, written by this process
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 PER_GROUP_LIMIT = 1 << 22  # elements of G (dim+1)^2 above which the KV groups share one matrix
 
 
@@ -69,9 +98,9 @@ def _shrink(sigma_attn: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def calibrate(model: Transformer, tokens: torch.Tensor, seq_len: int = 512, batch_size: int = 4,
-              progress: bool = True) -> list[LayerStats]:
+              progress: bool = True, store: LayerStore | None = None) -> LayerStore:
     """Statistics of every layer of the GQA-family ``model`` on ``tokens [n]`` cut into
-    sequences of ``seq_len`` (each from position 0), layer by layer."""
+    sequences of ``seq_len`` (each from position 0), layer by layer, appended to ``store``."""
     from tqdm.auto import tqdm
 
     config = model.config
@@ -84,7 +113,7 @@ def calibrate(model: Transformer, tokens: torch.Tensor, seq_len: int = 512, batc
     positions = torch.arange(seq_len, device=device)[None]
     cos, sin = rope_cos_sin(model.rope_frequencies(device), positions)
     mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None]
-    stats = []
+    stats = store if store is not None else LayerStore()
     bar = tqdm(total=config.n_layers * len(hidden), desc="calibrate", unit="chunk", disable=not progress)
     for layer in model.layers:
         sigma = torch.zeros(config.dim + 1, config.dim + 1, dtype=torch.float64, device=device)

@@ -135,7 +135,7 @@ def rope_spec(config: ModelConfig) -> RopeSpec:
             raise MlakitError(
                 f"the RoPE key uses source frequencies {indices} (qk_rope_freq_indices): DeepSeek's RoPE needs "
                 "frequencies theta'^(-2i/p), i.e. indices in arithmetic progression i0 + s*k; this model cannot be "
-                "exported exactly")
+                "exported exactly (convert with --rope-frequencies deepseek)")
         step = steps.pop() if steps else 1
         d = config.head_dim
         theta = config.rope_theta ** (step * p / d)

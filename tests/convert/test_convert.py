@@ -123,3 +123,56 @@ def test_summary_is_json(tmp_path):
     data = json.loads(json.dumps(summary.to_dict()))
     assert sum(data["ranks"]) == len(data["ranks"]) * (32 - data["rope_dim"])
     assert any("latent rank" in line for line in summary.lines())
+
+
+def test_frequency_selection_patterns():
+    from mlakit.convert.ranks import select_frequencies
+
+    score = torch.zeros(8, 3, dtype=torch.float64)  # [d/2 frequencies, G components]
+    score[:, 0] = torch.tensor([0.1, 5, 0.2, 4, 0.3, 3, 0.4, 0.5])
+    score[1, 1] = 4.5  # a second component of frequency 1 beats everything but its first
+    assert select_frequencies(score, 3, "free") == [0, 2, 0, 1, 0, 0, 0, 0]
+    # one component per frequency, on an arithmetic progression: 1, 3, 5 (brute force over all of them)
+    best, best_idx = -1.0, None
+    for step in range(1, 8):
+        for start in range(8):
+            idx = [start + k * step for k in range(3)]
+            if idx[-1] < 8 and score[idx, 0].sum() > best:
+                best, best_idx = float(score[idx, 0].sum()), idx
+    assert best_idx == [1, 3, 5]
+    assert select_frequencies(score, 3, "deepseek") == [1 if i in best_idx else 0 for i in range(8)]
+    with pytest.raises(MlakitError, match="at most 8 rotary pairs"):
+        select_frequencies(score, 9, "deepseek")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_deepseek_frequencies_export_exactly(tmp_path, arch, tokens, rel_err):
+    """``rope_frequencies="deepseek"``: the converted model's RoPE key is a stock DeepSeek-V3 RoPE
+    (theta', linear factor), so transformers' own DeepseekV3ForCausalLM computes the same function."""
+    transformers = pytest.importorskip("transformers")
+    from mlakit.export import export_hf_deepseek
+
+    _, path = save_tiny(tmp_path, arch, 2)
+    source = load(path).model
+    mla, summary = convert(source, calib_tokens(), options(kv_saving=0.75, rope_frequencies="deepseek"))
+    idx = summary.rope_freq_indices
+    assert len(set(idx)) == len(idx) == summary.rope_dim // 2
+    assert len({b - a for a, b in zip(idx, idx[1:])}) <= 1  # an arithmetic progression
+    export_hf_deepseek(mla, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert rel_err(hf(tokens).logits, mla(tokens)) <= 1e-4
+
+
+def test_spilled_statistics_give_the_same_model(tmp_path, tokens):
+    """``spill_dir`` keeps one layer's statistics in memory at a time; the result is bit-identical."""
+    _, path = save_tiny(tmp_path, "qwen2", 2)
+    source = load(path).model
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    in_memory, _ = convert(source, calib_tokens(), options(kv_saving=0.5, rank_allocation="adaptive"))
+    spilled, _ = convert(source, calib_tokens(), options(kv_saving=0.5, rank_allocation="adaptive",
+                                                         spill_dir=str(spill)))
+    assert len(list(spill.glob("layer*.pt"))) == source.config.n_layers
+    with torch.no_grad():
+        assert torch.equal(in_memory(tokens), spilled(tokens))

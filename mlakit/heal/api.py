@@ -1,0 +1,146 @@
+"""``mlakit heal``: load student and teacher, get the data, distil, write the checkpoint.
+
+Files: OUT (an mlakit checkpoint, written atomically at the end, with ``heal_log.json``
+and ``heal_loss.png`` beside the weights) and, while a run is unfinished, the sibling
+directory ``OUT.heal/`` (``state.pt``: parameters, optimizer, log; removed once OUT is
+written) that ``--resume`` continues from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mlakit.errors import MlakitError
+from mlakit.heal.data import TeacherDataOptions, describe, load_data_file, teacher_data
+from mlakit.heal.distill import STATE_FILENAME, HealOptions, HealResult, heal_model
+
+LOG_FILENAME = "heal_log.json"
+PLOT_FILENAME = "heal_loss.png"
+
+
+def state_dir_for(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".heal")
+
+
+def plot_loss(log: dict[str, Any], path: str | Path, title: str = "mlakit heal") -> bool:
+    """Training loss (KL, smoothed) and held-out KL against tokens; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    tokens, kl = log["tokens"], log["kl"]
+    if kl:
+        window = max(1, len(kl) // 50)
+        smooth = [sum(kl[max(0, i - window + 1):i + 1]) / len(kl[max(0, i - window + 1):i + 1])
+                  for i in range(len(kl))]
+        ax.plot(tokens, kl, color="tab:blue", alpha=0.25, linewidth=0.8)
+        ax.plot(tokens, smooth, color="tab:blue", label="train KL (smoothed)")
+    val = [v for v in log.get("val", []) if v["kl"] == v["kl"]]  # drop NaN (no held-out windows)
+    if val:
+        ax.plot([v["tokens"] for v in val], [v["kl"] for v in val], "o-", color="tab:orange", label="held-out KL")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("KL(teacher || student) per token")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return "cpu"
+
+
+def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
+         data_options: TeacherDataOptions | None = None, data: str | None = None, data_range: str | None = None,
+         device: str = "cpu", overwrite: bool = False, resume: bool = False, log=print) -> dict[str, Any]:
+    """Heal the MLA checkpoint ``model`` toward ``teacher``; write ``out``. Returns a summary
+    (``finished`` False when ``max_minutes`` ran out first: call again with ``resume``)."""
+    from mlakit.loading import load, save_checkpoint
+
+    out = Path(out)
+    options.check()
+    data_options = data_options or TeacherDataOptions(seq_len=options.seq_len)
+    if data_options.seq_len != options.seq_len:
+        raise MlakitError("the teacher text and the training windows need the same --seq-len")
+    if out.exists() and not overwrite:
+        raise MlakitError(f"{out} already exists (pass --overwrite to replace it)")
+    state_dir = state_dir_for(out)
+    if (state_dir / STATE_FILENAME).exists() and not resume:
+        if not overwrite:
+            raise MlakitError(f"{state_dir} holds an unfinished heal run: pass --resume to continue it, "
+                              "or --overwrite to start over")
+        shutil.rmtree(state_dir)
+    start = time.perf_counter()
+    student = load(model, dtype=torch.float32, device=device)
+    if not student.model.config.is_mla:
+        raise MlakitError(f"{model} is not an MLA model: heal the converted checkpoint (mlakit convert) toward "
+                          "the original (--teacher)")
+    # the teacher only runs forward: bf16 on a GPU halves its time and memory
+    source = load(teacher, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, device=device)
+    if source.model.config.vocab_size != student.model.config.vocab_size:
+        raise MlakitError(f"{model} and the teacher {teacher} have different vocabularies")
+    tokenizer = source.tokenizer or student.tokenizer
+    from mlakit.heal.elastic import elastic_choices
+
+    elastic_choices(student.model, options.elastic_ranks, options.elastic_min_fraction)  # fail before the data
+    load_seconds = time.perf_counter() - start
+
+    t = time.perf_counter()
+    if data is not None:
+        windows = load_data_file(data, tokenizer, options.seq_len, data_range, source.model.config.vocab_size)
+        data_info = {"source": str(data), "range": data_range, **describe(windows)}
+    else:
+        if data_range is not None:
+            raise MlakitError("--data-range needs --data FILE")
+        windows = teacher_data(source.model, tokenizer, data_options, progress=options.progress, log=log)
+        data_info = {"source": "teacher", **asdict(data_options), **describe(windows)}
+    data_seconds = time.perf_counter() - t
+    epochs = options.tokens / windows.numel()
+    log(f"data: {windows.shape[0]} windows x {windows.shape[1]} tokens ({windows.numel():,}); "
+        f"training on {options.tokens:,} tokens ({epochs:.1f} epochs), {options.steps} steps, "
+        f"train={options.train}, lr {options.learning_rate:g}")
+
+    if options.max_minutes is not None:  # the time limit counts from this call, data generation included
+        options = replace(options, max_minutes=max(0.0, options.max_minutes - (time.perf_counter() - start) / 60))
+    t = time.perf_counter()
+    result: HealResult = heal_model(student.model, source.model, windows, options, state_dir, resume, log=log)
+    history = result.log
+    summary = {"model": str(model), "teacher": str(teacher), "output": str(out), "finished": result.finished,
+               "step": result.step, "steps": result.steps, "tokens": result.step * options.batch_size * options.seq_len,
+               "device": _device_name(device), "data": data_info,
+               "seconds": {"load": load_seconds, "data": data_seconds, "train": time.perf_counter() - t},
+               "kl_before": history.get("kl_before"),
+               "kl_after": history["val"][-1]["kl"] if history["val"] else None,
+               "tokens_per_second": history.get("tokens_per_second"), "layerwise": history.get("layerwise")}
+    full_log = {**summary, "log": history}
+    if not result.finished:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        (state_dir / LOG_FILENAME).write_text(json.dumps(full_log) + "\n")
+        plot_loss(history, state_dir / PLOT_FILENAME)
+        return summary
+    t = time.perf_counter()
+    save_checkpoint(student.model, out, tokenizer, overwrite=overwrite)
+    summary["seconds"]["save"] = time.perf_counter() - t
+    full_log.update(summary)
+    (out / LOG_FILENAME).write_text(json.dumps(full_log) + "\n")
+    summary["plot"] = str(out / PLOT_FILENAME) if plot_loss(history, out / PLOT_FILENAME) else None
+    shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete: OUT replaces its state
+    return summary

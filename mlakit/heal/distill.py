@@ -1,0 +1,412 @@
+"""Knowledge distillation of a converted (student) MLA model toward its source (teacher).
+
+Loss per token: ``KL(p_teacher || p_student)`` over the full vocabulary (next-token
+distributions), optionally plus per-layer hidden-state matching. Teacher logits are
+computed on the fly (no grad; bf16 on CUDA). The vocabulary projection runs in chunks
+of positions under activation checkpointing, so the ``[tokens, vocab]`` logits of a whole
+batch never sit in memory at once (vocab 49152 x 8192 tokens would be 1.6 GB per copy).
+
+Everything a step does is a pure function of (seed, step): which windows it reads,
+which elastic rank it samples. A resumed run therefore repeats an uninterrupted one
+bit for bit (the state holds parameters, optimizer moments and the log).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mlakit.errors import MlakitError
+from mlakit.model import Transformer
+from mlakit.rope import rope_cos_sin
+
+TRAIN_SETS = ("mla", "attention", "all")
+MLA_PARAMETERS = ("wq", "wq_a", "wq_b", "q_norm", "wkv_a", "kv_norm", "wkv_b")  # inside MLAttention
+DEFAULT_LR = {"mla": 3e-4, "attention": 3e-4, "all": 5e-5}
+STATE_FILENAME = "state.pt"
+
+
+@dataclass
+class HealOptions:
+    tokens: int = 10_000_000  # training tokens (steps x batch_size x seq_len)
+    train: str = "attention"  # mla | attention | all: which parameters move
+    lr: float | None = None  # None: DEFAULT_LR[train]
+    min_lr_ratio: float = 0.1  # the cosine ends at lr x this
+    warmup: float = 0.03  # fraction of the steps with a linear warm-up
+    batch_size: int = 16  # windows per step
+    seq_len: int = 512
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    hidden_weight: float = 0.0  # weight of per-layer hidden-state matching (0: KL only)
+    kl_chunk: int = 4096  # positions per chunk of the vocabulary projection
+    gradient_checkpointing: bool = False
+    layerwise_steps: int = 0  # > 0: layer-wise initialisation with this many steps per layer first
+    layerwise_lr: float = 1e-3
+    layerwise_windows: int = 32
+    elastic_ranks: list[int] | None = None  # sample one latent rank per step among these
+    elastic_min_fraction: float | None = None  # ... or among [ceil(f r_max), r_max]
+    checkpoint_every: int = 200  # steps between checkpoints (and validations)
+    val_windows: int = 16  # held-out windows (the last ones of the data)
+    max_minutes: float | None = None  # stop (saving the state) after this much wall time
+    seed: int = 0
+    autocast: bool | None = None  # bf16 autocast; None: on CUDA only
+    progress: bool = True
+
+    # options that do not change the result: a resumed run may set them differently
+    RUNTIME_ONLY = ("checkpoint_every", "max_minutes", "progress")
+
+    def check(self) -> None:
+        if self.train not in TRAIN_SETS:
+            raise MlakitError(f"--train must be one of {TRAIN_SETS}, got {self.train!r}")
+        for name in ("tokens", "batch_size", "seq_len", "kl_chunk", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise MlakitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.tokens < self.batch_size * self.seq_len:
+            raise MlakitError(f"--tokens {self.tokens} is less than one step ({self.batch_size} x {self.seq_len})")
+        if not 0 <= self.warmup < 1:
+            raise MlakitError(f"--warmup must be in [0, 1), got {self.warmup}")
+        if self.learning_rate <= 0:
+            raise MlakitError(f"--lr must be positive, got {self.learning_rate}")
+        if self.layerwise_steps < 0:
+            raise MlakitError("--layerwise-init steps must be >= 0")
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[self.train] if self.lr is None else self.lr
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.tokens / (self.batch_size * self.seq_len))
+
+    def training_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in self.RUNTIME_ONLY}
+
+
+@dataclass
+class HealResult:
+    finished: bool
+    step: int
+    steps: int
+    log: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------ parameters
+def trainable_names(model: Transformer, train: str) -> list[str]:
+    """Names of the parameters ``train`` moves: ``mla`` the MLA projections and norms
+    inside attention, ``attention`` also ``wo``, ``all`` everything."""
+    if train not in TRAIN_SETS:
+        raise MlakitError(f"--train must be one of {TRAIN_SETS}, got {train!r}")
+    names = []
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        in_attention = len(parts) > 3 and parts[0] == "layers" and parts[2] == "attention"
+        if train == "all" or (in_attention and (parts[3] in MLA_PARAMETERS or (train == "attention"
+                                                                                and parts[3] == "wo"))):
+            names.append(name)
+    return names
+
+
+def select_trainable(model: Transformer, train: str) -> list[torch.nn.Parameter]:
+    names = set(trainable_names(model, train))
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+        if name in names:
+            params.append(param)
+    return params
+
+
+# ------------------------------------------------------------------ forward + loss
+def forward_hidden(model: Transformer, tokens: torch.Tensor, grad_checkpoint: bool = False,
+                   collect: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Final normed hidden states ``[b, s, dim]`` of ``tokens [b, s]`` (each window from
+    position 0, as ``model(tokens)`` computes them), and each block's output when ``collect``."""
+    b, s = tokens.shape
+    positions = torch.arange(s, device=tokens.device).expand(b, s)
+    cos, sin = rope_cos_sin(model.rope_frequencies(tokens.device), positions)  # [b, s, rot/2]
+    mask = model.attention_mask(positions, None)  # [b, s, s]
+    x = model.tok_embeddings(tokens)
+    hidden = []
+    for layer in model.layers:
+        if grad_checkpoint and torch.is_grad_enabled():
+            x = checkpoint(layer, x, cos, sin, positions, mask, use_reentrant=False)
+        else:
+            x = layer(x, cos, sin, positions, mask)
+        if collect:
+            hidden.append(x)
+    return model.norm(x), hidden
+
+
+def _kl_chunk(student: Transformer, teacher: Transformer, hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
+    """Summed ``KL(p_t || p_s)`` over the positions of ``hs, ht [n, dim]`` (softmax in float32,
+    or float64 for float64 models)."""
+    s_logits = student.head(hs)  # [n, vocab]
+    wide = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
+    s_logp = F.log_softmax(s_logits.to(wide), dim=-1)
+    with torch.no_grad():
+        t_logp = F.log_softmax(teacher.head(ht).to(wide), dim=-1)
+    return (t_logp.exp() * (t_logp - s_logp)).sum()
+
+
+def kl_loss(student: Transformer, teacher: Transformer, hs: torch.Tensor, ht: torch.Tensor,
+            chunk: int) -> torch.Tensor:
+    """Mean per-token KL of the student's next-token distributions from the teacher's."""
+    hs, ht = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
+    total = 0.0
+    for i in range(0, hs.shape[0], chunk):
+        if torch.is_grad_enabled():  # the chunk's logits are recomputed in backward, never all kept
+            total = total + checkpoint(_kl_chunk, student, teacher, hs[i:i + chunk], ht[i:i + chunk],
+                                       use_reentrant=False)
+        else:
+            total = total + _kl_chunk(student, teacher, hs[i:i + chunk], ht[i:i + chunk])
+    return total / hs.shape[0]
+
+
+def hidden_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over layers of ``‖h_s − h_t‖² / ‖h_t‖²`` (scale-free: deep layers have larger states)."""
+    losses = [(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp(min=1e-12)
+              for s, t in zip(student_hidden, teacher_hidden)]
+    return torch.stack(losses).mean()
+
+
+class Distiller:
+    """Loss of one batch; owns the autocast setting."""
+
+    def __init__(self, student: Transformer, teacher: Transformer, options: HealOptions) -> None:
+        self.student, self.teacher, self.options = student, teacher, options
+        device = student.device
+        use_amp = device.type == "cuda" if options.autocast is None else options.autocast
+        self.amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp)
+
+    def loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(total loss, KL) of ``tokens [b, s]``."""
+        opts = self.options
+        collect = opts.hidden_weight > 0
+        with torch.autocast(**self.amp):
+            with torch.no_grad():
+                ht, ht_layers = forward_hidden(self.teacher, tokens, collect=collect)
+            hs, hs_layers = forward_hidden(self.student, tokens, opts.gradient_checkpointing, collect)
+            kl = kl_loss(self.student, self.teacher, hs, ht, opts.kl_chunk)
+            total = kl + opts.hidden_weight * hidden_loss(hs_layers, ht_layers) if collect else kl
+        return total, kl.detach()
+
+    @torch.no_grad()
+    def validate(self, windows: torch.Tensor) -> float:
+        """Mean per-token KL over ``windows [n, s]``."""
+        if windows.shape[0] == 0:
+            return float("nan")
+        total, n = 0.0, 0
+        for i in range(0, windows.shape[0], self.options.batch_size):
+            batch = windows[i:i + self.options.batch_size].to(self.student.device)
+            with torch.autocast(**self.amp):
+                hs, _ = forward_hidden(self.student, batch)
+                ht, _ = forward_hidden(self.teacher, batch)
+                total += float(kl_loss(self.student, self.teacher, hs, ht, self.options.kl_chunk)) * batch.numel()
+            n += batch.numel()
+        return total / n
+
+
+# ------------------------------------------------------------------ schedule + data order
+def learning_rate(options: HealOptions, step: int) -> float:
+    """Linear warm-up, then cosine from ``lr`` down to ``lr x min_lr_ratio``."""
+    steps, peak = options.steps, options.learning_rate
+    warm = max(1, round(options.warmup * steps)) if options.warmup > 0 else 0
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    floor = peak * options.min_lr_ratio
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class BatchOrder:
+    """Windows of each step: epoch after epoch, each a fixed shuffle of (seed, epoch)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            self._perms = {epoch: torch.randperm(self.n, generator=torch.Generator().manual_seed(
+                self.seed * 104_729 + epoch))}
+        return self._perms[epoch]
+
+    def indices(self, step: int) -> torch.Tensor:
+        flat = range(step * self.batch_size, (step + 1) * self.batch_size)
+        return torch.stack([self._perm(p // self.n)[p % self.n] for p in flat])
+
+
+# ------------------------------------------------------------------ state
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def data_fingerprint(windows: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(windows.to(torch.int32).numpy().tobytes()).hexdigest()[:16]
+
+
+def load_state(state_dir: Path) -> dict[str, Any] | None:
+    path = state_dir / STATE_FILENAME
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _check_resumable(state: dict[str, Any], options: HealOptions, data: str) -> None:
+    saved = state["options"]
+    changed = sorted(k for k, v in options.training_dict().items() if saved.get(k) != v)
+    if changed:
+        raise MlakitError(f"--resume with different settings than the saved run ({', '.join(changed)}); "
+                          "use the same options, or --overwrite to start over")
+    if state["data"] != data:
+        raise MlakitError("--resume with different training data than the saved run; use --overwrite to start over")
+
+
+# ------------------------------------------------------------------ training
+def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor, options: HealOptions,
+               state_dir: str | os.PathLike | None = None, resume: bool = False, log=print) -> HealResult:
+    """Distil ``student`` toward ``teacher`` on ``windows [n, seq_len]`` (in place).
+
+    With ``state_dir``, the state is saved every ``checkpoint_every`` steps and when
+    ``max_minutes`` runs out (then ``finished`` is False: call again with ``resume``)."""
+    from tqdm.auto import tqdm
+
+    from mlakit.heal.elastic import LatentMask, elastic_choices, sample_rank
+
+    options.check()
+    run_start = segment_start = time.perf_counter()
+    if not student.config.is_mla:
+        raise MlakitError("the model to heal must be an MLA model (the converted one); the teacher is the original")
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise MlakitError(f"student and teacher vocabularies differ ({student.config.vocab_size} vs "
+                          f"{teacher.config.vocab_size})")
+    if windows.shape[1] != options.seq_len:
+        windows = windows.reshape(-1)[: windows.numel() // options.seq_len * options.seq_len].view(-1, options.seq_len)
+    n_val = min(options.val_windows, windows.shape[0] // 10)
+    train_windows, val_windows = windows[: windows.shape[0] - n_val], windows[windows.shape[0] - n_val:]
+    if train_windows.shape[0] == 0:
+        raise MlakitError("no training windows")
+    choices = elastic_choices(student, options.elastic_ranks, options.elastic_min_fraction)
+    teacher.eval().requires_grad_(False)
+    student.train()
+    student.set_mla_mode("naive")
+    params = select_trainable(student, options.train)
+    names = trainable_names(student, options.train)
+    data_id = data_fingerprint(windows)
+    state_dir = Path(state_dir) if state_dir is not None else None
+    state = load_state(state_dir) if (state_dir is not None and resume) else None
+    history: dict[str, Any] = {"options": asdict(options), "steps": options.steps, "step": [], "tokens": [],
+                               "loss": [], "kl": [], "lr": [], "rank": [], "val": [], "layerwise": None,
+                               "train_windows": train_windows.shape[0], "val_windows": n_val, "wall_seconds": 0.0,
+                               "trainable_parameters": sum(p.numel() for p in params)}
+    distiller = Distiller(student, teacher, options)
+    if state is not None:
+        _check_resumable(state, options, data_id)
+        with torch.no_grad():
+            named = dict(student.named_parameters())
+            for name, tensor in state["params"].items():
+                named[name].copy_(tensor)
+        history = state["log"]
+        step = state["step"]
+        log(f"resuming at step {step}/{options.steps}")
+    else:
+        step = 0
+        history["kl_before"] = distiller.validate(val_windows)  # the converted model as it came
+        if options.layerwise_steps > 0:
+            from mlakit.heal.layerwise import layerwise_init
+
+            history["layerwise"] = layerwise_init(student, teacher, train_windows, options, log=log)
+            student.train()
+            select_trainable(student, options.train)
+        history["val"].append({"step": 0, "tokens": 0, "kl": distiller.validate(val_windows)
+                               if options.layerwise_steps > 0 else history["kl_before"]})
+
+    fused = student.device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=options.learning_rate, betas=(0.9, 0.95),
+                                  weight_decay=options.weight_decay, fused=fused or None)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+
+    def save(step: int) -> None:
+        if state_dir is None:
+            return
+        named = dict(student.named_parameters())
+        _atomic_save({"step": step, "params": {n: named[n].detach().cpu() for n in names},
+                      "optimizer": optimizer.state_dict(), "log": history, "options": options.training_dict(),
+                      "data": data_id}, state_dir / STATE_FILENAME)
+
+    if state is None:
+        save(0)  # layer-wise initialisation (if any) is not repeated by a resume
+    order = BatchOrder(train_windows.shape[0], options.batch_size, options.seed)
+    mask = LatentMask(student) if choices else None
+    tokens_per_step = options.batch_size * options.seq_len
+    bar = tqdm(total=options.steps, initial=step, desc="heal", unit="step", disable=not options.progress)
+    finished = True
+    speed = None
+    try:
+        while step < options.steps:
+            t0 = time.perf_counter()
+            lr = learning_rate(options, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rank = None
+            if mask is not None:
+                rank = mask.rank = sample_rank(choices, options.seed, step)
+            batch = train_windows[order.indices(step)].to(student.device)
+            loss, kl = distiller.loss(batch)
+            loss.backward()
+            if options.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, options.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_value = float(loss.detach())
+            dt = time.perf_counter() - t0
+            speed = tokens_per_step / dt if speed is None else 0.9 * speed + 0.1 * tokens_per_step / dt
+            for key, value in (("step", step), ("tokens", step * tokens_per_step), ("loss", loss_value),
+                               ("kl", float(kl)), ("lr", lr), ("rank", rank)):
+                history[key].append(value)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{speed:,.0f}", **({"rank": rank} if rank else {}))
+            if not math.isfinite(loss_value):
+                raise MlakitError(f"the loss is not finite at step {step} (lower --lr?)")
+            last = step == options.steps
+            out_of_time = (options.max_minutes is not None
+                           and time.perf_counter() - run_start > 60 * options.max_minutes)
+            if step % options.checkpoint_every == 0 or last or out_of_time:
+                if mask is not None:
+                    mask.rank = None  # validate at the full rank
+                history["val"].append({"step": step, "tokens": step * tokens_per_step,
+                                       "kl": distiller.validate(val_windows)})
+                history["wall_seconds"] += time.perf_counter() - segment_start
+                segment_start = time.perf_counter()
+                save(step)
+            if out_of_time and not last:
+                finished = False
+                log(f"\nstopped after {options.max_minutes:g} minutes at step {step}/{options.steps}; "
+                    "run again with --resume to continue")
+                break
+    finally:
+        bar.close()
+        if mask is not None:
+            mask.remove()
+        student.eval().requires_grad_(False)
+    history["tokens_per_second"] = speed
+    return HealResult(finished=finished, step=step, steps=options.steps, log=history)

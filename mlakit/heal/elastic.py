@@ -1,0 +1,149 @@
+"""Elastic latent rank: one MLA checkpoint, several cache sizes.
+
+The converter orders every layer's latent dimensions by importance (PCA eigenvalue
+order), so keeping the first ``R`` latent channels is the best rank-``R`` cache the
+layer can have without refitting. ``truncate_latent_rank`` does that for real (a
+smaller model); ``LatentMask`` does it by zeroing channels ``[R, r)`` of the ``wkv_a``
+output, which is the same computation (the zeroed channels multiply the dropped
+columns of ``wkv_b``) without rebuilding the model: training samples one rank per
+step (Matryoshka-style) through the mask, so the first channels learn to carry the
+most.
+
+Layout of one MLA layer (see ``mlakit.attention.MLAttention``):
+  wkv_a.weight  [r + p, dim]      rows [:r] the latent, rows [r:] the shared RoPE key
+  wkv_b.weight  [h (nope + v), r]  one column per latent channel
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+
+import torch
+
+from mlakit.attention import MLAttention
+from mlakit.errors import MlakitError
+from mlakit.model import Transformer
+
+
+def _check_mla(model: Transformer, what: str) -> None:
+    config = model.config
+    if not config.is_mla:
+        raise MlakitError(f"{what} needs an MLA model (convert it first: mlakit convert)")
+    if config.latent_norm:
+        # the RMSNorm of the latent divides by the RMS of all r channels: dropping some
+        # changes the scale of the ones kept, so truncation is no longer a prefix of the model
+        raise MlakitError(f"{what} is not possible for models with a latent norm (latent_norm=true, e.g. native "
+                          "DeepSeek checkpoints): the norm spans all latent channels, so dropping some changes "
+                          "the others")
+
+
+def truncated_ranks(model: Transformer, rank: int) -> list[int]:
+    """``min(rank, r_l)`` for every layer ``l``."""
+    if rank < 1:
+        raise MlakitError(f"the runtime rank must be >= 1, got {rank}")
+    return [min(rank, r) for r in model.config.kv_lora_ranks()]
+
+
+def truncate_latent_rank(model: Transformer, rank: int) -> Transformer:
+    """A new MLA model keeping the first ``min(rank, r_l)`` latent channels of every
+    layer (same dtype and device; ``model`` is left as it is)."""
+    from mlakit.loading import build_model
+
+    _check_mla(model, "truncating the latent rank")
+    ranks = truncated_ranks(model, rank)
+    config = model.config
+    state = dict(model.state_dict())
+    for l, (layer, new) in enumerate(zip(model.layers, ranks)):
+        attn = layer.attention
+        r, p = attn.kv_lora_rank, attn.rope_dim
+        keep = torch.cat([torch.arange(new), torch.arange(r, r + p)]).to(attn.wkv_a.weight.device)  # latent + RoPE rows
+        prefix = f"layers.{l}.attention."
+        state[prefix + "wkv_a.weight"] = attn.wkv_a.weight.detach()[keep]
+        if attn.wkv_a.bias is not None:
+            state[prefix + "wkv_a.bias"] = attn.wkv_a.bias.detach()[keep]
+        state[prefix + "wkv_b.weight"] = attn.wkv_b.weight.detach()[:, :new]
+    new_config = config.replace(kv_lora_rank=ranks[0] if len(set(ranks)) == 1 else ranks)
+    truncated = build_model(new_config, {k: v.contiguous() for k, v in state.items()}, device=model.device)
+    for src, dst in zip(model.layers, truncated.layers):  # keep the execution settings
+        dst.attention.mode, dst.attention.use_kernels = src.attention.mode, src.attention.use_kernels
+    return truncated
+
+
+class LatentMask:
+    """Forward hooks on every ``wkv_a`` that zero latent channels ``[rank, r_l)``.
+
+    ``mask.rank = R`` makes the model compute exactly what ``truncate_latent_rank(model, R)``
+    computes; ``mask.rank = None`` (or any ``R >= r_l``) leaves a layer untouched.
+    Use as a context manager or call ``remove()``."""
+
+    def __init__(self, model: Transformer) -> None:
+        _check_mla(model, "elastic-rank training")
+        self.rank: int | None = None
+        self._masks: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._handles = []
+        for layer in model.layers:
+            attn = layer.attention
+            assert isinstance(attn, MLAttention)
+            self._handles.append(attn.wkv_a.register_forward_hook(self._hook(attn.kv_lora_rank, attn.rope_dim)))
+
+    def _hook(self, r: int, p: int):
+        def hook(module, inputs, out: torch.Tensor) -> torch.Tensor | None:
+            if self.rank is None or self.rank >= r:
+                return None
+            key = (r, self.rank, out.device, out.dtype)
+            if key not in self._masks:
+                mask = torch.ones(r + p, dtype=out.dtype, device=out.device)
+                mask[self.rank:r] = 0
+                self._masks[key] = mask
+            return out * self._masks[key]  # [..., r + p]: the RoPE channels stay
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "LatentMask":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def parse_ranks(text: str) -> list[int]:
+    """``"24,48,72"`` -> ``[24, 48, 72]``."""
+    try:
+        ranks = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise MlakitError(f"--elastic-ranks takes comma-separated integers like 24,48,72, got {text!r}") from None
+    if not ranks or ranks[0] < 1:
+        raise MlakitError(f"--elastic-ranks must be positive integers, got {text!r}")
+    return ranks
+
+
+def elastic_choices(model: Transformer, ranks: Sequence[int] | None = None,
+                    min_fraction: float | None = None) -> list[int] | None:
+    """The ranks one training step may sample: the given ones, or every rank from
+    ``ceil(min_fraction * r_max)`` to ``r_max`` (``r_max`` the largest layer rank)."""
+    if ranks is None and min_fraction is None:
+        return None
+    if ranks is not None and min_fraction is not None:
+        raise MlakitError("give --elastic-ranks or --elastic-min-fraction, not both")
+    _check_mla(model, "elastic-rank training")
+    r_max = max(model.config.kv_lora_ranks())
+    if min_fraction is not None:
+        if not 0 < min_fraction <= 1:
+            raise MlakitError(f"--elastic-min-fraction must be in (0, 1], got {min_fraction}")
+        return list(range(max(1, math.ceil(min_fraction * r_max - 1e-9)), r_max + 1))
+    too_big = [r for r in ranks if r > r_max]
+    if too_big:
+        raise MlakitError(f"elastic ranks {too_big} exceed the model's largest latent rank {r_max}")
+    return list(ranks)
+
+
+def sample_rank(choices: Sequence[int], seed: int, step: int) -> int:
+    """The rank of one step: a pure function of (seed, step), so a resumed run
+    samples exactly what an uninterrupted one does."""
+    return random.Random(seed * 1_000_003 + step).choice(list(choices))

@@ -1,0 +1,97 @@
+"""Layer-wise initialisation: fit each MLA layer to the original layer's attention output.
+
+Before end-to-end distillation, every student attention block is trained on its own
+against the teacher's attention block of the same layer, on the teacher's hidden
+states at that layer's input (``attention_norm(h_l)``): a few hundred AdamW steps of
+``‖attn_s(x) − attn_t(x)‖² / ‖attn_t(x)‖²`` per layer. The layers are independent
+(every one sees the teacher's inputs), so errors do not compound while fitting, and
+the end-to-end phase starts from attention that already matches layer by layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mlakit.rope import rope_cos_sin
+
+
+def _relative_mse(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (out.float() - ref.float()).pow(2).mean() / ref.float().pow(2).mean().clamp(min=1e-12)
+
+
+def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) -> dict:
+    """Fit ``student.layers[l].attention`` to ``teacher.layers[l].attention`` for every ``l``
+    on the first ``options.layerwise_windows`` of ``windows [n, s]`` (in place). Which
+    attention parameters move follows ``options.train`` (``all`` moves the whole block's
+    attention). Returns the relative MSE of every layer before and after."""
+    from tqdm.auto import tqdm
+
+    from mlakit.heal.distill import MLA_PARAMETERS
+
+    device = student.device
+    use_amp = device.type == "cuda" if options.autocast is None else options.autocast
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp)
+    tokens = windows[: options.layerwise_windows].to(device)  # [N, s]
+    n, s = tokens.shape
+    batch = min(options.batch_size, n)
+    positions = torch.arange(s, device=device).expand(batch, s)
+    cos, sin = rope_cos_sin(teacher.rope_frequencies(device), positions)
+    s_cos, s_sin = rope_cos_sin(student.rope_frequencies(device), positions)  # the student's RoPE frequencies
+    mask = teacher.attention_mask(positions, None)
+    names = MLA_PARAMETERS if options.train == "mla" else (*MLA_PARAMETERS, "wo")
+    result = {"before": [], "after": [], "steps": options.layerwise_steps, "windows": n}
+    with torch.no_grad(), torch.autocast(**amp):
+        hidden = teacher.tok_embeddings(tokens)  # [N, s, dim]: the teacher's states, layer by layer
+    bar = tqdm(total=len(student.layers) * options.layerwise_steps, desc="layer-wise init", unit="step",
+               disable=not options.progress)
+    def batched(module, inputs: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``module`` over ``inputs [N, s, dim]`` in batches (the last one may be short)."""
+        outs = []
+        for i in range(0, n, batch):
+            chunk = inputs[i:i + batch]
+            k = chunk.shape[0]
+            outs.append(module(chunk, rope[0][:k], rope[1][:k], positions[:k], mask[:k]))
+        return torch.cat(outs)
+
+    for l, (s_layer, t_layer) in enumerate(zip(student.layers, teacher.layers)):
+        attn = s_layer.attention
+        with torch.no_grad(), torch.autocast(**amp):
+            x = t_layer.attention_norm(hidden)  # [N, s, dim]: this layer's attention input
+            target = batched(t_layer.attention, x, (cos, sin))
+
+        def error() -> float:
+            with torch.no_grad(), torch.autocast(**amp):
+                return float(_relative_mse(batched(attn, x, (s_cos, s_sin)), target))
+
+        params = [p for name, p in attn.named_parameters() if name.split(".")[0] in names]
+        for p in attn.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        result["before"].append(error())
+        optimizer = torch.optim.AdamW(params, lr=options.layerwise_lr, betas=(0.9, 0.95), weight_decay=0.0,
+                                      fused=(device.type == "cuda") or None)
+        for k in range(options.layerwise_steps):
+            lr = options.layerwise_lr * 0.5 * (1 + math.cos(math.pi * k / options.layerwise_steps))
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            idx = torch.arange(k * batch, (k + 1) * batch, device=device) % n  # a fixed round-robin order
+            with torch.autocast(**amp):
+                loss = _relative_mse(attn(x[idx], s_cos, s_sin, positions, mask), target[idx])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.update(1)
+        result["after"].append(error())
+        bar.set_postfix(layer=l, before=f"{result['before'][-1]:.4f}", after=f"{result['after'][-1]:.4f}")
+        with torch.no_grad(), torch.autocast(**amp):
+            hidden = batched(t_layer, hidden, (cos, sin))  # the next layer's input, from the teacher
+    bar.close()
+    mean_before = sum(result["before"]) / len(result["before"])
+    mean_after = sum(result["after"]) / len(result["after"])
+    log(f"layer-wise init: attention output error (relative MSE, mean over layers) {mean_before:.4f} -> "
+        f"{mean_after:.4f}")
+    return result

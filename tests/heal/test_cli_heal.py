@@ -1,0 +1,110 @@
+"""`mlakit heal`, `--runtime-rank` and the refusals, as a user runs them."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from convert.helpers import save_tiny_with_tokenizer  # noqa: E402
+from mlakit import evaluate as ev  # noqa: E402
+from mlakit.cli import main  # noqa: E402
+from mlakit.errors import MlakitError  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ["--device", "cpu", "--batch-size", "2", "--seq-len", "64", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(teacher, converted student) directories of a tiny byte-level llama."""
+    try:
+        ev.data_path()
+    except MlakitError:
+        pytest.skip("the protocol text is not here")
+    tmp = tmp_path_factory.mktemp("heal-cli")
+    _, teacher = save_tiny_with_tokenizer(tmp, "llama", 2, max_position_embeddings=512)
+    student = tmp / "mla"
+    torch.set_num_threads(1)
+    assert main(["convert", str(teacher), "-o", str(student), "--kv-lora-rank", "12", "--rope-dim", "4",
+                 "--calib-tokens", "1024", "--json"]) == 0
+    return teacher, student
+
+
+def test_heal_then_eval_at_runtime_ranks(tiny, tmp_path, capsys):
+    teacher, student = tiny
+    out = tmp_path / "healed"
+    capsys.readouterr()
+    assert main(["heal", str(student), "--teacher", str(teacher), "-o", str(out), "--tokens", "1k",
+                 "--teacher-tokens", "1k", "--gen-batch", "8", "--elastic-ranks", "4,8,12", "--json", *FAST]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["finished"] and summary["tokens"] == 8 * 2 * 64 and summary["data"]["source"] == "teacher"
+    log = json.loads((out / "heal_log.json").read_text())
+    assert len(log["log"]["loss"]) == 8 and set(log["log"]["rank"]) <= {4, 8, 12}
+    assert (out / "heal_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "healed.heal").exists()  # the state goes once OUT is written
+    assert main(["eval", str(out), "--json", "--device", "cpu", "--runtime-rank", "8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["kv_values_per_token_layer"] == 8 + 4 and result["ppl"] > 1  # rank 8 + RoPE 4 (was 12 + 4)
+    assert main(["generate", str(out), "--prompt", "Hi", "--max-new-tokens", "3", "--greedy", "--device", "cpu",
+                 "--runtime-rank", "4", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["output_ids"]) == 3
+    # an existing OUT is never replaced silently
+    assert main(["heal", str(student), "--teacher", str(teacher), "-o", str(out), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data", "EVAL"], "evaluation text"),
+    (["--data", "EVAL", "--data-range", "120000:140000"], "evaluation text"),
+    (["--data-range", "0:100"], "needs --data"),
+    (["--train", "mla", "--tokens", "10"], "less than one step"),
+    (["--elastic-ranks", "4,99"], "exceed"),
+])
+def test_bad_heal_input_is_one_line(tiny, tmp_path, argv, message, capsys):
+    teacher, student = tiny
+    argv = [str(ev.data_path()) if a == "EVAL" else a for a in argv]
+    assert main(["heal", str(student), "--teacher", str(teacher), "-o", str(tmp_path / "x"), *FAST, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("mlakit: error:")
+    assert not (tmp_path / "x").exists()
+
+
+def test_healing_the_original_or_truncating_gqa_is_refused(tiny, tmp_path, capsys):
+    teacher, _ = tiny
+    assert main(["heal", str(teacher), "--teacher", str(teacher), "-o", str(tmp_path / "x"), *FAST]) == 2
+    assert "not an MLA model" in capsys.readouterr().err
+    assert main(["eval", str(teacher), "--runtime-rank", "4", "--device", "cpu"]) == 2
+    assert "needs an MLA model" in capsys.readouterr().err
+
+
+def test_stop_and_resume_then_a_subprocess_run(tiny, tmp_path, capsys):
+    teacher, student = tiny
+    ids = ev.calibration_tokens(AutoTokenizer.from_pretrained(str(teacher)), 4096)
+    torch.save(ids, tmp_path / "calib.pt")
+    args = ["heal", str(student), "--teacher", str(teacher), "-o", str(tmp_path / "out"), "--tokens", "2k",
+            "--data", str(tmp_path / "calib.pt"), "--layerwise-init", "3", "--json", *FAST]
+    assert main([*args, "--max-minutes", "0"]) == 3  # stops after one step, state saved
+    assert json.loads(capsys.readouterr().out)["step"] == 1 and (tmp_path / "out.heal" / "state.pt").exists()
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["finished"] and summary["step"] == 16 and summary["layerwise"]["steps"] == 3
+
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mlakit", *a], cwd=tmp_path, env=env,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    proc = run("heal", "--help")
+    assert proc.returncode == 0 and "--elastic-ranks" in proc.stdout and "--layerwise-init" in proc.stdout
+    proc = run("heal", str(student), "--teacher", str(teacher), "-o", str(tmp_path / "sub"), "--tokens", "256",
+               "--data", str(tmp_path / "calib.pt"), "--train", "mla", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and "held-out KL" in proc.stdout and (tmp_path / "sub" / "mlakit.json").exists()

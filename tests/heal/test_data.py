@@ -1,0 +1,97 @@
+"""Training data: teacher-written text (cached, prompts only from the calibration range) and
+the refusal of evaluation data."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from convert.helpers import byte_tokenizer  # noqa: E402
+from heal.helpers import random_model  # noqa: E402
+from mlakit import MlakitError, ModelConfig  # noqa: E402
+from mlakit import evaluate as ev  # noqa: E402
+from mlakit.heal import data  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    try:
+        ev.data_path()
+    except MlakitError:
+        pytest.skip("the protocol text is not here")
+    return byte_tokenizer()
+
+
+@pytest.mark.parametrize("span,ok", [(None, False), ("0:131072", True), ("100000:140000", False),
+                                     ("151552:", True), ("140000:", False), ("0:32768", True)])
+def test_the_protocol_file_needs_a_range_outside_the_evaluation(tokenizer, span, ok):
+    if ok:
+        windows = data.load_data_file(ev.data_path(), tokenizer, 512, span)
+        assert windows.shape[1] == 512 and windows.shape[0] > 0
+    else:
+        with pytest.raises(MlakitError, match="evaluation"):
+            data.load_data_file(ev.data_path(), tokenizer, 512, span)
+
+
+def test_a_copy_of_the_evaluation_text_is_refused(tokenizer, tmp_path):
+    copy = tmp_path / "my_corpus.txt"
+    shutil.copy(ev.data_path(), copy)
+    with pytest.raises(MlakitError, match="evaluation"):
+        data.load_data_file(copy, tokenizer, 512)
+    # evaluation-range text inside other text: found by its n-grams
+    ids = ev.protocol_tokens(tokenizer)
+    mixed = torch.cat([ids[:5000], ids[ev.EVAL_START + 1000:ev.EVAL_START + 6000]])
+    torch.save(mixed, tmp_path / "ids.pt")
+    with pytest.raises(MlakitError, match="evaluation range"):
+        data.load_data_file(tmp_path / "ids.pt", tokenizer, 512)
+    assert data.load_data_file(tmp_path / "ids.pt", tokenizer, 512, "0:5000").shape == (9, 512)
+    np.save(tmp_path / "calib.npy", ids[:4096].numpy())
+    assert torch.equal(data.load_data_file(tmp_path / "calib.npy", tokenizer, 512).reshape(-1), ids[:4096])
+
+
+def test_other_text_and_bad_ranges(tokenizer, tmp_path):
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time there was a tiny model. " * 40)
+    assert data.load_data_file(text, tokenizer, 64).shape == (25, 64)
+    with pytest.raises(MlakitError, match="fewer than one window"):
+        data.load_data_file(text, tokenizer, 4096)
+    for bad in ("5", "a:b", "10:5"):
+        with pytest.raises(MlakitError, match="data-range"):
+            data.parse_range(bad)
+    torch.save(torch.tensor([1, 2, 300]), tmp_path / "ids.pt")
+    with pytest.raises(MlakitError, match="vocabulary"):
+        data.load_data_file(tmp_path / "ids.pt", tokenizer, 2, vocab_size=256)
+
+
+def test_prompt_snippets_come_only_from_the_calibration_range(tokenizer):
+    calib = ev.calibration_tokens(tokenizer)
+    options = data.TeacherDataOptions(snippet_fraction=0.5, max_prompt_len=24)
+    builtin = {tuple(tokenizer(p, add_special_tokens=False).input_ids[:24]) for p in data.BUILTIN_PROMPTS}
+    prompts = data.make_prompts(tokenizer, 200, options, batch_index=3, calib=calib)
+    assert prompts == data.make_prompts(tokenizer, 200, options, batch_index=3, calib=calib)
+    snippets = [p for p in prompts if tuple(p) not in builtin]
+    assert 60 < len(snippets) < 140
+    for p in snippets:
+        rows = calib.unfold(0, len(p), 1)  # every window of the calibration range
+        assert (rows == torch.tensor(p)).all(1).any()
+
+
+def test_teacher_text_is_generated_once_and_cached(tokenizer, monkeypatch):
+    config = ModelConfig(vocab_size=256, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                         intermediate_size=32, max_seq_len=128, eos_token_ids=[2])
+    teacher = random_model(config, std=0.5)
+    options = data.TeacherDataOptions(tokens=300, seq_len=64, batch=6, max_prompt_len=16, seed=1)
+    first = data.teacher_data(teacher, tokenizer, options, progress=False, log=lambda *_: None)
+    assert first.shape == (5, 64) and first.dtype == torch.long
+
+    def fail(*args):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(data, "_generate", fail)
+    assert torch.equal(data.teacher_data(teacher, tokenizer, options, progress=False, log=lambda *_: None), first)
+    with pytest.raises(AssertionError, match="generated again"):  # other settings, other cache entry
+        data.teacher_data(teacher, tokenizer, data.TeacherDataOptions(tokens=300, seq_len=64, batch=6,
+                                                                      max_prompt_len=16, seed=2), progress=False)

@@ -1,0 +1,123 @@
+"""Distillation: the chunked KL against a direct reference, the parameter sets, the schedule,
+the loss going down, and resume == an uninterrupted run, bit for bit."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from heal.helpers import VOCAB, gqa_config, mla_config, perturbed, random_model, random_windows
+from mlakit import MlakitError
+from mlakit.heal.distill import (HealOptions, forward_hidden, heal_model, kl_loss, learning_rate, load_state,
+                                 trainable_names)
+
+
+def test_forward_hidden_matches_the_model():
+    model = random_model(mla_config(), dtype=torch.float64)
+    tokens = random_windows(2, 16)
+    hidden, layers = forward_hidden(model, tokens, collect=True)
+    assert len(layers) == model.config.n_layers
+    torch.testing.assert_close(model.head(hidden), model(tokens), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+def test_chunked_kl_and_its_gradient_match_a_direct_reference(chunk):
+    teacher = random_model(gqa_config(), seed=0, dtype=torch.float64)
+    student = random_model(mla_config(), seed=1, dtype=torch.float64)
+    tokens = random_windows(3, 10)
+    ht, _ = forward_hidden(teacher, tokens)
+    hs, _ = forward_hidden(student, tokens)
+    loss = kl_loss(student, teacher, hs, ht, chunk)
+    loss.backward()
+    grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    # reference: torch's kl_div on the full logits, batchmean over the 30 positions
+    ref = F.kl_div(F.log_softmax(student(tokens), -1).reshape(-1, VOCAB),
+                   F.log_softmax(teacher(tokens), -1).reshape(-1, VOCAB).detach(), log_target=True,
+                   reduction="batchmean")
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for g, p in zip(grads, student.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-8, atol=1e-12)
+    with torch.no_grad():
+        assert float(kl_loss(teacher, teacher, ht, ht, chunk)) == pytest.approx(0, abs=1e-12)
+
+
+def test_trainable_sets():
+    model = random_model(mla_config(q_lora=8, latent_norm=True, bias=True))
+    mla = trainable_names(model, "mla")
+    attention = trainable_names(model, "attention")
+    assert {n.split(".", 3)[3] for n in mla} == {"wq_a.weight", "wq_a.bias", "q_norm.weight", "wq_b.weight",
+                                                 "wkv_a.weight", "wkv_a.bias", "kv_norm.weight", "wkv_b.weight"}
+    assert set(attention) - set(mla) == {f"layers.{i}.attention.wo.{k}" for i in range(2) for k in ("weight", "bias")}
+    assert trainable_names(model, "all") == [n for n, _ in model.named_parameters()]
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    options = HealOptions(tokens=100 * 4 * 32, batch_size=4, seq_len=32, lr=1e-3, warmup=0.1, min_lr_ratio=0.1)
+    lrs = [learning_rate(options, s) for s in range(options.steps)]
+    assert options.steps == 100 and lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+    assert learning_rate(options, 55) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def _options(**kw):
+    base = dict(tokens=24 * 4 * 32, batch_size=4, seq_len=32, lr=3e-3, warmup=0.1, checkpoint_every=8,
+                val_windows=4, progress=False, kl_chunk=50)
+    return HealOptions(**{**base, **kw})
+
+
+def test_kl_goes_down_on_a_tiny_model():
+    teacher = random_model(mla_config())
+    student = perturbed(teacher, scale=0.5)
+    result = heal_model(student, teacher, random_windows(40, 32), _options(tokens=80 * 4 * 32, lr=1e-2),
+                        log=lambda *_: None)
+    val = [v["kl"] for v in result.log["val"]]
+    assert result.finished and result.step == 80
+    assert val[-1] < 0.5 * val[0] and val == sorted(val, reverse=True), val
+    assert not any(p.requires_grad for p in student.parameters())  # handed back frozen, in eval mode
+
+
+@pytest.mark.parametrize("train", ["mla", "attention"])
+def test_only_the_chosen_parameters_move(train):
+    teacher = random_model(mla_config())
+    student = perturbed(teacher)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    heal_model(student, teacher, random_windows(20, 32), _options(tokens=2 * 4 * 32, train=train),
+               log=lambda *_: None)
+    moved = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved == set(trainable_names(student, train))
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
+    teacher = random_model(mla_config())
+    windows = random_windows(40, 32)
+    options = _options(elastic_ranks=[4, 8, 12], hidden_weight=0.5)
+    whole = perturbed(teacher)
+    heal_model(whole, teacher, windows, options, tmp_path / "a", log=lambda *_: None)
+
+    parts = perturbed(teacher)
+    stopped = heal_model(parts, teacher, windows, _options(elastic_ranks=[4, 8, 12], hidden_weight=0.5,
+                                                            max_minutes=0), tmp_path / "b", log=lambda *_: None)
+    assert not stopped.finished and stopped.step == 1 and load_state(tmp_path / "b")["step"] == 1
+    resumed = perturbed(teacher)  # a fresh process: the converted weights again, then the saved state
+    result = heal_model(resumed, teacher, windows, options, tmp_path / "b", resume=True, log=lambda *_: None)
+    assert result.finished and result.step == options.steps
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert set(result.log["rank"]) == {4, 8, 12}
+
+    with pytest.raises(MlakitError, match="different settings.*lr"):
+        heal_model(perturbed(teacher), teacher, windows, _options(lr=1e-3), tmp_path / "b", resume=True)
+
+
+def test_bad_inputs_are_refused():
+    teacher = random_model(gqa_config())
+    with pytest.raises(MlakitError, match="MLA model"):
+        heal_model(random_model(gqa_config()), teacher, random_windows(8, 32), _options())
+    with pytest.raises(MlakitError, match="--train"):
+        _options(train="mlp").check()
+    with pytest.raises(MlakitError, match="less than one step"):
+        _options(tokens=10).check()

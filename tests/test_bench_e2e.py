@@ -101,9 +101,14 @@ def test_cpu_pipeline_table_json_plots(tmp_path):
                   "MHA": 2 * 2 * 4 * 16 * 4}
     hf = [r for r in rows if r["phase"] == "hf-dynamic"]
     assert [(r["batch"], r["context"]) for r in hf] == [(1, 32), (2, 64)]
-    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in hf)
+    # transformers' rate is a difference of two timings: on a busy 2-core box and a tiny model it can
+    # still come out <= 0 after the retries, which the row reports as no rate (None), never as a number
+    assert all(r["status"] == "ok" and (r["tokens_per_s"] is None or r["tokens_per_s"] > 0) for r in hf)
     orig = [r for r in rows if r["phase"] == "decode" and r["variant"] == "GQA-2 (original)"]
-    assert all(r["vs_original"] == pytest.approx(1.0) and r["vs_hf_dynamic"] > 0 for r in orig)
+    assert all(r["vs_original"] == pytest.approx(1.0) for r in orig)
+    rate = {(r["batch"], r["context"]): r["tokens_per_s"] for r in hf}
+    assert all((r.get("vs_hf_dynamic") is None) == (rate[(r["batch"], r["context"])] is None) for r in orig)
+    assert all(r.get("vs_hf_dynamic") is None or r["vs_hf_dynamic"] > 0 for r in orig)
     # largest batch: 0.002 GiB budget less the weights, fp32 sequences of 64 tokens
     by_variant = {m["variant"]: m for m in result["max_batch"]}
     for name in names:

@@ -6,7 +6,6 @@ import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,16 +103,11 @@ def resolve_budget(config: ModelConfig, options: ConvertOptions) -> Budget:
 
 
 @dataclass
-class LayerAnalysis:
-    stats: LayerStats
-    spectrum: Any  # factorize.RopeSpectrum
-
-
-@dataclass
 class Analysis:
     """Calibration-dependent, budget-independent work (reused across a sweep)."""
-    layers: LayerStore  # LayerAnalysis per layer (on disk with ConvertOptions.spill_dir)
-    lams: list[torch.Tensor]  # [d/2, G] per layer: score energy of each RoPE component
+    stats: LayerStore  # LayerStats per layer (on disk with ConvertOptions.spill_dir)
+    spectra: LayerStore  # factorize.RopeSpectrum per layer (likewise)
+    lams: list[torch.Tensor]  # [d/2, G] per layer: score energy of each RoPE component (the spectra's lam)
     rho: list[torch.Tensor]  # [H, d/2] per layer: E[e^{jθΔ}]
     calib_tokens: int
     seconds: float
@@ -126,19 +120,17 @@ def analyse(model: Transformer, tokens: torch.Tensor, options: ConvertOptions) -
     check_source(model.config)
     start = time.perf_counter()
     stats = calibrate(model, tokens, seq_len=options.calib_seq_len, batch_size=options.batch_size,
-                      progress=options.progress, store=LayerStore(options.spill_dir))
+                      progress=options.progress, store=LayerStore(options.spill_dir, prefix="stats"))
     inv_freq = rope_inv_freq(model.config, model.config.head_dim)
-    layers = LayerStore(options.spill_dir and Path(options.spill_dir) / "analysis")
-    if layers.directory is not None:
-        layers.directory.mkdir(exist_ok=True)
+    spectra = LayerStore(options.spill_dir, prefix="spectrum")
     lams, rho = [], []
     for l in tqdm(range(len(stats)), desc="rope spectra", disable=not options.progress, leave=False):
         st = stats[l]
         spectrum = rope_spectrum(model.layers[l].attention, st.sigma, options.query_weighted)
         rho.append(rotation_expectation(st.dist, inv_freq))
         lams.append(spectrum.lam)
-        layers.append(LayerAnalysis(st, spectrum))
-    return Analysis(layers, lams, rho, st.tokens, time.perf_counter() - start)
+        spectra.append(spectrum)
+    return Analysis(stats, spectra, lams, rho, st.tokens, time.perf_counter() - start)
 
 
 def convert_model(model: Transformer, analysis: Analysis, options: ConvertOptions) -> tuple[Transformer, ConvertSummary]:
@@ -156,9 +148,9 @@ def convert_model(model: Transformer, analysis: Analysis, options: ConvertOption
     scores = frequency_scores(analysis.lams, weights)
     counts = select_frequencies(scores, budget.rope_dim // 2, options.rope_frequencies)
 
-    def plan(l: int, entry: LayerAnalysis):
+    def plan(l: int, stats: LayerStats):
         rho = analysis.rho[l] if options.nope_rotation == "expected" else None
-        return plan_layer(model.layers[l].attention, entry.stats.sigma, entry.spectrum, counts, rho, options.alpha)
+        return plan_layer(model.layers[l].attention, stats.sigma, analysis.spectra[l], counts, rho, options.alpha)
 
     # Plans are large (the joint metric rows and eigenvectors of a layer), so they are made
     # one layer at a time and dropped after use; adaptive ranks need every layer's
@@ -168,8 +160,8 @@ def convert_model(model: Transformer, analysis: Analysis, options: ConvertOption
     full_rank = 2 * n_nope + G * d  # the joint NoPE-key/V metric's dimension (plan_layer)
     spectra = None
     if options.rank_allocation != "uniform":
-        spectra = [plan(l, analysis.layers[l]).spectrum for l in tqdm(range(n_layers), desc="spectra", disable=not options.progress,
-                                                  leave=False)]
+        layers = tqdm(range(n_layers), desc="spectra", disable=not options.progress, leave=False)
+        spectra = [plan(l, analysis.stats[l]).spectrum for l in layers]
     ranks = allocate_ranks(spectra, budget.rank, options.rank_allocation, [full_rank] * n_layers,
                            max(1, int(options.min_rank_fraction * budget.rank)))
     nope_dim = d if n_nope else 0
@@ -182,9 +174,9 @@ def convert_model(model: Transformer, analysis: Analysis, options: ConvertOption
     dtype = model.dtype
     state = {k: v for k, v in model.state_dict().items() if ".attention." not in k}
     for l in tqdm(range(n_layers), desc="factorise", disable=not options.progress, leave=False):
-        attn, entry = model.layers[l].attention, analysis.layers[l]
-        sigma_attn = entry.stats.sigma_attn if options.value_fit == "attention" else None
-        for name, tensor in build_layer(attn, plan(l, entry), ranks[l], nope_dim, sigma_attn).items():
+        attn, stats = model.layers[l].attention, analysis.stats[l]
+        sigma_attn = stats.sigma_attn if options.value_fit == "attention" else None
+        for name, tensor in build_layer(attn, plan(l, stats), ranks[l], nope_dim, sigma_attn).items():
             if name.endswith(".bias") and not config.qkv_bias:
                 continue
             state[f"layers.{l}.attention.{name}"] = tensor.to(dtype)

@@ -62,18 +62,19 @@ def _attention_stats(attn, x: torch.Tensor, xa: torch.Tensor, cos: torch.Tensor,
 
 class LayerStore:
     """Per-layer analysis objects (dataclasses of tensors), in memory or — with a
-    directory — on disk, so that only the layer being worked on is in memory (for
-    an 8B model one layer's statistics are ~0.2 GB, all layers' ~7 GB)."""
+    directory — on disk as ``{prefix}{layer}.pt``, so that only the layer being worked
+    on is in memory (for an 8B model one layer's statistics are ~0.2 GB, all layers' ~7 GB)."""
 
-    def __init__(self, directory: str | Path | None = None):
+    def __init__(self, directory: str | Path | None = None, prefix: str = "layer"):
         self.directory = Path(directory) if directory is not None else None
+        self.prefix = prefix
         self._items: list[Any] = []
 
     def append(self, item: Any) -> None:
         if self.directory is None:
             self._items.append(item)
             return
-        path = self.directory / f"layer{len(self._items)}.pt"
+        path = self.directory / f"{self.prefix}{len(self._items)}.pt"
         torch.save(item, path)
         self._items.append(path)
 

@@ -116,7 +116,8 @@ def select_frequencies(score: torch.Tensor, n_pairs: int, pattern: str = "free")
         return counts
     best = score[:, 0]
     candidates = []
-    for step in range(1, (half - 1) // max(n_pairs - 1, 1) + 1 if n_pairs > 1 else 2):
+    max_step = (half - 1) // (n_pairs - 1) if n_pairs > 1 else 1  # the last index must stay below half
+    for step in range(1, max_step + 1):
         for start in range(half - (n_pairs - 1) * step):
             idx = torch.arange(start, start + n_pairs * step, step)
             candidates.append((float(best[idx].sum()), -step, -start, idx))

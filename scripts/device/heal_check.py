@@ -158,10 +158,15 @@ def phase_eval_free(run: Run) -> bool:
         log("eval original ...")
         run.results["original"] = evaluate(run, run.teacher)
         run.save()
+    return _eval_checkpoints(run, "mla", "free")
+
+
+def _eval_checkpoints(run: Run, kind: str, key: str) -> bool:
+    """The protocol on each saving's ``kind`` checkpoint that exists, stored as ``row[key]``."""
     for saving in run.args.savings:
         row = run.row(saving)
-        if "free" not in row and run.path("mla", saving).exists():
-            row["free"] = evaluate(run, run.path("mla", saving))
+        if key not in row and run.path(kind, saving).exists():
+            row[key] = evaluate(run, run.path(kind, saving))
             run.save()
     return True
 
@@ -215,22 +220,19 @@ def phase_heal(run: Run) -> bool:
 
 
 def phase_eval_healed(run: Run) -> bool:
-    for saving in run.args.savings:
-        row = run.row(saving)
-        if "healed" not in row and run.path("healed", saving).exists():
-            row["healed"] = evaluate(run, run.path("healed", saving))
-            run.save()
-    return True
+    return _eval_checkpoints(run, "healed", "healed")
 
 
 def elastic_ranks(run: Run) -> list[tuple[float, int]]:
-    """(saving, runtime rank) of the grid for the 0.75 checkpoint: budget minus its RoPE key."""
+    """(saving, runtime rank) of the grid for the 0.75 checkpoint: budget minus its RoPE key
+    (savings whose budget the RoPE key alone fills cannot be reached by truncation: left out)."""
     from mlakit.config import ModelConfig
 
     config = ModelConfig.load(run.path("mla", ELASTIC_SAVING))
     full = 2 * config.n_kv_heads * config.head_dim  # the source's values per token per layer (its GQA cache)
     rope, top = config.qk_rope_head_dim, max(config.kv_lora_ranks())
-    return [(s, min(top, int(round((1 - s) * full)) - rope)) for s in ELASTIC_GRID]
+    grid = [(s, min(top, int(round((1 - s) * full)) - rope)) for s in ELASTIC_GRID]
+    return [(s, r) for s, r in grid if r >= 1]
 
 
 def phase_elastic(run: Run) -> bool:

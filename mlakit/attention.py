@@ -4,7 +4,8 @@ Both take the same inputs from the block:
   x          [b, s, dim]      hidden states of the new tokens
   cos, sin   [b, s, rot/2]    RoPE angles of the new tokens (float32)
   positions  [b, s]           token positions (== cache slots)
-  mask       [b, s, L]        True where a query may attend to a key
+  mask       [b, s, L]        True where a query may attend to a key; None: causal over
+                              the new tokens, no cache (lets SDPA use its flash kernels)
   cache      a layer cache or None (then the keys are the new tokens only)
 """
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from mlakit.cache import KVCache, LatentCache
 from mlakit.config import ModelConfig
+from mlakit.fused import FusedLinears
 from mlakit.norm import RMSNorm
 from mlakit.rope import apply_rope
 
@@ -26,6 +28,25 @@ def _softmax(scores: torch.Tensor) -> torch.Tensor:
     # half-precision scores are normalised in float32; float32/float64 stay as they are
     wide = torch.float32 if scores.dtype in (torch.float16, torch.bfloat16) else scores.dtype
     return scores.softmax(dim=-1, dtype=wide).to(scores.dtype)
+
+
+def _causal(s: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(s, s, dtype=torch.bool, device=device).tril()[None]  # [1, s, s]
+
+
+def _decode_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                           scale: float) -> torch.Tensor:
+    """One-token attention as two matmuls and a masked softmax: ``q [b, kv_h, g, d]``,
+    ``k, v [b, kv_h, L, d]``, ``mask [b, 1, 1, L]`` -> ``[b, kv_h, g, d]``.
+
+    Used inside ``torch.compile`` (the engine's decode step), where the mask and the
+    softmax fuse into one kernel and the matmuls split the keys over all SMs. Eager
+    SDPA with a mask takes a kernel that parallelises over (batch, heads) only: at
+    batch 1 that leaves most of the GPU idle (measured ~210 GB/s on an H200).
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [b, kv_h, g, L]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(_softmax(scores), v)
 
 
 class GQAttention(nn.Module):
@@ -41,13 +62,15 @@ class GQAttention(nn.Module):
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.o_bias)
+        self.fused_input: FusedLinears | None = None  # wq, wk, wv as one matmul (mlakit.engine.fuse_projections)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                mask: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.wq(x).view(b, s, self.n_heads, self.head_dim)  # [b, s, h, d]
-        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, kv_h, d]
-        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, kv_h, d]
+        q, k, v = self.fused_input(x) if self.fused_input is not None else (self.wq(x), self.wk(x), self.wv(x))
+        q = q.view(b, s, self.n_heads, self.head_dim)  # [b, s, h, d]
+        k = k.view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, kv_h, d]
+        v = v.view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, kv_h, d]
         q = apply_rope(q, cos, sin).transpose(1, 2)  # [b, h, s, d]
         k = apply_rope(k, cos, sin)
         if cache is not None:
@@ -57,18 +80,22 @@ class GQAttention(nn.Module):
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, kv_h, s, d]
         group = self.n_heads // self.n_kv_heads
-        if s == 1 and group > 1:
+        if s == 1 and mask is not None:
             # one new token: a group's query heads become the query axis of their KV head,
             # so the cache is read once per KV head and never copied per query head
-            out = F.scaled_dot_product_attention(
-                q.reshape(b, self.n_kv_heads, group, self.head_dim), k, v,
-                attn_mask=mask[:, None], scale=self.scale,
-            )  # [b, kv_h, group, d] == [b, h, 1, d]
+            q = q.reshape(b, self.n_kv_heads, group, self.head_dim)
+            if torch.compiler.is_compiling():
+                out = _decode_attention_math(q, k, v, mask[:, None], self.scale)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)
+            # [b, kv_h, group, d] == [b, h, 1, d]
         else:
             if group > 1:  # MHA (group 1) needs no copy
                 k = k.repeat_interleave(group, dim=1)  # [b, h, L, d]
                 v = v.repeat_interleave(group, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)  # [b, h, s, d]
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, scale=self.scale,
+            )  # [b, h, s, d]
         return self.wo(out.reshape(b, self.n_heads, s, self.head_dim).transpose(1, 2).reshape(b, s, -1))
 
 
@@ -88,8 +115,9 @@ class MLAttention(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int, mode: str = "naive") -> None:
         super().__init__()
-        # Cached absorbed attention goes through mlakit.kernels.mla_decode (Triton on
-        # CUDA, its PyTorch reference elsewhere); False keeps the plain einsum path.
+        # With a cache, the latent norm + key RoPE + cache write go through
+        # mlakit.kernels.rope_append and absorbed attention through mla_decode (Triton
+        # on CUDA, their PyTorch references elsewhere); False keeps the plain path.
         self.use_kernels = True
         self.kernel_fits = config.sliding_window is None  # the kernel has no sliding window
         self.n_heads = config.n_heads
@@ -110,6 +138,8 @@ class MLAttention(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, config.norm_eps) if config.latent_norm else None
         self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(self.n_heads * self.v_dim, config.dim, bias=config.o_bias)
+        # (wq or wq_a) and wkv_a as one matmul (mlakit.engine.fuse_projections)
+        self.fused_input: FusedLinears | None = None
 
     @property
     def mode(self) -> str:
@@ -121,10 +151,19 @@ class MLAttention(nn.Module):
             raise ValueError(f"MLA mode must be one of {MLA_MODES}, got {value!r}")
         self._mode = value
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        """``[b, s, h, nope + rope]`` (RoPE not applied yet)."""
-        b, s, _ = x.shape
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
+    def project_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two projections of ``x``: the query's first (``wq``, or ``wq_a`` with a
+        low-rank query) and ``wkv_a`` (latent + RoPE key, ``[b, s, r + p]``)."""
+        if self.fused_input is not None:
+            q, kv = self.fused_input(x)
+            return q, kv
+        return (self.wq_a(x) if hasattr(self, "wq_a") else self.wq(x)), self.wkv_a(x)
+
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        """``[b, s, h, nope + rope]`` (RoPE not applied yet) from the query's first projection."""
+        b, s, _ = q.shape
+        if hasattr(self, "wq_a"):
+            q = self.wq_b(self.q_norm(q))
         return q.view(b, s, self.n_heads, self.nope_dim + self.rope_dim)
 
     def up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,24 +172,32 @@ class MLAttention(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim:]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                mask: torch.Tensor, cache: LatentCache | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: LatentCache | None = None) -> torch.Tensor:
         b, s, _ = x.shape
-        q_nope, q_rope = self.query(x).split([self.nope_dim, self.rope_dim], dim=-1)  # [b, s, h, *]
+        q, kv_a = self.project_input(x)
+        q_nope, q_rope = self.query(q).split([self.nope_dim, self.rope_dim], dim=-1)  # [b, s, h, *]
         q_rope = apply_rope(q_rope, cos, sin)
-        latent, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [b, s, r], [b, s, p]
-        if self.kv_norm is not None:
-            latent = self.kv_norm(latent)
-        k_rope = apply_rope(k_rope, cos, sin)
-        if cache is not None and self.mode == "absorbed" and self.use_kernels and self.kernel_fits:
-            out = self._decode_absorbed(q_nope, q_rope, latent, k_rope, positions, cache)
-            return self.wo(out.reshape(b, s, self.n_heads * self.v_dim))
-        if cache is not None:
-            kv = cache.update(latent, k_rope, positions)[:, : mask.shape[-1]].to(x.dtype)  # [b, L, r + p]
-            latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [b, s, r], [b, s, p]
+        if cache is not None and self.use_kernels:
+            # latent norm + RoPE of the key + cache write: one fused kernel (mlakit.kernels.rope_append)
+            norm = self.kv_norm
+            kv = cache.append_rotated(latent, k_rope, positions, cos, sin,
+                                      None if norm is None else norm.weight, 0.0 if norm is None else norm.eps)
+            if self.mode == "absorbed" and self.kernel_fits:
+                out = self._decode_absorbed(q_nope, q_rope, kv, cache)
+                return self.wo(out.reshape(b, s, self.n_heads * self.v_dim))
+            latent, k_rope = kv[:, : mask.shape[-1]].to(x.dtype).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        else:
+            if self.kv_norm is not None:
+                latent = self.kv_norm(latent)
+            k_rope = apply_rope(k_rope, cos, sin)
+            if cache is not None:
+                kv = cache.update(latent, k_rope, positions)[:, : mask.shape[-1]].to(x.dtype)  # [b, L, r + p]
+                latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         if self.mode == "naive":
             out = self._attend_naive(q_nope, q_rope, latent, k_rope, mask)
         else:
-            out = self._attend_absorbed(q_nope, q_rope, latent, k_rope, mask)
+            out = self._attend_absorbed(q_nope, q_rope, latent, k_rope, _causal(s, x.device) if mask is None else mask)
         return self.wo(out.reshape(b, s, self.n_heads * self.v_dim))
 
     def _attend_naive(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
@@ -162,18 +209,17 @@ class MLAttention(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)  # [b, s, h, qk]
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask[:, None], scale=self.scale,
+            attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, scale=self.scale,
         )  # [b, h, s, v]
         return out.transpose(1, 2)  # [b, s, h, v]
 
-    def _decode_absorbed(self, q_nope, q_rope, latent, k_rope, positions, cache: LatentCache) -> torch.Tensor:
-        """Absorbed attention of the new tokens over the whole latent cache, through
-        the decode kernel. The new tokens must sit at consecutive positions ending at
-        ``cache.lengths - 1`` (what generation does)."""
+    def _decode_absorbed(self, q_nope, q_rope, kv: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        """Absorbed attention of the new tokens over the whole latent cache ``kv [b, L_max, r + p]``
+        (already holding them), through the decode kernel. The new tokens must sit at
+        consecutive positions ending at ``cache.lengths - 1`` (what generation does)."""
         from mlakit.kernels import absorb_output, absorb_query, mla_decode
 
         b = q_nope.shape[0]
-        kv = cache.update(latent, k_rope, positions)  # [b, L_max, r + p]
         w_uk, w_uv = self.up_projections()
         q_latent = absorb_query(q_nope, w_uk).to(kv.dtype)  # [b, s, h, r]
         out_latent = mla_decode(q_latent, q_rope.to(kv.dtype), kv, cache.lengths[:b], self.scale,

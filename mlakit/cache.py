@@ -29,6 +29,8 @@ class _Cache(nn.Module):
         self.lengths.zero_()
 
     def _check(self, positions: torch.Tensor) -> None:
+        if torch.compiler.is_compiling():
+            return  # host-side argument checks; a compiled step would specialise on them
         batch = positions.shape[0]
         if batch > self.max_batch:
             raise ValueError(f"batch {batch} exceeds the cache's max_batch {self.max_batch}")
@@ -110,6 +112,21 @@ class LatentCache(_Cache):
         self.kv[rows, positions] = torch.cat([latent, k_rope], dim=-1).to(self.kv.dtype)
         self._advance(positions)
         return self.kv[:batch]
+
+    def append_rotated(self, latent: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor, norm_weight: torch.Tensor | None,
+                       norm_eps: float) -> torch.Tensor:
+        """``update`` with the latent RMSNorm (when ``norm_weight`` is given) and the RoPE
+        of the key fused in: latent ``[b, s, r]`` and the *unrotated* key ``[b, s, rope_dim]``
+        at ``positions [b, s]``, angles ``cos, sin [b, s, rope_dim / 2]``. One kernel
+        (``mlakit.kernels.rope_append``: Triton on CUDA, its reference elsewhere);
+        returns this batch's packed buffer ``[b, L, r + rope_dim]``."""
+        from mlakit.kernels import rope_append
+
+        self._check(positions)
+        rope_append(latent, k_rope, self.kv, positions, cos, sin, norm_weight, norm_eps)
+        self._advance(positions)
+        return self.kv[: latent.shape[0]]
 
     def bytes_per_token(self) -> int:
         return self.kv.shape[-1] * self.kv.element_size()

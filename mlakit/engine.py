@@ -9,6 +9,7 @@ CUDA-graph replay (see ``Engine``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -65,6 +66,76 @@ def _pad_right(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[
     return tokens, lengths
 
 
+def fuse_projections(model: Transformer) -> Transformer:
+    """Run the projections that read the same input as one matmul each (in place, no
+    extra memory; see ``mlakit.fused``): attention ``wq, wk, wv`` (MLA: ``wq`` or
+    ``wq_a`` with ``wkv_a``) and the MLP's ``w1, w3``. Idempotent; fuses again where a
+    move or cast of the model broke the sharing. For inference: the layers' weights
+    become views into the fused ones."""
+    from mlakit.attention import GQAttention
+    from mlakit.fused import FusedLinears
+
+    for block in model.layers:
+        attention, mlp = block.attention, block.feed_forward
+        if isinstance(attention, GQAttention):
+            groups = [(attention, (attention.wq, attention.wk, attention.wv))]
+        else:
+            query = attention.wq_a if hasattr(attention, "wq_a") else attention.wq
+            groups = [(attention, (query, attention.wkv_a))]
+        groups.append((mlp, (mlp.w1, mlp.w3)))
+        for module, linears in groups:
+            if module.fused_input is None or not module.fused_input.is_current():
+                module.fused_input = FusedLinears(*linears)
+    return model
+
+
+def raise_recompile_limit(graphs: int) -> None:
+    """Let one compiled function hold at least ``graphs`` graphs (torch's default, 8, is
+    reached by the variants of a benchmark or the blocks of student and teacher; past it
+    dynamo silently falls back to eager)."""
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), graphs))
+            return
+
+
+def _call_block(block, x, cos, sin, positions, mask, cache):
+    return block(x, cos, sin, positions, mask, cache)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_block_call(backend: str = "inductor") -> Callable:
+    """``block(x, ...)`` through ``torch.compile``: regional compilation of one block.
+
+    Every block of a model has the same code, so one compiled graph serves them all
+    (parameters are graph inputs) and compiling costs one block, not the whole model.
+    Shapes are symbolic (batch, cache length, weights), so engines of other sizes reuse
+    the graph (batch 1 is specialised: one more graph), and positions are tensors, so
+    advancing them never recompiles.
+    Inside, the element-wise work of a block (norms, RoPE, SiLU, residuals, casts) fuses
+    into a few kernels instead of dozens of one-op launches; the MLA kernels run as custom
+    ops (``torch.ops.mlakit.*``).
+    """
+    raise_recompile_limit(64)  # variants with other head counts or ranks (a benchmark builds several)
+    import torch.fx.experimental._config as fx_config
+
+    import mlakit.kernels  # noqa: F401  (registers the custom ops before tracing)
+
+    compiled = torch.compile(_call_block, backend=backend, dynamic=True)
+
+    def call(block, x, cos, sin, positions, mask, cache):
+        # Dynamo keeps module tensors (the cache buffers, the weights) static-shaped and
+        # equates dims of equal size ("duck shaping", e.g. a length that equals the rank):
+        # both would make an engine of another batch or length recompile.
+        with torch._dynamo.config.patch(force_parameter_static_shapes=False,
+                                        force_nn_module_property_static_shapes=False), \
+                fx_config.patch(use_duck_shape=False):
+            return compiled(block, x, cos, sin, positions, mask, cache)
+
+    return call
+
+
 class Engine:
     """Static-cache inference for a fixed batch: prefill, then one-token decode steps.
 
@@ -78,10 +149,18 @@ class Engine:
     inputs live in static buffers (tokens, positions, the cache, the lengths) and
     attention spans the whole cache (``kv_len = max_len``), so no step reads a
     value on the host and nothing is re-captured as positions advance.
+
+    ``compile=True`` is the fast mode for a fixed model: the projections that share an
+    input run as one matmul each (``fuse_projections``, which changes the model in
+    place, without extra memory) and the decode step's blocks go through
+    ``torch.compile`` (``compiled_block_call``; the first step compiles, under a
+    minute for an 8B model on a GPU). Both remove small kernels, which dominate a
+    batch-1 step once the CUDA graph has removed the launch overhead.
     """
 
     def __init__(self, model: Transformer, batch: int, max_len: int, cuda_graph: bool | None = None,
-                 cache_dtype: torch.dtype | None = None) -> None:
+                 cache_dtype: torch.dtype | None = None, compile: bool = False,
+                 compile_backend: str = "inductor") -> None:
         if max_len > model.config.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
         self.model = model
@@ -96,6 +175,10 @@ class Engine:
         self._positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # [b, 1]
         self._logits: torch.Tensor | None = None  # [b, vocab], written by the graph
         self._graph = None
+        self._block_fn = None
+        if compile:
+            fuse_projections(model)
+            self._block_fn = compiled_block_call(compile_backend)
 
     def reset(self) -> None:
         self.cache.reset()
@@ -126,7 +209,7 @@ class Engine:
     def _step(self) -> torch.Tensor:
         self.model.set_mla_mode("absorbed")
         kv_len = self.max_len if self.cuda_graph else None
-        return self.model(self._tokens, self._positions, self.cache, kv_len=kv_len)[:, -1]
+        return self.model(self._tokens, self._positions, self.cache, kv_len=kv_len, block_fn=self._block_fn)[:, -1]
 
     def _capture(self) -> None:
         # Warm-up runs compile the kernels and settle the allocator. They write this
@@ -181,10 +264,15 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-             on_step: Callable[[list[int | None]], None] | None = None) -> list[list[int]]:
-    """The generated tokens of every prompt (stop token included when one was hit)."""
+             on_step: Callable[[list[int | None]], None] | None = None, compile: bool = False) -> list[list[int]]:
+    """The generated tokens of every prompt (stop token included when one was hit).
+    ``compile``: the engine's fast mode (see ``Engine``)."""
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in generate_stream(model, prompts, params):
+    engine = None
+    if compile:
+        total = max(len(p) for p in prompts) + params.max_new_tokens
+        engine = Engine(model, len(prompts), total, compile=True)
+    for step in generate_stream(model, prompts, params, engine=engine):
         for out, token in zip(outputs, step):
             if token is not None:
                 out.append(token)

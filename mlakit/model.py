@@ -6,6 +6,8 @@ attention + SwiGLU MLP, final norm, output head (tied or not).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,6 +15,7 @@ from torch import nn
 from mlakit.attention import GQAttention, MLAttention
 from mlakit.cache import ModelCache
 from mlakit.config import ModelConfig
+from mlakit.fused import FusedLinears
 from mlakit.norm import RMSNorm
 from mlakit.rope import mla_rope_inv_freq, rope_cos_sin, rope_inv_freq
 
@@ -25,9 +28,11 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
         self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
+        self.fused_input: FusedLinears | None = None  # w1, w3 as one matmul (mlakit.engine.fuse_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.fused_input(x) if self.fused_input is not None else (self.w1(x), self.w3(x))
+        return self.w2(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -67,7 +72,7 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: ModelCache | None = None, logits_at: torch.Tensor | None = None,
-                kv_len: int | None = None) -> torch.Tensor:
+                kv_len: int | None = None, block_fn: Callable | None = None) -> torch.Tensor:
         """Logits ``[b, s, vocab]`` for ``tokens [b, s]`` at ``positions [b, s]``
         (default ``0..s-1``). With a cache, the new tokens attend to everything the
         cache holds for their sequence up to their own position. ``logits_at [b]``
@@ -75,15 +80,24 @@ class Transformer(nn.Module):
         generation needs only the last prompt token's logits. ``kv_len`` (with a
         cache) fixes how many cache slots attention spans; by default the furthest
         position + 1, which reads ``positions`` on the host — a CUDA-graph step
-        passes the cache's ``max_len`` instead."""
+        passes the cache's ``max_len`` instead. ``block_fn(block, x, cos, sin,
+        positions, mask, layer_cache)`` runs each block in place of ``block(...)``:
+        the engine passes a ``torch.compile``d one."""
         b, s = tokens.shape
+        # Windows from position 0 without a cache are plainly causal: no mask tensor, so
+        # attention can take SDPA's causal (flash) kernels.
+        plain_causal = positions is None and cache is None and self.config.sliding_window is None
         if positions is None:
             positions = torch.arange(s, device=tokens.device).expand(b, s)
         cos, sin = rope_cos_sin(self.rope_frequencies(tokens.device), positions)  # [b, s, rot/2]
-        mask = self.attention_mask(positions, cache, kv_len)
+        mask = None if plain_causal else self.attention_mask(positions, cache, kv_len)
         x = self.tok_embeddings(tokens)  # [b, s, dim]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, positions, mask, None if cache is None else cache.layers[i])
+            layer_cache = None if cache is None else cache.layers[i]
+            if block_fn is None:
+                x = layer(x, cos, sin, positions, mask, layer_cache)
+            else:
+                x = block_fn(layer, x, cos, sin, positions, mask, layer_cache)
         if logits_at is not None:
             x = x[torch.arange(b, device=x.device), logits_at][:, None]  # [b, 1, dim]
         return self.head(self.norm(x))
@@ -94,7 +108,7 @@ class Transformer(nn.Module):
         return self.output(x)
 
     def attention_mask(self, positions: torch.Tensor, cache: ModelCache | None,
-                       kv_len: int | None = None) -> torch.Tensor:
+                       kv_len: int | None = None, block_fn: Callable | None = None) -> torch.Tensor:
         """``[b, s, L]``: key j is visible to a query at position p iff ``j_pos <= p``
         (and within the sliding window, where the model has one)."""
         if cache is None:

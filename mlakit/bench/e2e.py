@@ -393,6 +393,7 @@ class E2EOptions:
     seed: int = 0
     progress: bool = True
     profile_path: Optional[str] = None  # write a per-kernel profile of one eager step per variant
+    compile: Optional[bool] = None  # torch.compile the decode step's blocks; None: on CUDA
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -439,6 +440,7 @@ class E2EBench:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MlakitError(f"{PROTOCOL} on cuda needs a CUDA GPU (use --device cpu for a smoke run)")
         self.dtype = _dtype(opts.dtype)
+        self.compile = self.device.type == "cuda" if opts.compile is None else opts.compile
         self.timer = Timer(self.device)
         self._user_log = log
         self.t_start = time.time()
@@ -522,7 +524,7 @@ class E2EBench:
     def _engine(self, model, batch: int, max_len: int, **kw):
         from mlakit.engine import Engine
 
-        return Engine(model, batch, max_len, **kw)
+        return Engine(model, batch, max_len, compile=self.compile, **kw)
 
     def _decode_row(self, model, variant: Variant, batch: int, context: int, steps: int,
                     phase: str = "decode") -> Dict[str, Any]:
@@ -844,6 +846,7 @@ class E2EBench:
             pass
         result = dict(protocol=PROTOCOL, gpu=gpu, device=str(self.device), dtype=opts.dtype, copy_gbps=self.copy_gbps,
                       model=opts.model or opts.preset, steps=opts.steps, warmup=opts.warmup, env=env,
+                      compiled=self.compile,
                       options={k: v for k, v in asdict(opts).items() if k != "profile_path"},
                       variants=self.variant_info, rows=self.rows, max_batch=self.max_batch,
                       profiles=self.profiles, notes=self.notes, elapsed_s=self._elapsed())
@@ -963,7 +966,9 @@ def format_table(result: Dict[str, Any]) -> str:
     env = result.get("env", {})
     lines = [
         f"{result['protocol']} on {result['gpu']} ({result['dtype']}, copy {result['copy_gbps']:.0f} GB/s, "
-        f"model {result['model']}, {result['steps']} timed steps, torch {env.get('torch', '?')}"
+        f"model {result['model']}, {result['steps']} timed steps, "
+        f"decode step: {'CUDA graph' if result['device'].startswith('cuda') else 'eager'}"
+        f"{' + torch.compile blocks' if result.get('compiled') else ''}, torch {env.get('torch', '?')}"
         + (f", transformers {env['transformers']}" if "transformers" in env else "") + ")",
         "",
         "| phase | variant | batch | context | tok/s | ms/step | KV bytes/token | peak GiB | % of BW limit "
@@ -1140,6 +1145,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot-dir", metavar="DIR", help="write e2e_throughput.png and e2e_memory.png here")
     parser.add_argument("--profile", metavar="PATH", default=None,
                         help="append a per-kernel profile of one eager decode step per variant (CUDA)")
+    parser.add_argument("--compile", dest="compile", action="store_true", default=None,
+                        help="torch.compile the decode step's blocks (default on CUDA; compiling takes ~1 min per variant)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager blocks (CUDA graph only)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -1159,7 +1167,7 @@ def options_from_args(args: argparse.Namespace) -> E2EOptions:
                         if args.prefill_tokens is None else (args.prefill_tokens or None)),
         hf=not args.no_hf, hf_static=args.hf_static, memory_budget_gib=args.memory_budget_gib,
         headroom_gib=args.headroom_gib, time_budget_s=args.time_budget_s, seed=args.seed,
-        progress=not args.no_progress, profile_path=args.profile,
+        progress=not args.no_progress, profile_path=args.profile, compile=args.compile,
     )
 
 

@@ -110,8 +110,10 @@ def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
     else:
         if data_range is not None:
             raise MlakitError("--data-range needs --data FILE")
-        windows = teacher_data(source.model, tokenizer, data_options, progress=options.progress, log=log)
-        data_info = {"source": "teacher", **asdict(data_options), **describe(windows)}
+        generation: dict[str, Any] = {}
+        windows = teacher_data(source.model, tokenizer, data_options, progress=options.progress, log=log,
+                               stats=generation)
+        data_info = {"source": "teacher", **asdict(data_options), **describe(windows), "generation": generation}
     data_seconds = time.perf_counter() - t
     epochs = options.tokens / windows.numel()
     log(f"data: {windows.shape[0]} windows x {windows.shape[1]} tokens ({windows.numel():,}); "
@@ -123,13 +125,16 @@ def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
     t = time.perf_counter()
     result: HealResult = heal_model(student.model, source.model, windows, options, state_dir, resume, log=log)
     history = result.log
+    train_seconds = time.perf_counter() - t
     summary = {"model": str(model), "teacher": str(teacher), "output": str(out), "finished": result.finished,
                "step": result.step, "steps": result.steps, "tokens": result.step * options.batch_size * options.seq_len,
                "device": _device_name(device), "data": data_info,
-               "seconds": {"load": load_seconds, "data": data_seconds, "train": time.perf_counter() - t},
+               "seconds": {"load": load_seconds, "data": data_seconds, "train": train_seconds},
                "kl_before": history.get("kl_before"),
                "kl_after": history["val"][-1]["kl"] if history["val"] else None,
-               "tokens_per_second": history.get("tokens_per_second"), "layerwise": history.get("layerwise")}
+               "tokens_per_second": history.get("tokens_per_second"),
+               "tokens_per_second_overall": history.get("tokens_per_second_overall"),
+               "compile": options.compile, "layerwise": history.get("layerwise")}
     full_log = {**summary, "log": history}
     if not result.finished:
         state_dir.mkdir(parents=True, exist_ok=True)

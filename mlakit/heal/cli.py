@@ -55,6 +55,12 @@ def register(subparsers) -> argparse.ArgumentParser:
                             "R sampled among these (use with mlakit eval/generate --runtime-rank)")
     train.add_argument("--elastic-min-fraction", type=float, default=None, metavar="F",
                        help="elastic ranks: every rank from F x the largest latent rank up to it")
+    train.add_argument("--elastic-full-share", type=float, default=d.elastic_full_share, metavar="P",
+                       help="elastic ranks: share of the steps at the full (largest) rank; the others sample "
+                            f"uniformly among the smaller ranks (default {d.elastic_full_share})")
+    train.add_argument("--compile", action="store_true",
+                       help="torch.compile each transformer block of student and teacher (regional: identical "
+                            "blocks share one graph) and the KL; faster on a GPU after a short warm-up")
     train.add_argument("--seed", type=int, default=d.seed, help="data order, elastic ranks, teacher sampling")
     train.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                        help=f"steps between checkpoints and held-out evaluations (default {d.checkpoint_every})")
@@ -104,7 +110,8 @@ def options_from_args(args: argparse.Namespace):
         gradient_checkpointing=args.gradient_checkpointing, layerwise_steps=args.layerwise_init,
         layerwise_lr=args.layerwise_lr,
         elastic_ranks=parse_ranks(args.elastic_ranks) if args.elastic_ranks else None,
-        elastic_min_fraction=args.elastic_min_fraction, checkpoint_every=args.checkpoint_every,
+        elastic_min_fraction=args.elastic_min_fraction, elastic_full_share=args.elastic_full_share,
+        compile=args.compile, checkpoint_every=args.checkpoint_every,
         max_minutes=args.max_minutes, seed=args.seed, progress=progress)
     data_options = TeacherDataOptions(
         tokens=args.teacher_tokens or min(args.tokens, TeacherDataOptions.tokens), seq_len=args.seq_len,
@@ -130,8 +137,10 @@ def cmd_heal(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     elif summary["finished"]:
-        print(f"wrote {args.output}: {summary['tokens']:,} tokens in {summary['seconds']['train']:.0f}s, "
-              f"held-out KL {summary['kl_before']:.4f} -> {summary['kl_after']:.4f}")
+        speed = summary.get("tokens_per_second_overall")
+        print(f"wrote {args.output}: {summary['tokens']:,} tokens in {summary['seconds']['train']:.0f}s"
+              + (f" ({speed:,.0f} tokens/s)" if speed else "")
+              + f", held-out KL {summary['kl_before']:.4f} -> {summary['kl_after']:.4f}")
     else:
         print(f"unfinished: step {summary['step']}/{summary['steps']} saved in {args.output}.heal/; "
               "rerun with --resume")

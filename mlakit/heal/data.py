@@ -16,9 +16,11 @@ range, and any data containing evaluation-range text (32-token n-grams of it) is
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import random
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,9 @@ class TeacherDataOptions:
     snippet_fraction: float = 0.5  # share of prompts cut from the protocol's calibration range
     max_prompt_len: int = 48
     seed: int = 0
+    max_minutes: float | None = None  # stop generating after about this long (fewer tokens); not in the cache key
+
+    RUNTIME_ONLY = ("max_minutes",)
 
     def check(self) -> None:
         if self.tokens < self.seq_len:
@@ -149,13 +154,19 @@ def make_prompts(tokenizer, n: int, options: TeacherDataOptions, batch_index: in
 
 # ------------------------------------------------------------------ generation
 def teacher_data(teacher, tokenizer, options: TeacherDataOptions, progress: bool = True,
-                 log=print) -> torch.Tensor:
-    """``[n, seq_len]`` windows of teacher-written text (from the cache when it has them)."""
+                 log=print, stats: dict | None = None) -> torch.Tensor:
+    """``[n, seq_len]`` windows of teacher-written text (from the cache when it has them).
+
+    ``stats`` (a dict, filled in) receives how the text was generated: seconds, tokens/s,
+    whether it came from the cache, whether ``max_minutes`` cut it short. A cut-short text
+    is cached too, but only reused by calls that also set ``max_minutes``."""
     options.check()
+    stats = {} if stats is None else stats
     if tokenizer is None:
         raise MlakitError("the teacher has no tokenizer, so it cannot be prompted: give --data FILE of token ids")
     calib = _calibration_ids(tokenizer) if options.snippet_fraction > 0 else None
-    key_data = {"version": DATA_VERSION, "teacher": model_fingerprint(teacher), "options": asdict(options),
+    key_options = {k: v for k, v in asdict(options).items() if k not in TeacherDataOptions.RUNTIME_ONLY}
+    key_data = {"version": DATA_VERSION, "teacher": model_fingerprint(teacher), "options": key_options,
                 "prompts": hashlib.sha256("\x00".join(BUILTIN_PROMPTS).encode()).hexdigest()[:16],
                 "snippets": None if calib is None else hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
                 "device": teacher.device.type}
@@ -163,36 +174,72 @@ def teacher_data(teacher, tokenizer, options: TeacherDataOptions, progress: bool
     path = cache_root() / f"teacher-{key}.pt"
     if path.exists():
         try:
-            saved = torch.load(path, weights_only=True)
-            log(f"teacher text: {saved.numel():,} tokens from the cache ({path})")
-            return saved.long()
-        except (OSError, RuntimeError):
+            meta = _read_meta(path.with_suffix(".json"))
+            generation = meta.get("generation", {})
+            if generation.get("complete", True) or options.max_minutes is not None:
+                saved = torch.load(path, weights_only=True)
+                log(f"teacher text: {saved.numel():,} tokens from the cache ({path})"
+                    + (f"; generated in {generation['seconds']:.0f}s, {generation['tokens_per_second']:,.0f} "
+                       "tokens/s" if "seconds" in generation else ""))
+                stats.update(generation, cached=True)
+                return saved.long()
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError):
             pass  # a damaged cache file is regenerated
-    windows = _generate(teacher, tokenizer, options, calib, progress)
+    windows, generation = _generate(teacher, tokenizer, options, calib, progress)
+    log(f"teacher text: {generation['tokens']:,} tokens ({generation['new_tokens']:,} sampled) in "
+        f"{generation['seconds']:.0f}s: {generation['tokens_per_second']:,.0f} tokens/s (batch {options.batch}"
+        f"{', compiled' if generation['compiled'] else ''})"
+        + ("" if generation["complete"] else f"; stopped after {options.max_minutes:g} minutes "
+           f"({options.tokens:,} asked)"))
+    stats.update(generation, cached=False)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp-{os.getpid()}")
         torch.save(windows.to(torch.int32), tmp)
         os.replace(tmp, path)
-        (path.with_suffix(".json")).write_text(json.dumps(key_data, indent=2) + "\n")
+        (path.with_suffix(".json")).write_text(json.dumps({**key_data, "generation": generation}, indent=2) + "\n")
     except OSError:
         pass  # a read-only cache only costs time
     return windows
 
 
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _engine_kwargs(engine_cls, device: torch.device) -> dict[str, Any]:
+    """``compile=True`` on CUDA where the engine takes it (regional compile of the decode step)."""
+    if device.type == "cuda" and "compile" in inspect.signature(engine_cls).parameters:
+        return {"compile": True}
+    return {}
+
+
 def _generate(teacher, tokenizer, options: TeacherDataOptions, calib: torch.Tensor | None,
-              progress: bool) -> torch.Tensor:
+              progress: bool) -> tuple[torch.Tensor, dict[str, Any]]:
     from tqdm.auto import tqdm
 
     from mlakit.engine import Engine, SamplingParams, generate_stream
 
+    start = time.perf_counter()
     max_new = options.seq_len - options.max_prompt_len
     batch = options.batch
-    engine = Engine(teacher, batch, options.max_prompt_len + max_new)  # one engine (one CUDA graph) for all batches
+    extra = _engine_kwargs(Engine, teacher.device)
+    # one engine (one CUDA graph) for all batches
+    engine = Engine(teacher, batch, options.max_prompt_len + max_new, **extra)
     stream: list[int] = []
+    new_tokens = 0
     bar = tqdm(total=options.tokens, desc="teacher text", unit="tok", unit_scale=True, disable=not progress)
     batch_index = 0
+    complete = True
     while len(stream) < options.tokens:
+        if options.max_minutes is not None and batch_index > 0:
+            elapsed = time.perf_counter() - start
+            if elapsed + elapsed / batch_index > 60 * options.max_minutes:  # the next batch would end too late
+                complete = False
+                break
         prompts = make_prompts(tokenizer, batch, options, batch_index, calib)
         params = SamplingParams(max_new_tokens=max_new, temperature=options.temperature, top_p=options.top_p,
                                 seed=options.seed * 1_000_003 + batch_index)
@@ -204,12 +251,21 @@ def _generate(teacher, tokenizer, options: TeacherDataOptions, calib: torch.Tens
         before = len(stream)
         for prompt, out in zip(prompts, outputs):
             stream += prompt + out  # documents are packed; a finished one ends with its EOS
+            new_tokens += len(out)
         bar.update(min(len(stream), options.tokens) - min(before, options.tokens))
         batch_index += 1
     bar.close()
+    if teacher.device.type == "cuda":
+        torch.cuda.synchronize(teacher.device)
+    seconds = time.perf_counter() - start
     n = len(stream) // options.seq_len
     n = min(n, -(-options.tokens // options.seq_len))
-    return torch.tensor(stream[: n * options.seq_len], dtype=torch.long).view(n, options.seq_len)
+    windows = torch.tensor(stream[: n * options.seq_len], dtype=torch.long).view(n, options.seq_len)
+    # tokens/s: everything the batches produced (prompts + samples); the windows keep up to ``tokens`` of it
+    stats = {"tokens": windows.numel(), "new_tokens": new_tokens, "batches": batch_index, "seconds": seconds,
+             "tokens_per_second": len(stream) / seconds, "new_tokens_per_second": new_tokens / seconds,
+             "compiled": bool(extra.get("compile")), "complete": complete}
+    return windows, stats
 
 
 # ------------------------------------------------------------------ user data

@@ -53,15 +53,19 @@ class HealOptions:
     layerwise_windows: int = 32
     elastic_ranks: list[int] | None = None  # sample one latent rank per step among these
     elastic_min_fraction: float | None = None  # ... or among [ceil(f r_max), r_max]
+    elastic_full_share: float = 0.5  # share of the steps at the full (largest) rank; the rest uniform below it
     checkpoint_every: int = 200  # steps between checkpoints (and validations)
     val_windows: int = 16  # held-out windows (the last ones of the data)
     max_minutes: float | None = None  # stop (saving the state) after this much wall time
     seed: int = 0
     autocast: bool | None = None  # bf16 autocast; None: on CUDA only
+    compile: bool = False  # torch.compile every transformer block (regional) and the KL of a chunk
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" in CPU tests)
     progress: bool = True
 
-    # options that do not change the result: a resumed run may set them differently
-    RUNTIME_ONLY = ("checkpoint_every", "max_minutes", "progress")
+    # options that do not change the math: a resumed run may set them differently (compiling
+    # may round differently, so only runs with the same compile setting are bit for bit equal)
+    RUNTIME_ONLY = ("checkpoint_every", "max_minutes", "progress", "compile", "compile_backend")
 
     def check(self) -> None:
         if self.train not in TRAIN_SETS:
@@ -77,6 +81,8 @@ class HealOptions:
             raise MlakitError(f"--lr must be positive, got {self.learning_rate}")
         if self.layerwise_steps < 0:
             raise MlakitError("--layerwise-init steps must be >= 0")
+        if not 0 <= self.elastic_full_share <= 1:
+            raise MlakitError(f"--elastic-full-share must be in [0, 1], got {self.elastic_full_share}")
 
     @property
     def learning_rate(self) -> float:
@@ -132,7 +138,9 @@ def forward_hidden(model: Transformer, tokens: torch.Tensor, grad_checkpoint: bo
     b, s = tokens.shape
     positions = torch.arange(s, device=tokens.device).expand(b, s)
     cos, sin = rope_cos_sin(model.rope_frequencies(tokens.device), positions)  # [b, s, rot/2]
-    mask = model.attention_mask(positions, None)  # [b, s, s]
+    # no cache, every window from position 0: plain causal attention, which SDPA runs with its
+    # flash kernels when told so by mask=None; a sliding window needs the explicit [b, s, s] mask
+    mask = None if model.config.sliding_window is None else model.attention_mask(positions, None)
     x = model.tok_embeddings(tokens)
     hidden = []
     for layer in model.layers:
@@ -145,28 +153,37 @@ def forward_hidden(model: Transformer, tokens: torch.Tensor, grad_checkpoint: bo
     return model.norm(x), hidden
 
 
-def _kl_chunk(student: Transformer, teacher: Transformer, hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
-    """Summed ``KL(p_t || p_s)`` over the positions of ``hs, ht [n, dim]`` (softmax in float32,
-    or float64 for float64 models)."""
-    s_logits = student.head(hs)  # [n, vocab]
+def kl_sum(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+    """Summed ``KL(p_t || p_s)`` of logits ``[n, vocab]`` (softmax in float32, or float64 for
+    float64 models); no gradient flows to ``t_logits``. Elementwise and reductions only: under
+    ``torch.compile`` it fuses into a few passes over the logits."""
     wide = torch.float64 if s_logits.dtype == torch.float64 else torch.float32
     s_logp = F.log_softmax(s_logits.to(wide), dim=-1)
-    with torch.no_grad():
-        t_logp = F.log_softmax(teacher.head(ht).to(wide), dim=-1)
+    t_logp = F.log_softmax(t_logits.detach().to(wide), dim=-1)
     return (t_logp.exp() * (t_logp - s_logp)).sum()
 
 
+def _kl_chunk(student: Transformer, teacher: Transformer, hs: torch.Tensor, ht: torch.Tensor,
+              kl_fn=kl_sum) -> torch.Tensor:
+    """Summed ``KL(p_t || p_s)`` over the positions of ``hs, ht [n, dim]``."""
+    s_logits = student.head(hs)  # [n, vocab]
+    with torch.no_grad():
+        t_logits = teacher.head(ht)
+    return kl_fn(s_logits, t_logits)
+
+
 def kl_loss(student: Transformer, teacher: Transformer, hs: torch.Tensor, ht: torch.Tensor,
-            chunk: int) -> torch.Tensor:
-    """Mean per-token KL of the student's next-token distributions from the teacher's."""
+            chunk: int, kl_fn=kl_sum) -> torch.Tensor:
+    """Mean per-token KL of the student's next-token distributions from the teacher's
+    (``kl_fn``: ``kl_sum`` or a compiled ``kl_sum``)."""
     hs, ht = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
     total = 0.0
     for i in range(0, hs.shape[0], chunk):
         if torch.is_grad_enabled():  # the chunk's logits are recomputed in backward, never all kept
-            total = total + checkpoint(_kl_chunk, student, teacher, hs[i:i + chunk], ht[i:i + chunk],
+            total = total + checkpoint(_kl_chunk, student, teacher, hs[i:i + chunk], ht[i:i + chunk], kl_fn,
                                        use_reentrant=False)
         else:
-            total = total + _kl_chunk(student, teacher, hs[i:i + chunk], ht[i:i + chunk])
+            total = total + _kl_chunk(student, teacher, hs[i:i + chunk], ht[i:i + chunk], kl_fn)
     return total / hs.shape[0]
 
 
@@ -177,6 +194,28 @@ def hidden_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.T
     return torch.stack(losses).mean()
 
 
+# ------------------------------------------------------------------ torch.compile
+RECOMPILE_LIMIT = 64  # graphs per compiled function: blocks of student and teacher, grad on/off,
+#                       elastic mask on/off, a short last validation batch, per-layer latent ranks
+
+
+def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
+    """Regional compilation: ``torch.compile`` each transformer block (not the whole model).
+    Identical blocks share one compiled graph (parameters are its inputs), so compiling costs
+    one block, not the whole model; other model instances of the same shapes reuse it.
+    ``uncompile_blocks`` undoes it."""
+    from mlakit.engine import raise_recompile_limit
+
+    raise_recompile_limit(RECOMPILE_LIMIT)
+    for layer in model.layers:
+        layer.compile(backend=backend)
+
+
+def uncompile_blocks(model: Transformer) -> None:
+    for layer in model.layers:
+        layer._compiled_call_impl = None  # what nn.Module.compile sets
+
+
 class Distiller:
     """Loss of one batch; owns the autocast setting."""
 
@@ -185,6 +224,19 @@ class Distiller:
         device = student.device
         use_amp = device.type == "cuda" if options.autocast is None else options.autocast
         self.amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp)
+        self.kl_fn = kl_sum
+
+    def compile(self) -> None:
+        """Compile the blocks of both models and the KL of a chunk (``options.compile_backend``)."""
+        backend = self.options.compile_backend
+        compile_blocks(self.student, backend)
+        compile_blocks(self.teacher, backend)
+        self.kl_fn = torch.compile(kl_sum, backend=backend)
+
+    def uncompile(self) -> None:
+        uncompile_blocks(self.student)
+        uncompile_blocks(self.teacher)
+        self.kl_fn = kl_sum
 
     def loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss, KL) of ``tokens [b, s]``."""
@@ -194,7 +246,7 @@ class Distiller:
             with torch.no_grad():
                 ht, ht_layers = forward_hidden(self.teacher, tokens, collect=collect)
             hs, hs_layers = forward_hidden(self.student, tokens, opts.gradient_checkpointing, collect)
-            kl = kl_loss(self.student, self.teacher, hs, ht, opts.kl_chunk)
+            kl = kl_loss(self.student, self.teacher, hs, ht, opts.kl_chunk, self.kl_fn)
             total = kl + opts.hidden_weight * hidden_loss(hs_layers, ht_layers) if collect else kl
         return total, kl.detach()
 
@@ -209,7 +261,8 @@ class Distiller:
             with torch.autocast(**self.amp):
                 hs, _ = forward_hidden(self.student, batch)
                 ht, _ = forward_hidden(self.teacher, batch)
-                total += float(kl_loss(self.student, self.teacher, hs, ht, self.options.kl_chunk)) * batch.numel()
+                total += float(kl_loss(self.student, self.teacher, hs, ht, self.options.kl_chunk,
+                                       self.kl_fn)) * batch.numel()
             n += batch.numel()
         return total / n
 
@@ -313,7 +366,8 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
     state_dir = Path(state_dir) if state_dir is not None else None
     state = load_state(state_dir) if (state_dir is not None and resume) else None
     history: dict[str, Any] = {"options": asdict(options), "steps": options.steps, "step": [], "tokens": [],
-                               "loss": [], "kl": [], "lr": [], "rank": [], "val": [], "layerwise": None,
+                               "loss": [], "kl": [], "lr": [], "rank": [], "step_seconds": [], "val": [],
+                               "layerwise": None,
                                "train_windows": train_windows.shape[0], "val_windows": n_val, "wall_seconds": 0.0,
                                "trainable_parameters": sum(p.numel() for p in params)}
     distiller = Distiller(student, teacher, options)
@@ -356,10 +410,13 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
         save(0)  # layer-wise initialisation (if any) is not repeated by a resume
     order = BatchOrder(train_windows.shape[0], options.batch_size, options.seed)
     mask = LatentMask(student) if choices else None
+    if options.compile:  # after the layer-wise phase and the first validation, which stay eager
+        distiller.compile()
     tokens_per_step = options.batch_size * options.seq_len
     bar = tqdm(total=options.steps, initial=step, desc="heal", unit="step", disable=not options.progress)
     finished = True
     speed = None
+    first_step, loop_start = step, time.perf_counter()
     try:
         while step < options.steps:
             t0 = time.perf_counter()
@@ -368,7 +425,7 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
                 group["lr"] = lr
             rank = None
             if mask is not None:
-                rank = mask.rank = sample_rank(choices, options.seed, step)
+                rank = mask.rank = sample_rank(choices, options.seed, step, options.elastic_full_share)
             batch = train_windows[order.indices(step)].to(student.device)
             loss, kl = distiller.loss(batch)
             loss.backward()
@@ -381,8 +438,8 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
             dt = time.perf_counter() - t0
             speed = tokens_per_step / dt if speed is None else 0.9 * speed + 0.1 * tokens_per_step / dt
             for key, value in (("step", step), ("tokens", step * tokens_per_step), ("loss", loss_value),
-                               ("kl", float(kl)), ("lr", lr), ("rank", rank)):
-                history[key].append(value)
+                               ("kl", float(kl)), ("lr", lr), ("rank", rank), ("step_seconds", round(dt, 5))):
+                history.setdefault(key, []).append(value)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{speed:,.0f}", **({"rank": rank} if rank else {}))
             if not math.isfinite(loss_value):
@@ -407,6 +464,11 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
         bar.close()
         if mask is not None:
             mask.remove()
+        if options.compile:
+            distiller.uncompile()
         student.eval().requires_grad_(False)
-    history["tokens_per_second"] = speed
+    history["tokens_per_second"] = speed  # a moving average of the last steps' speed
+    # this call's steps over its whole loop: compilation and held-out evaluations included
+    history["tokens_per_second_overall"] = (step - first_step) * tokens_per_step / max(1e-9, time.perf_counter()
+                                                                                         - loop_start)
     return HealResult(finished=finished, step=step, steps=options.steps, log=history)

@@ -76,34 +76,58 @@ class LatentMask:
 
     ``mask.rank = R`` makes the model compute exactly what ``truncate_latent_rank(model, R)``
     computes; ``mask.rank = None`` (or any ``R >= r_l``) leaves a layer untouched.
-    Use as a context manager or call ``remove()``."""
+    Use as a context manager or call ``remove()``.
+
+    Friendly to ``torch.compile`` of the blocks: every layer shares one hook, and the
+    channels to drop sit in a boolean buffer of each ``wkv_a`` that a new rank rewrites
+    in place, so changing the rank never recompiles (only on/off is a guard)."""
+
+    BUFFER = "latent_drop"
 
     def __init__(self, model: Transformer) -> None:
         _check_mla(model, "elastic-rank training")
-        self.rank: int | None = None
-        self._masks: dict[tuple[int, int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._rank: int | None = None
+        self._active = False  # what the hook reads (a bool: compiled graphs guard on it, never on the rank)
+        self._modules: list[tuple[torch.nn.Module, int]] = []
         self._handles = []
+        hook = self._hook  # one function object for every layer (one compiled graph for all blocks)
         for layer in model.layers:
             attn = layer.attention
             assert isinstance(attn, MLAttention)
-            self._handles.append(attn.wkv_a.register_forward_hook(self._hook(attn.kv_lora_rank, attn.rope_dim)))
+            r, p = attn.kv_lora_rank, attn.rope_dim
+            attn.wkv_a.register_buffer(self.BUFFER, torch.zeros(r + p, dtype=torch.bool,
+                                                                device=attn.wkv_a.weight.device), persistent=False)
+            self._modules.append((attn.wkv_a, r))
+            self._handles.append(attn.wkv_a.register_forward_hook(hook))
 
-    def _hook(self, r: int, p: int):
-        def hook(module, inputs, out: torch.Tensor) -> torch.Tensor | None:
-            if self.rank is None or self.rank >= r:
-                return None
-            key = (r, self.rank, out.device, out.dtype)
-            if key not in self._masks:
-                mask = torch.ones(r + p, dtype=out.dtype, device=out.device)
-                mask[self.rank:r] = 0
-                self._masks[key] = mask
-            return out * self._masks[key]  # [..., r + p]: the RoPE channels stay
-        return hook
+    @property
+    def rank(self) -> int | None:
+        return self._rank
+
+    @rank.setter
+    def rank(self, value: int | None) -> None:
+        self._rank = value
+        self._active = value is not None
+        if value is None:
+            return
+        for module, r in self._modules:
+            drop = getattr(module, self.BUFFER)
+            channel = torch.arange(drop.numel(), device=drop.device)
+            drop.copy_((channel >= value) & (channel < r))  # latent channels [R, r); the RoPE ones stay
+
+    def _hook(self, module, inputs, out: torch.Tensor) -> torch.Tensor | None:
+        if not self._active:
+            return None
+        return out.masked_fill(getattr(module, self.BUFFER), 0)  # [..., r + p]
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for module, _ in self._modules:
+            if hasattr(module, self.BUFFER):
+                delattr(module, self.BUFFER)
+        self._modules.clear()
 
     def __enter__(self) -> "LatentMask":
         return self
@@ -143,7 +167,16 @@ def elastic_choices(model: Transformer, ranks: Sequence[int] | None = None,
     return list(ranks)
 
 
-def sample_rank(choices: Sequence[int], seed: int, step: int) -> int:
+def sample_rank(choices: Sequence[int], seed: int, step: int, full_share: float | None = None) -> int:
     """The rank of one step: a pure function of (seed, step), so a resumed run
-    samples exactly what an uninterrupted one does."""
-    return random.Random(seed * 1_000_003 + step).choice(list(choices))
+    samples exactly what an uninterrupted one does.
+
+    ``full_share`` None: uniform among ``choices``. Otherwise the full rank (the largest
+    choice) with probability ``full_share``, else one of the smaller choices, uniformly."""
+    rng = random.Random(seed * 1_000_003 + step)
+    if full_share is None:
+        return rng.choice(list(choices))
+    choices = sorted(choices)
+    if len(choices) == 1 or rng.random() < full_share:
+        return choices[-1]
+    return rng.choice(choices[:-1])

@@ -39,7 +39,8 @@ def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) 
     positions = torch.arange(s, device=device).expand(batch, s)
     cos, sin = rope_cos_sin(teacher.rope_frequencies(device), positions)
     s_cos, s_sin = rope_cos_sin(student.rope_frequencies(device), positions)  # the student's RoPE frequencies
-    mask = teacher.attention_mask(positions, None)
+    # no cache: plain causal attention (mask None, SDPA's flash kernels) unless there is a sliding window
+    mask = None if teacher.config.sliding_window is None else teacher.attention_mask(positions, None)
     names = MLA_PARAMETERS if options.train == "mla" else (*MLA_PARAMETERS, "wo")
     result = {"before": [], "after": [], "steps": options.layerwise_steps, "windows": n}
     with torch.no_grad(), torch.autocast(**amp):
@@ -52,7 +53,7 @@ def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) 
         for i in range(0, n, batch):
             chunk = inputs[i:i + batch]
             k = chunk.shape[0]
-            outs.append(module(chunk, rope[0][:k], rope[1][:k], positions[:k], mask[:k]))
+            outs.append(module(chunk, rope[0][:k], rope[1][:k], positions[:k], None if mask is None else mask[:k]))
         return torch.cat(outs)
 
     for l, (s_layer, t_layer) in enumerate(zip(student.layers, teacher.layers)):

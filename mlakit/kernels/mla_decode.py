@@ -433,7 +433,18 @@ def mla_decode(
     TRITON_INTERPRET=1 was set before import), the reference otherwise.
     ``out`` (optional) receives the result; ``config`` overrides the launch
     configuration (keys of ``default_config``) for tuning.
+
+    Inside ``torch.compile`` the call is the custom op ``torch.ops.mlakit.mla_decode``
+    (opaque to the compiler, so the wrapper's launch logic is not traced).
     """
+    if torch.compiler.is_compiling() and out is None and config is None:
+        # fixed, contiguous layouts in and out (the compiler may lay intermediates out otherwise)
+        return torch.ops.mlakit.mla_decode(q_latent.contiguous(), q_rope.contiguous(), kv_cache, lengths,
+                                           softmax_scale, kv_lora_rank)
+    return _mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank, out=out, config=config)
+
+
+def _mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank, *, out=None, config=None):
     rope_dim = _check_decode_args(q_latent, q_rope, kv_cache, lengths, kv_lora_rank, allow_fp64=True)
     if not _use_triton(q_latent) or q_latent.dtype == torch.float64:  # float64: tests, reference only
         result = mla_decode_reference(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank)
@@ -518,3 +529,15 @@ def mla_decode(
             num_warps=4,
         )
     return out
+
+
+@torch.library.custom_op("mlakit::mla_decode", mutates_args=())
+def _mla_decode_op(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, lengths: torch.Tensor,
+                   softmax_scale: float, kv_lora_rank: int) -> torch.Tensor:
+    # contiguous, as the fake below says (the reference path may return another layout)
+    return _mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank).contiguous()
+
+
+@_mla_decode_op.register_fake
+def _mla_decode_fake(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank):
+    return q_latent.new_empty(q_latent.shape)

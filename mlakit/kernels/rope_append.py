@@ -13,7 +13,8 @@ once and writes the cache row once.
 
 RoPE convention (Llama "rotate_half" over the rope dims): with half = rope_dim // 2,
 x1 = x[:half], x2 = x[half:], out = cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin),
-cos/sin: [max_pos, half] float32 tables indexed by position (any frequencies).
+cos/sin: float32, either [max_pos, half] tables indexed by position (any
+frequencies) or [batch, s, half], one row per new token (what the model computes).
 
 Positions outside [0, min(max_len, max_pos)) are skipped (not written) by both
 the kernel and the reference, so padding tokens can carry position -1.
@@ -58,10 +59,12 @@ def _check_rope_append_args(latent, k_rope, kv_cache, positions, cos, sin, norm_
         raise ValueError(f"rope_dim must be even, got {rope_dim}")
     if positions.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"positions must be int32 or int64, got {positions.dtype}")
-    if cos.dim() != 2 or sin.shape != cos.shape or cos.shape[1] != rope_dim // 2:
+    per_token = cos.dim() == 3
+    if (sin.shape != cos.shape or cos.shape[-1] != rope_dim // 2
+            or not (cos.dim() == 2 or (per_token and tuple(cos.shape[:2]) == (batch, seq)))):
         raise ValueError(
-            f"cos and sin must both be [max_pos, rope_dim // 2 = {rope_dim // 2}], "
-            f"got {tuple(cos.shape)} and {tuple(sin.shape)}"
+            f"cos and sin must both be [max_pos, rope_dim // 2 = {rope_dim // 2}] or "
+            f"[batch, s, rope_dim // 2] = {(batch, seq, rope_dim // 2)}, got {tuple(cos.shape)} and {tuple(sin.shape)}"
         )
     if norm_weight is not None and tuple(norm_weight.shape) != (rank,):
         raise ValueError(f"norm_weight must be [kv_lora_rank = {rank}], got {tuple(norm_weight.shape)}")
@@ -84,22 +87,27 @@ def rope_append_reference(
     norm_weight: Optional[torch.Tensor] = None,
     norm_eps: float = 1e-6,
 ) -> None:
-    """Plain PyTorch version of ``rope_append`` (fp32 math, in place into kv_cache)."""
+    """Plain PyTorch version of ``rope_append`` (fp32 math, fp64 for fp64 inputs; in place into kv_cache)."""
     _check_rope_append_args(latent, k_rope, kv_cache, positions, cos, sin, norm_weight)
     batch, seq, rank = latent.shape
     half = k_rope.shape[2] // 2
+    wide = torch.float64 if latent.dtype == torch.float64 else torch.float32
 
-    x = latent.float()  # [b, s, r]
+    x = latent.to(wide)  # [b, s, r]
     if norm_weight is not None:
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm_eps) * norm_weight.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm_eps) * norm_weight.to(wide)
 
     pos = positions.long()  # [b, s]
-    limit = min(kv_cache.shape[1], cos.shape[0])
+    per_token = cos.dim() == 3
+    limit = kv_cache.shape[1] if per_token else min(kv_cache.shape[1], cos.shape[0])
     keep = (pos >= 0) & (pos < limit)  # [b, s]
     safe_pos = pos.clamp(0, max(limit - 1, 0))
-    k = k_rope.float()
+    k = k_rope.to(wide)
     k1, k2 = k[..., :half], k[..., half:]  # [b, s, half]
-    c, s = cos.float()[safe_pos], sin.float()[safe_pos]  # [b, s, half]
+    if per_token:
+        c, s = cos.to(wide), sin.to(wide)  # [b, s, half]
+    else:
+        c, s = cos.to(wide)[safe_pos], sin.to(wide)[safe_pos]  # [b, s, half]
     rotated = torch.cat([k1 * c - k2 * s, k2 * c + k1 * s], dim=-1)  # [b, s, p]
 
     new_rows = torch.cat([x, rotated], dim=-1).to(kv_cache.dtype)  # [b, s, r + p]
@@ -117,12 +125,13 @@ if HAS_TRITON:
         stride_kb, stride_ks,
         stride_pb, stride_ps,
         stride_kvb, stride_kvn,
-        stride_cos, stride_sin,
+        stride_cb, stride_cs, stride_cn,  # cos/sin: [b, s, half] (per token) or [max_pos, half] (table)
         RANK: tl.constexpr,
         HALF: tl.constexpr,  # rope_dim // 2
         BLOCK_R: tl.constexpr,
         BLOCK_HALF: tl.constexpr,
         HAS_NORM: tl.constexpr,
+        PER_TOKEN: tl.constexpr,  # cos/sin rows per token instead of a table indexed by position
     ):
         # One program per new token.
         pid = tl.program_id(0)
@@ -154,8 +163,12 @@ if HAS_TRITON:
             k_base = k_rope_ptr + b * stride_kb + t * stride_ks
             k1 = tl.load(k_base + offs_h, mask=offs_h < HALF, other=0.0).to(tl.float32)
             k2 = tl.load(k_base + HALF + offs_h, mask=offs_h < HALF, other=0.0).to(tl.float32)
-            c = tl.load(cos_ptr + pos * stride_cos + offs_h, mask=offs_h < HALF, other=0.0).to(tl.float32)
-            s = tl.load(sin_ptr + pos * stride_sin + offs_h, mask=offs_h < HALF, other=0.0).to(tl.float32)
+            if PER_TOKEN:
+                angle_row = b * stride_cb + t * stride_cs
+            else:
+                angle_row = pos * stride_cn
+            c = tl.load(cos_ptr + angle_row + offs_h, mask=offs_h < HALF, other=0.0).to(tl.float32)
+            s = tl.load(sin_ptr + angle_row + offs_h, mask=offs_h < HALF, other=0.0).to(tl.float32)
             out_dtype = kv_ptr.dtype.element_ty
             tl.store(cache_row + RANK + offs_h, (k1 * c - k2 * s).to(out_dtype), mask=h_mask)
             tl.store(cache_row + RANK + HALF + offs_h, (k2 * c + k1 * s).to(out_dtype), mask=h_mask)
@@ -175,9 +188,21 @@ def rope_append(
 
     latent: [batch, s, kv_lora_rank]; k_rope: [batch, s, rope_dim] (pre-RoPE);
     kv_cache: [>= batch, max_len, kv_lora_rank + rope_dim]; positions: [batch, s] int
-    (cache slot == position, cache row b == sequence b); cos/sin: [max_pos, rope_dim // 2]
-    float32; norm_weight: optional [kv_lora_rank] RMSNorm weight.  Returns None.
+    (cache slot == position, cache row b == sequence b); cos/sin: float32 tables
+    [max_pos, rope_dim // 2] indexed by position, or [batch, s, rope_dim // 2] per token;
+    norm_weight: optional [kv_lora_rank] RMSNorm weight.  Returns None.
+
+    Inside ``torch.compile`` the call is the custom op ``torch.ops.mlakit.rope_append``
+    (it mutates ``kv_cache``; opaque to the compiler).
     """
+    if torch.compiler.is_compiling():
+        torch.ops.mlakit.rope_append(latent, k_rope, kv_cache, positions, cos, sin, norm_weight, norm_eps)
+        return None
+    _rope_append(latent, k_rope, kv_cache, positions, cos, sin, norm_weight, norm_eps)
+    return None
+
+
+def _rope_append(latent, k_rope, kv_cache, positions, cos, sin, norm_weight, norm_eps) -> None:
     _check_rope_append_args(latent, k_rope, kv_cache, positions, cos, sin, norm_weight)
     use_triton = HAS_TRITON and (latent.is_cuda or (INTERPRET and latent.device.type == "cpu"))
     if not use_triton:
@@ -192,11 +217,16 @@ def rope_append(
     # Inputs are one row per token: make last dims contiguous rather than fail.
     latent = latent if latent.stride(2) == 1 else latent.contiguous()
     k_rope = k_rope if (half == 0 or k_rope.stride(2) == 1) else k_rope.contiguous()
-    cos = cos if cos.stride(1) == 1 else cos.contiguous()
-    sin = sin if sin.stride(1) == 1 else sin.contiguous()
+    per_token = cos.dim() == 3
+    # one layout for both: contiguous [.., half] rows with the same strides
+    cos, sin = cos.contiguous(), sin.contiguous()
     if norm_weight is not None and norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
-    pos_limit = min(kv_cache.shape[1], cos.shape[0])
+    pos_limit = kv_cache.shape[1] if per_token else min(kv_cache.shape[1], cos.shape[0])
+    if per_token:
+        stride_cb, stride_cs, stride_cn = cos.stride(0), cos.stride(1), 0
+    else:
+        stride_cb, stride_cs, stride_cn = 0, 0, cos.stride(0)
     block_r = triton.next_power_of_2(rank)
     _rope_append_kernel[(batch * seq,)](
         latent, k_rope, kv_cache, positions, cos, sin,
@@ -206,10 +236,23 @@ def rope_append(
         k_rope.stride(0), k_rope.stride(1),
         positions.stride(0), positions.stride(1),
         kv_cache.stride(0), kv_cache.stride(1),
-        cos.stride(0), sin.stride(0),
+        stride_cb, stride_cs, stride_cn,
         RANK=rank, HALF=half,
         BLOCK_R=block_r, BLOCK_HALF=max(1, triton.next_power_of_2(max(half, 1))),
         HAS_NORM=norm_weight is not None,
+        PER_TOKEN=per_token,
         num_warps=4 if block_r >= 512 else (2 if block_r >= 128 else 1),
     )
+    return None
+
+
+@torch.library.custom_op("mlakit::rope_append", mutates_args=("kv_cache",))
+def _rope_append_op(latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: torch.Tensor, positions: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor, norm_weight: Optional[torch.Tensor],
+                    norm_eps: float) -> None:
+    _rope_append(latent, k_rope, kv_cache, positions, cos, sin, norm_weight, norm_eps)
+
+
+@_rope_append_op.register_fake
+def _rope_append_fake(latent, k_rope, kv_cache, positions, cos, sin, norm_weight, norm_eps) -> None:
     return None

@@ -208,6 +208,7 @@ def main() -> int:
                         help="the bench skips (and records) what is left once this is spent")
     parser.add_argument("--hf-static", action="store_true", help="also transformers' static cache (compiles)")
     parser.add_argument("--variants", default=",".join(e2e.VARIANT_KEYS))
+    parser.add_argument("--no-compile", action="store_true", help="decode step without torch.compile (CUDA graph only)")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--experiments", action="store_true",
                         help="A/B candidate engine changes (GQA decode attention paths, MHA without "
@@ -241,7 +242,7 @@ def main() -> int:
 
     opts = e2e.E2EOptions(preset="llama3-8b", device="cuda", dtype="bfloat16", steps=args.steps, warmup=3,
                           variants=[v for v in args.variants.split(",") if v], hf=True, hf_static=args.hf_static,
-                          time_budget_s=args.time_budget_s, progress=True,
+                          time_budget_s=args.time_budget_s, progress=True, compile=not args.no_compile,
                           profile_path=os.path.join(args.out, "profile.txt"))
     log(f"== {e2e.PROTOCOL} (time budget {args.time_budget_s:.0f} s)")
     json_path = os.path.join(args.out, "e2e.json")

@@ -8,6 +8,19 @@ again continues where the last one stopped; it prints "done" when nothing is lef
     PYTHONUNBUFFERED=1 python3 scripts/device/heal_check.py --out out/heal            # everything
     PYTHONUNBUFFERED=1 python3 scripts/device/heal_check.py --out out/heal --phase heal --savings 0.75
 
+One call of about 9 minutes (issue 7's budget: more teacher text, a compiled heal of all
+parameters sized to ~5 minutes by a measured speed, the table, results copied to $OUT):
+
+    PYTHONUNBUFFERED=1 python3 scripts/device/heal_check.py --out out/heal --export "$OUT" --savings 0.75 \
+        --train all --compile --teacher-tokens 16M --gen-batch 1024 --data-minutes 2 --heal-minutes 5 \
+        --elastic-minutes 0 --max-minutes 9.5
+
+``--heal-minutes M`` first runs a short probe of the same training (which also compiles
+the blocks), measures tokens/s, and sets the run's tokens to what fits in M minutes,
+probe included (the cosine schedule then ends on time; ``--max-minutes`` still guards).
+``--data-minutes M`` caps the teacher text generation (fewer tokens than asked if slow).
+``--elastic-minutes M`` does the same for the elastic run (0: no elastic run).
+
 Phases, in order (``--phase all`` runs those not done yet):
   convert      convert the default model at each KV saving on the GPU -> OUT/mla-S/
   eval-free    wikitext2-smollm2-v1 of the original and of each converted model (float32)
@@ -63,12 +76,13 @@ class Run:
         if args.smoke:
             self.teacher = str(self._smoke_teacher())
             self.heal_args = dict(tokens=args.tokens or 4096, batch_size=2, seq_len=128, checkpoint_every=8,
-                                  teacher_tokens=2048, gen_batch=8, val_windows=2)
+                                  teacher_tokens=args.teacher_tokens or 2048, gen_batch=args.gen_batch or 8,
+                                  val_windows=2)
         else:
             self.teacher = "default"
             self.heal_args = dict(tokens=args.tokens or 12_000_000, batch_size=args.batch_size, seq_len=512,
-                                  checkpoint_every=100, teacher_tokens=args.teacher_tokens, gen_batch=256,
-                                  val_windows=16)
+                                  checkpoint_every=100, teacher_tokens=args.teacher_tokens,
+                                  gen_batch=args.gen_batch or 256, val_windows=16)
 
     def _smoke_teacher(self) -> Path:
         path = self.out / "llama-kv2"
@@ -93,17 +107,21 @@ class Run:
     def row(self, saving: float) -> dict:
         return self.results.setdefault("rows", {}).setdefault(f"{saving:g}", {"kv_saving": saving})
 
-    def options(self, elastic: list[int] | None = None):
+    def options(self, elastic: list[int] | None = None, tokens: int | None = None):
+        """(HealOptions, TeacherDataOptions) of a heal run; ``tokens`` a planned count (else --tokens)."""
         from mlakit.heal import HealOptions, TeacherDataOptions
 
         a = self.heal_args
-        options = HealOptions(tokens=a["tokens"], batch_size=a["batch_size"], seq_len=a["seq_len"],
+        options = HealOptions(tokens=tokens or a["tokens"], batch_size=a["batch_size"], seq_len=a["seq_len"],
                               checkpoint_every=a["checkpoint_every"], val_windows=a["val_windows"],
                               layerwise_steps=self.args.layerwise_init, elastic_ranks=elastic,
-                              train=self.args.train, lr=self.args.lr,
+                              elastic_full_share=self.args.elastic_full_share,
+                              train=self.args.train, lr=self.args.lr, compile=self.args.compile,
+                              # CPU smoke runs: no C++ toolchain needed, same graphs
+                              compile_backend="aot_eager" if self.args.smoke else "inductor",
                               max_minutes=max(0.0, self.minutes_left() - 1.0))  # a minute for saving + eval
         data = TeacherDataOptions(tokens=a["teacher_tokens"] or min(a["tokens"], TeacherDataOptions.tokens),
-                                  seq_len=a["seq_len"], batch=a["gen_batch"])
+                                  seq_len=a["seq_len"], batch=a["gen_batch"], max_minutes=self.args.data_minutes)
         return options, data
 
 
@@ -178,23 +196,96 @@ def phase_data(run: Run) -> bool:
     _, data = run.options()
     start = time.perf_counter()
     teacher = load(run.teacher, dtype=torch.bfloat16 if run.device == "cuda" else torch.float32, device=run.device)
-    windows = teacher_data(teacher.model, teacher.tokenizer, data, progress=True, log=log)
+    stats: dict = {}
+    windows = teacher_data(teacher.model, teacher.tokenizer, data, progress=not run.args.smoke, log=log, stats=stats)
     seconds = time.perf_counter() - start
-    run.results.setdefault("data", {"tokens": windows.numel(), "seconds": seconds, "options": data.__dict__})
+    if "data" not in run.results or not stats.get("cached"):
+        run.results["data"] = {"tokens": windows.numel(), "seconds": seconds, "options": data.__dict__,
+                               "generation": stats}
     run.save()
     log(f"teacher text: {windows.numel():,} tokens ({seconds:.0f}s incl. load)")
+    del teacher
+    _free_memory()
     return True
 
 
-def _heal_one(run: Run, src: Path, dst: Path, elastic: list[int] | None = None) -> dict | None:
-    """Heal ``src`` into ``dst``; None when the time ran out first (the state is kept)."""
+def _free_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+PROBE_STEPS = 24  # steps of the speed probe; the speed is the median of its second half
+PLAN_RESERVE_S = 20.0  # seconds of a planned run spent outside its steps: loading, evaluations, saving
+PLAN_SAFETY = 0.93  # share of the measured speed x time that a plan uses
+
+
+def plan_tokens(run: Run, src: Path, dst: Path, minutes: float, elastic: list[int] | None = None) -> int:
+    """Training tokens that fit in ``minutes`` (from now, the probe included): a short probe of
+    the same training (same options, compiling what the run will use) measures the steady
+    tokens/s. Stored in the results, so a rerun resumes with the same count."""
+    from dataclasses import replace
+
+    from mlakit.heal.data import teacher_data
+    from mlakit.heal.distill import heal_model
+    from mlakit.loading import load
+
+    plans = run.results.setdefault("plans", {})
+    if dst.name in plans:
+        return plans[dst.name]["tokens"]
+    fit = run.minutes_left() - 1.5  # leave time for its evaluation and the report before --max-minutes
+    if fit < minutes:
+        log(f"plan {dst.name}: {minutes:g} minutes do not fit before --max-minutes; planning {fit:.1f}")
+        minutes = max(0.5, fit)
+    start = time.monotonic()
+    options, data = run.options(elastic)
+    per_step = options.batch_size * options.seq_len
+    student = load(str(src), dtype=torch.float32, device=run.device)
+    teacher = load(run.teacher, dtype=torch.bfloat16 if run.device == "cuda" else torch.float32, device=run.device)
+    windows = teacher_data(teacher.model, teacher.tokenizer, data, progress=False, log=lambda *_: None)
+    probe = replace(options, tokens=PROBE_STEPS * per_step, layerwise_steps=0, max_minutes=None, progress=False,
+                    checkpoint_every=10 ** 9)
+    original = {k: v.detach().clone() for k, v in student.model.state_dict().items()}
+    try:
+        result = heal_model(student.model, teacher.model, windows, probe, log=lambda *_: None)
+    except Exception as error:  # noqa: BLE001 - one GPU call: fall back to eager rather than lose the run
+        if not options.compile:
+            raise
+        log(f"plan {dst.name}: the compiled probe failed ({type(error).__name__}: {error}); continuing without "
+            "--compile")
+        run.results["compile_error"] = f"{type(error).__name__}: {error}"
+        run.args.compile = False
+        student.model.load_state_dict(original)
+        result = heal_model(student.model, teacher.model, windows, replace(probe, compile=False),
+                            log=lambda *_: None)
+    del student, teacher, original
+    _free_memory()
+    steady = sorted(result.log["step_seconds"][PROBE_STEPS // 2:])
+    speed = per_step / steady[len(steady) // 2]
+    left = 60 * minutes - (time.monotonic() - start) - PLAN_RESERVE_S
+    steps = max(1, int(PLAN_SAFETY * speed * max(0.0, left) / per_step))
+    plans[dst.name] = {"tokens": steps * per_step, "steps": steps, "probe_tokens_per_second": speed,
+                       "probe_seconds": time.monotonic() - start, "minutes": minutes}
+    run.save()
+    log(f"plan {dst.name}: probe {plans[dst.name]['probe_seconds']:.0f}s (compile included), "
+        f"{speed:,.0f} tokens/s -> {steps} steps ({steps * per_step:,} tokens) in the {minutes:g} minutes")
+    return steps * per_step
+
+
+def _heal_one(run: Run, src: Path, dst: Path, elastic: list[int] | None = None,
+              minutes: float | None = None) -> dict | None:
+    """Heal ``src`` into ``dst`` (with ``minutes``: as many tokens as fit in them); None when
+    the time ran out first (the state is kept)."""
     from mlakit.heal.api import heal
 
     if dst.exists():
         return json.loads((dst / "heal_log.json").read_text())
     if run.minutes_left() < 1.5:
         return None
-    options, data = run.options(elastic)
+    tokens = plan_tokens(run, src, dst, minutes, elastic) if minutes else None
+    options, data = run.options(elastic, tokens)
     log(f"heal {src.name} -> {dst.name} ({options.tokens:,} tokens, train={options.train}"
         f"{'' if elastic is None else f', elastic ranks {elastic}'}) ...")
     summary = heal(str(src), run.teacher, dst, options, data, device=run.device, resume=True, log=log)
@@ -204,13 +295,16 @@ def _heal_one(run: Run, src: Path, dst: Path, elastic: list[int] | None = None) 
 
 
 def _heal_row(summary: dict) -> dict:
-    return {k: summary[k] for k in ("tokens", "seconds", "kl_before", "kl_after", "tokens_per_second", "device")}
+    row = {k: summary.get(k) for k in ("tokens", "seconds", "kl_before", "kl_after", "tokens_per_second",
+                                       "tokens_per_second_overall", "compile", "device")}
+    row["train"] = summary.get("log", {}).get("options", {}).get("train")
+    return row
 
 
 def phase_heal(run: Run) -> bool:
     done = True
     for saving in run.args.savings:
-        summary = _heal_one(run, run.path("mla", saving), run.path("healed", saving))
+        summary = _heal_one(run, run.path("mla", saving), run.path("healed", saving), minutes=run.args.heal_minutes)
         if summary is None:
             done = False
             break
@@ -236,15 +330,20 @@ def elastic_ranks(run: Run) -> list[tuple[float, int]]:
 
 
 def phase_elastic(run: Run) -> bool:
+    if run.args.elastic_minutes == 0:
+        log("elastic: skipped (--elastic-minutes 0)")
+        return True
     src = run.path("mla", ELASTIC_SAVING)
     if not src.exists():
         log(f"elastic: {src} missing (run the convert phase with {ELASTIC_SAVING} among --savings)")
         return True
     grid = elastic_ranks(run)
-    summary = _heal_one(run, src, run.path("elastic", ELASTIC_SAVING), sorted({r for _, r in grid}))
+    summary = _heal_one(run, src, run.path("elastic", ELASTIC_SAVING), sorted({r for _, r in grid}),
+                        minutes=run.args.elastic_minutes)
     if summary is None:
         return False
     elastic = run.results.setdefault("elastic", {"heal": _heal_row(summary), "points": {}})
+    elastic["heal"]["full_share"] = run.args.elastic_full_share
     for saving, rank in grid:
         key = f"{saving:g}"
         if key in elastic["points"]:
@@ -269,22 +368,42 @@ def phase_report(run: Run) -> bool:
     r = run.results
     gpu = torch.cuda.get_device_name() if run.device == "cuda" else "cpu (smoke)"
     r["protocol"], r["gpu"] = PROTOCOL, gpu
-    lines = [f"Protocol {PROTOCOL}; GPU {gpu}; original ppl {_ppl(r.get('original'))} "
-             f"({r.get('original', {}).get('kv_values_per_token_layer', '?')} values/token/layer)", "",
-             "| KV saving | values/token/layer | ppl training-free | ppl healed | heal tokens | heal time | "
-             "tokens/s | KL before → after |", "|---|---|---|---|---|---|---|---|"]
+    a = run.args
+    lines = [f"Protocol {PROTOCOL}; GPU {gpu}; torch {torch.__version__}; original ppl {_ppl(r.get('original'))} "
+             f"({r.get('original', {}).get('kv_values_per_token_layer', '?')} values/token/layer); "
+             f"--train {a.train}{' --compile' if a.compile else ''}, batch {run.heal_args['batch_size']} x "
+             f"{run.heal_args['seq_len']}", ""]
+    data = r.get("data")
+    if data:
+        g = data.get("generation") or {}
+        speed = f", {g['tokens_per_second']:,.0f} tokens/s" if g.get("tokens_per_second") else ""
+        took = f" in {g['seconds']:.0f}s" if g.get("seconds") else ""
+        lines += [f"Teacher text: {data['tokens']:,} tokens{took}{speed} (generation batch "
+                  f"{data['options'].get('batch')}{', compiled engine' if g.get('compiled') else ''}"
+                  f"{', cut short by --data-minutes' if g.get('complete') is False else ''}"
+                  f"{', from the cache' if g.get('cached') else ''})", ""]
+    lines += ["| KV saving | values/token/layer | ppl training-free | ppl healed | heal tokens | heal time | "
+              "tokens/s steady (overall) | KL before → after |", "|---|---|---|---|---|---|---|---|"]
     for key, row in sorted(r.get("rows", {}).items(), key=lambda kv: float(kv[0])):
         heal, free = row.get("heal"), row.get("free") or row.get("healed")
         values = free["kv_values_per_token_layer"] if free else "?"
         time_text = f"{heal['seconds']['train']:.0f}s (+{heal['seconds']['data']:.0f}s data)" if heal else "—"
+        overall = heal.get("tokens_per_second_overall") if heal else None
+        overall = f" ({overall:,.0f})" if overall else ""
         lines.append(f"| {100 * float(key):.1f}% | {values:g} | {_ppl(row.get('free'))} | {_ppl(row.get('healed'))} | "
-                     f"{heal['tokens']:,} | {time_text} | {heal['tokens_per_second'] or 0:,.0f} | "
+                     f"{heal['tokens']:,} | {time_text} | {heal['tokens_per_second'] or 0:,.0f}{overall} | "
                      f"{heal['kl_before']:.4f} → {heal['kl_after']:.4f} |" if heal else
                      f"| {100 * float(key):.1f}% | {values} | {_ppl(row.get('free'))} | — | — | — | — | — |")
+    for name, plan in sorted(r.get("plans", {}).items()):
+        lines.append(f"\nPlan {name}: probe {plan['probe_seconds']:.0f}s (compilation included), "
+                     f"{plan['probe_tokens_per_second']:,.0f} tokens/s -> {plan['tokens']:,} tokens for "
+                     f"{plan['minutes']:g} minutes")
     elastic = r.get("elastic")
     if elastic:
+        share = elastic["heal"].get("full_share")
         lines += ["", f"Elastic: one checkpoint healed at {100 * ELASTIC_SAVING:g}% with elastic ranks "
-                      f"({elastic['heal']['tokens']:,} tokens, {elastic['heal']['seconds']['train']:.0f}s), "
+                      f"({elastic['heal']['tokens']:,} tokens, {elastic['heal']['seconds']['train']:.0f}s"
+                      f"{'' if share is None else f', full rank on {100 * share:g}% of the steps'}), "
                       "evaluated with its latent truncated at run time", "",
                   "| KV saving | runtime rank | values/token/layer | ppl elastic | ppl healed (plain), truncated | "
                   "ppl training-free, truncated |", "|---|---|---|---|---|---|"]
@@ -292,13 +411,62 @@ def phase_report(run: Run) -> bool:
             lines.append(f"| {100 * p['kv_saving']:.1f}% | {p['rank']} | "
                          f"{p['elastic']['kv_values_per_token_layer']:g} | {_ppl(p['elastic'])} | "
                          f"{_ppl(p.get('healed'))} | {_ppl(p.get('free'))} |")
+    lines += _targets(r)
+    problems = list(r.get("errors", []))
+    if r.get("compile_error"):
+        problems.append(f"compile: {r['compile_error']} (ran eager)")
+    if problems:
+        lines += ["", "Errors:", *(f"- {p}" for p in problems)]
     table = "\n".join(lines)
     (run.out / "heal.md").write_text(table + "\n")
     run.save()
     _plots(run)
+    _export(run)
     log("")
     log(table)
     return True
+
+
+TARGETS = {"0.75": 30.5, "0.875": 32.5}  # issue 7: healed ppl within 10 minutes of GPU time
+
+
+def _targets(r: dict) -> list[str]:
+    out = []
+    for key, target in TARGETS.items():
+        healed = r.get("rows", {}).get(key, {}).get("healed")
+        if healed:
+            out.append(f"- {100 * float(key):g}% saving: healed ppl {healed['ppl']:.2f} vs target <= {target} "
+                       f"({'met' if healed['ppl'] <= target else 'missed'})")
+    for key, point in sorted((r.get("elastic") or {}).get("points", {}).items()):
+        dedicated = r.get("rows", {}).get(key, {}).get("healed")
+        if dedicated and point.get("elastic"):
+            ratio = point["elastic"]["ppl"] / dedicated["ppl"]
+            out.append(f"- elastic at {100 * float(key):g}%: {point['elastic']['ppl']:.2f} vs dedicated "
+                       f"{dedicated['ppl']:.2f} ({100 * (ratio - 1):+.1f}%; target within 5%: "
+                       f"{'met' if ratio <= 1.05 else 'missed'})")
+    return ["", "Targets (issue 7):", *out] if out else []
+
+
+def _export(run: Run) -> None:
+    """Copy the results (not the checkpoints) to --export: heal.md, heal.json, the plots and
+    each run's heal_log.json (as heal_log-<run>.json) and heal_loss.png."""
+    if not run.args.export:
+        return
+    dest = Path(run.args.export)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("heal.md", "heal.json", "heal_ppl.png", "heal_elastic.png"):
+        if (run.out / name).exists():
+            shutil.copy2(run.out / name, dest / name)
+    for kind in ("healed", "elastic"):
+        for run_dir in sorted(run.out.glob(f"{kind}-*")):
+            if run_dir.suffix == ".heal":
+                continue
+            for name in ("heal_log.json", "heal_loss.png"):  # the finished run's, else the unfinished state's
+                for src in (run_dir / name, run_dir.with_name(run_dir.name + ".heal") / name):
+                    if src.exists():
+                        stem, ext = name.rsplit(".", 1)
+                        shutil.copy2(src, dest / f"{stem}-{run_dir.name}.{ext}")
+                        break
 
 
 def _plots(run: Run) -> None:
@@ -346,6 +514,12 @@ def _plots(run: Run) -> None:
         plt.close(fig)
 
 
+def _count(text: str) -> int:
+    from mlakit.heal.cli import _count as count
+
+    return count(text)
+
+
 RUNNERS = {"convert": phase_convert, "eval-free": phase_eval_free, "data": phase_data, "heal": phase_heal,
            "eval-healed": phase_eval_healed, "elastic": phase_elastic, "report": phase_report}
 
@@ -355,12 +529,26 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="results and checkpoints (kept between commands)")
     parser.add_argument("--phase", choices=("all", *PHASES), default="all")
     parser.add_argument("--savings", default="0.5,0.75,0.875", help="comma-separated KV savings")
-    parser.add_argument("--tokens", type=float, default=None,
+    parser.add_argument("--tokens", type=_count, default=None,
                         help="training tokens per heal run (default 12e6; smoke 4096)")
-    parser.add_argument("--teacher-tokens", type=float, default=None,
-                        help="teacher text to generate (default min(--tokens, 4e6)); shared by all runs")
+    parser.add_argument("--teacher-tokens", type=_count, default=None,
+                        help="teacher text to generate, e.g. 16M (default min(--tokens, 4M)); shared by all runs")
+    parser.add_argument("--data-minutes", type=float, default=None,
+                        help="stop generating teacher text after about this long (default: no limit)")
+    parser.add_argument("--gen-batch", type=int, default=None,
+                        help="sequences generated together (default 256; smoke 8)")
     parser.add_argument("--batch-size", type=int, default=16, help="windows of 512 tokens per step (default 16)")
     parser.add_argument("--train", choices=("mla", "attention", "all"), default="attention")
+    parser.add_argument("--compile", action="store_true", help="mlakit heal --compile (regional torch.compile)")
+    parser.add_argument("--heal-minutes", type=float, default=None,
+                        help="size each heal run to this many minutes (probe included) from a measured speed; "
+                             "overrides --tokens")
+    parser.add_argument("--elastic-minutes", type=float, default=None,
+                        help="the same for the elastic run; 0 skips it (default: --tokens)")
+    parser.add_argument("--elastic-full-share", type=float, default=0.5,
+                        help="share of the elastic run's steps at the full rank (default 0.5)")
+    parser.add_argument("--export", default=None, metavar="DIR",
+                        help="copy heal.md, heal.json, plots and each run's heal_log.json here (e.g. $OUT)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: mlakit heal's)")
     parser.add_argument("--layerwise-init", type=int, default=0, metavar="STEPS",
                         help="layer-wise initialisation steps per layer before distillation (default off)")
@@ -370,7 +558,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.savings = [float(s) for s in args.savings.split(",") if s.strip()]
     args.tokens = int(args.tokens) if args.tokens else None
-    args.teacher_tokens = int(args.teacher_tokens) if args.teacher_tokens else None
     os.environ.setdefault("MLAKIT_CACHE_DIR", str(Path(args.out).resolve() / "cache"))  # survives with --out
     if args.smoke:
         import mlakit.evaluate
@@ -386,10 +573,22 @@ def main(argv=None) -> int:
     for name in phases:
         if name != "report" and run.minutes_left() < 0.5:
             log(f"out of time before {name}: run the same command again to continue")
+            phase_report(run)
             return 3
         start = time.perf_counter()
         log(f"== {name}")
-        if not RUNNERS[name](run):
+        try:
+            done = RUNNERS[name](run)
+        except Exception as error:  # noqa: BLE001 - still print and export what was measured
+            import traceback
+
+            traceback.print_exc()
+            run.results.setdefault("errors", []).append(f"{name}: {type(error).__name__}: {error}")
+            run.save()
+            if name != "report":
+                phase_report(run)
+            return 1
+        if not done:
             log(f"out of time in {name} (state kept in {run.out}): run the same command again to continue")
             phase_report(run)
             return 3

@@ -47,6 +47,8 @@ def test_heal_then_eval_at_runtime_ranks(tiny, tmp_path, capsys):
     assert summary["finished"] and summary["tokens"] == 8 * 2 * 64 and summary["data"]["source"] == "teacher"
     log = json.loads((out / "heal_log.json").read_text())
     assert len(log["log"]["loss"]) == 8 and set(log["log"]["rank"]) <= {4, 8, 12}
+    assert log["data"]["generation"]["tokens_per_second"] > 0 and len(log["log"]["step_seconds"]) == 8
+    assert log["tokens_per_second_overall"] > 0
     assert (out / "heal_loss.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "healed.heal").exists()  # the state goes once OUT is written
     assert main(["eval", str(out), "--json", "--device", "cpu", "--runtime-rank", "8"]) == 0
@@ -108,3 +110,18 @@ def test_stop_and_resume_then_a_subprocess_run(tiny, tmp_path, capsys):
                "--data", str(tmp_path / "calib.pt"), "--train", "mla", *FAST)
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and "held-out KL" in proc.stdout and (tmp_path / "sub" / "mlakit.json").exists()
+
+
+def test_new_options_reach_heal_options():
+    import argparse
+
+    from mlakit.heal.cli import options_from_args, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["heal", "m", "--teacher", "t", "-o", "o", "--compile", "--elastic-ranks", "4,8",
+                              "--elastic-full-share", "0.7"])
+    options, _ = options_from_args(args)
+    assert options.compile and options.elastic_full_share == 0.7 and options.elastic_ranks == [4, 8]
+    defaults, _ = options_from_args(parser.parse_args(["heal", "m", "--teacher", "t", "-o", "o"]))
+    assert not defaults.compile and defaults.elastic_full_share == 0.5

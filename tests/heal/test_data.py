@@ -95,3 +95,48 @@ def test_teacher_text_is_generated_once_and_cached(tokenizer, monkeypatch):
     with pytest.raises(AssertionError, match="generated again"):  # other settings, other cache entry
         data.teacher_data(teacher, tokenizer, data.TeacherDataOptions(tokens=300, seq_len=64, batch=6,
                                                                       max_prompt_len=16, seed=2), progress=False)
+
+
+def test_generation_is_timed_and_a_time_limit_cuts_it_short(tokenizer):
+    config = ModelConfig(vocab_size=256, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                         intermediate_size=32, max_seq_len=128, eos_token_ids=[2])
+    teacher = random_model(config, std=0.5)
+    messages = []
+    options = data.TeacherDataOptions(tokens=300, seq_len=64, batch=4, max_prompt_len=16, seed=3)
+    stats = {}
+    first = data.teacher_data(teacher, tokenizer, options, progress=False, log=messages.append, stats=stats)
+    assert not stats["cached"] and stats["complete"] and not stats["compiled"] and stats["batches"] >= 2
+    assert stats["seconds"] > 0 and stats["tokens_per_second"] > 0 and stats["tokens"] == first.numel()
+    assert "tokens/s" in messages[-1]
+    again = {}
+    data.teacher_data(teacher, tokenizer, options, progress=False, log=messages.append, stats=again)
+    assert again["cached"] and again["seconds"] == stats["seconds"] and "tokens/s" in messages[-1]
+
+    # max_minutes: one batch at least, then stop; that text is cached apart from the key's token count
+    # but reused only by calls that also set a time limit
+    short = data.TeacherDataOptions(tokens=300, seq_len=64, batch=4, max_prompt_len=16, seed=4, max_minutes=0)
+    cut = {}
+    windows = data.teacher_data(teacher, tokenizer, short, progress=False, log=messages.append, stats=cut)
+    assert not cut["complete"] and cut["batches"] == 1 and windows.numel() < 300 and "stopped" in messages[-1]
+    reused = {}
+    assert torch.equal(data.teacher_data(teacher, tokenizer, short, progress=False, log=messages.append,
+                                         stats=reused), windows) and reused["cached"]
+    full = {}
+    whole = data.teacher_data(teacher, tokenizer, data.TeacherDataOptions(tokens=300, seq_len=64, batch=4,
+                                                                           max_prompt_len=16, seed=4),
+                              progress=False, log=messages.append, stats=full)
+    assert not full["cached"] and full["complete"] and whole.numel() >= 256
+
+
+def test_the_engine_is_compiled_only_on_cuda_and_only_where_it_can_be():
+    class Plain:
+        def __init__(self, model, batch, max_len, cuda_graph=None):
+            pass
+
+    class Compiling:
+        def __init__(self, model, batch, max_len, cuda_graph=None, compile: bool = False):
+            pass
+
+    assert data._engine_kwargs(Compiling, torch.device("cuda")) == {"compile": True}
+    assert data._engine_kwargs(Compiling, torch.device("cpu")) == {}
+    assert data._engine_kwargs(Plain, torch.device("cuda")) == {}

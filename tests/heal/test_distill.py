@@ -13,8 +13,9 @@ from mlakit.heal.distill import (HealOptions, forward_hidden, heal_model, kl_los
                                  trainable_names)
 
 
-def test_forward_hidden_matches_the_model():
-    model = random_model(mla_config(), dtype=torch.float64)
+@pytest.mark.parametrize("window", [None, 5])  # plain causal (mask=None to attention) / a sliding window
+def test_forward_hidden_matches_the_model(window):
+    model = random_model(mla_config(sliding_window=window), dtype=torch.float64)
     tokens = random_windows(2, 16)
     hidden, layers = forward_hidden(model, tokens, collect=True)
     assert len(layers) == model.config.n_layers

@@ -109,3 +109,30 @@ def test_elastic_choices_and_sampling():
     draws = [sample_rank([4, 8, 16], seed=0, step=s) for s in range(60)]
     assert draws == [sample_rank([4, 8, 16], seed=0, step=s) for s in range(60)]  # a pure function of the step
     assert set(draws) == {4, 8, 16}
+
+
+def test_full_share_gives_the_full_rank_its_share_of_the_steps():
+    choices = [4, 8, 12, 16]
+    draws = [sample_rank(choices, seed=3, step=s, full_share=0.5) for s in range(2000)]
+    assert draws == [sample_rank(choices, seed=3, step=s, full_share=0.5) for s in range(2000)]  # pure in (seed, step)
+    assert 0.45 < draws.count(16) / len(draws) < 0.55
+    for rank in (4, 8, 12):  # the rest uniform below the full rank
+        assert 0.13 < draws.count(rank) / len(draws) < 0.2
+    assert {sample_rank(choices, 0, s, full_share=1.0) for s in range(50)} == {16}
+    assert {sample_rank(choices, 0, s, full_share=0.0) for s in range(200)} == {4, 8, 12}
+    assert {sample_rank([8], 0, s, full_share=0.0) for s in range(5)} == {8}
+    assert sample_rank([16, 4, 8], 1, 7, full_share=0.5) == sample_rank([4, 8, 16], 1, 7, full_share=0.5)
+
+
+def test_heal_samples_with_the_full_share():
+    from heal.helpers import perturbed, random_windows
+    from mlakit.heal.distill import HealOptions, heal_model
+
+    teacher = random_model(mla_config(rank=12))
+    options = HealOptions(tokens=40 * 2 * 8, batch_size=2, seq_len=8, elastic_ranks=[4, 8, 12],
+                          elastic_full_share=0.75, val_windows=0, progress=False)
+    result = heal_model(perturbed(teacher), teacher, random_windows(10, 8), options, log=lambda *_: None)
+    assert result.log["rank"] == [sample_rank([4, 8, 12], 0, s, 0.75) for s in range(40)]
+    assert result.log["rank"].count(12) > 20
+    with pytest.raises(MlakitError, match="full-share"):
+        HealOptions(elastic_full_share=1.5).check()

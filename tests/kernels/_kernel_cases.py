@@ -23,9 +23,12 @@ INTERP_DECODE_CASES = {
     "bf16-h9-r64-p32-sq3": ("bfloat16", 2, 3, 9, 64, 32, 50, [50, 4], None),
 }
 
-# id: (dtype, batch, s, rank, rope, max_len, norm)
+# id: (dtype, batch, s, rank, rope, max_len, norm[, per_token]); per_token: cos/sin [b, s, p/2]
+# (what the model passes) instead of [max_pos, p/2] tables
 INTERP_ROPE_CASES = {
     "f32-r48-p24-norm": ("float32", 2, 3, 48, 24, 10, True),
+    "f32-r48-p24-norm-per-token": ("float32", 2, 3, 48, 24, 10, True, True),
+    "bf16-r64-p32-per-token": ("bfloat16", 3, 1, 64, 32, 7, False, True),
     "f32-r64-p0": ("float32", 3, 1, 64, 0, 6, False),
     "f32-r16-p32": ("float32", 2, 2, 16, 32, 8, False),
     "bf16-r64-p32-norm": ("bfloat16", 2, 1, 64, 32, 5, True),
@@ -82,7 +85,7 @@ def run_rope_case(case, device="cpu", seed=0) -> dict:
 
     from mlakit.kernels import rope_append, rope_append_reference
 
-    dtype_name, batch, seq, rank, rope, max_len, norm = case
+    dtype_name, batch, seq, rank, rope, max_len, norm, *per_token = case
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     latent = torch.randn(batch, seq, rank, generator=gen).to(device=device, dtype=dtype)
@@ -92,6 +95,9 @@ def run_rope_case(case, device="cpu", seed=0) -> dict:
     positions[0, 0] = -1
     cos = torch.randn(max_len, rope // 2, generator=gen).to(device)
     sin = torch.randn(max_len, rope // 2, generator=gen).to(device)
+    if per_token and per_token[0]:
+        cos, sin = torch.randn(batch, seq, rope // 2, generator=gen).to(device), torch.randn(
+            batch, seq, rope // 2, generator=gen).to(device)
     weight = torch.randn(rank, generator=gen).to(device) if norm else None
     cache = torch.full((batch + 1, max_len, rank + rope), float("nan"), dtype=dtype, device=device)  # poison
     cache_ref = cache.clone()

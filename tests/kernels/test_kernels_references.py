@@ -103,6 +103,20 @@ def test_rope_append_reference_formula():
     assert written.sum() == 3 and written[0, 3] and written[1, 0] and written[1, 6]
 
 
+def test_rope_append_per_token_angles_equal_table():
+    """cos/sin given per token ([b, s, p/2], what the model passes) == the table rows of the positions."""
+    gen = torch.Generator().manual_seed(6)
+    batch, seq, rank, rope, max_len = 3, 2, 8, 6, 9
+    latent, k_rope = torch.randn(batch, seq, rank, generator=gen), torch.randn(batch, seq, rope, generator=gen)
+    positions = torch.tensor([[3, 4], [0, 1], [7, 8]])
+    cos, sin = torch.randn(max_len, rope // 2, generator=gen), torch.randn(max_len, rope // 2, generator=gen)
+    weight = torch.randn(rank, generator=gen)
+    table, per_token = torch.zeros(batch, max_len, rank + rope), torch.zeros(batch, max_len, rank + rope)
+    rope_append_reference(latent, k_rope, table, positions, cos, sin, weight)
+    rope_append_reference(latent, k_rope, per_token, positions, cos[positions], sin[positions], weight)
+    torch.testing.assert_close(per_token, table, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(INTERPRET, reason="under TRITON_INTERPRET the CPU path is the kernel")
 def test_cpu_dispatch_uses_reference():
     gen = torch.Generator().manual_seed(1)

@@ -144,6 +144,8 @@ class Engine:
     do: a long prompt is compute-bound and the decompressed form does fewer FLOPs
     per token, while a decode step is bound by reading the cache, which the
     absorbed form reads once per sequence instead of once per head.
+    (``prefill_mode="absorbed"`` prefills through the absorbed kernel too, causal
+    within the prompt; ``mlakit bench e2e`` times both forms.)
 
     On CUDA the decode step is captured once as a CUDA graph and replayed: all its
     inputs live in static buffers (tokens, positions, the cache, the lengths) and
@@ -160,10 +162,11 @@ class Engine:
 
     def __init__(self, model: Transformer, batch: int, max_len: int, cuda_graph: bool | None = None,
                  cache_dtype: torch.dtype | None = None, compile: bool = False,
-                 compile_backend: str = "inductor") -> None:
+                 compile_backend: str = "inductor", prefill_mode: str = "naive") -> None:
         if max_len > model.config.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
         self.model = model
+        self.prefill_mode = prefill_mode  # MLA: "naive" (decompressed, the default) or "absorbed"
         self.batch = batch
         self.max_len = max_len
         self.device = model.device
@@ -190,7 +193,7 @@ class Engine:
         if int(lengths.max()) > self.max_len:
             raise ValueError(f"prompt of {int(lengths.max())} tokens exceeds the engine's max_len {self.max_len}")
         self.cache.reset()
-        self.model.set_mla_mode("naive")
+        self.model.set_mla_mode(self.prefill_mode)
         return self.model(tokens, cache=self.cache, logits_at=lengths - 1)[:, -1]
 
     @torch.inference_mode()

@@ -94,7 +94,10 @@ def test_cpu_pipeline_table_json_plots(tmp_path):
             assert r["tokens_per_s"] == pytest.approx(r["batch"] / (r["ms_per_step"] * 1e-3))
             assert r["bytes_per_step"] > 0 and r["bw_fraction"] > 0
         prefill = [r for r in rows if r["variant"] == name and r["phase"] == "prefill"]
-        assert len(prefill) == 1 and prefill[0]["tokens_per_s"] > 0 and prefill[0]["context"] == 32
+        assert len(prefill) == (2 if name.startswith("MLA") else 1)  # MLA: naive and absorbed
+        assert all(r["tokens_per_s"] > 0 and r["context"] == 32 for r in prefill)
+        if name.startswith("MLA"):
+            assert ["naive" in prefill[0]["note"], "absorbed" in prefill[1]["note"]] == [True, True]
     kv = {r["variant"]: r["kv_bytes_per_token"] for r in rows if r["phase"] == "decode"}
     # tiny: 2 layers, 4 heads x 16, fp32; MLA 32 + 8 values per layer
     assert kv == {"GQA-2 (original)": 2 * 2 * 2 * 16 * 4, "MLA 32+8": 2 * 40 * 4, "MQA": 2 * 2 * 16 * 4,

@@ -171,3 +171,19 @@ def test_generate_fast_mode_gives_the_same_greedy_tokens(monkeypatch):
     plain = generate(model, prompts, params)
     fast = generate(model, prompts, params, compile=True)
     assert fast == plain and all(len(out) == 12 for out in fast)
+
+
+def test_absorbed_prefill_equals_naive_prefill(rel_err):
+    """``prefill_mode="absorbed"`` (the prompt through the absorbed decode kernel, causal
+    within the chunk) gives the naive prefill's logits, and decoding goes on the same."""
+    model = tiny("mla")
+    tokens = torch.randint(0, 101, (3, 20), generator=torch.Generator().manual_seed(6))
+    lengths = torch.tensor([5, 9, 7])
+    prompts = torch.where(torch.arange(9) < lengths[:, None], tokens[:, :9], 0)
+    naive, absorbed = Engine(model, 3, 32), Engine(model, 3, 32, prefill_mode="absorbed")
+    assert rel_err(absorbed.prefill(prompts, lengths), naive.prefill(prompts, lengths)) <= 1e-5
+    positions = lengths.clone()
+    for _ in range(3):
+        step = tokens[torch.arange(3), positions]
+        assert rel_err(absorbed.decode(step, positions), naive.decode(step, positions)) <= 1e-5
+        positions += 1

@@ -298,6 +298,8 @@ def _heal_row(summary: dict) -> dict:
     row = {k: summary.get(k) for k in ("tokens", "seconds", "kl_before", "kl_after", "tokens_per_second",
                                        "tokens_per_second_overall", "compile", "device")}
     row["train"] = summary.get("log", {}).get("options", {}).get("train")
+    # training wall time over every segment of a resumed run (``seconds`` covers the last one only)
+    row["wall_seconds"] = summary.get("log", {}).get("wall_seconds")
     return row
 
 
@@ -387,8 +389,9 @@ def phase_report(run: Run) -> bool:
     for key, row in sorted(r.get("rows", {}).items(), key=lambda kv: float(kv[0])):
         heal, free = row.get("heal"), row.get("free") or row.get("healed")
         values = free["kv_values_per_token_layer"] if free else "?"
-        time_text = f"{heal['seconds']['train']:.0f}s (+{heal['seconds']['data']:.0f}s data)" if heal else "—"
-        overall = heal.get("tokens_per_second_overall") if heal else None
+        wall = (heal.get("wall_seconds") or heal["seconds"]["train"]) if heal else None
+        time_text = f"{wall:.0f}s (+{heal['seconds']['data']:.0f}s data)" if heal else "—"
+        overall = heal["tokens"] / wall if heal and wall else None
         overall = f" ({overall:,.0f})" if overall else ""
         lines.append(f"| {100 * float(key):.1f}% | {values:g} | {_ppl(row.get('free'))} | {_ppl(row.get('healed'))} | "
                      f"{heal['tokens']:,} | {time_text} | {heal['tokens_per_second'] or 0:,.0f}{overall} | "

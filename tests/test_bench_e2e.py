@@ -2,6 +2,8 @@
 shape, out-of-memory rows, and the largest-batch search on a fake memory model."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -194,7 +196,40 @@ def test_named_model_is_loaded_as_the_original(tmp_path):
 
     _, path = save_tiny(tmp_path, "llama", 2)
     result = e2e.run_e2e(tiny_options(preset="llama3-8b", model=str(path), grid=((1, 16),), variants=("original", "mla"),
-                                      max_batch_context=None, prefill_tokens=None, mla_rank=32, mla_rope=8))
+                                      max_batch_context=None, prefill_tokens=None, mla_rank=32, mla_rope=8,
+                                      mla_from="shape"))
     assert [v["weights"] for v in result["variants"]] == [f"loaded {path}", "random normal"]
     assert [r["variant"] for r in result["rows"]] == ["GQA-2 (original)", "MLA 32+8"]
     assert result["rows"][0]["kv_bytes_per_token"] == 3 * 2 * 2 * 16 * 4  # 3 layers, 2 KV heads x 16, fp32
+
+
+def test_named_model_mla_comes_from_the_converter(tmp_path, rel_err):
+    """With a named model the MLA variant is the project's converter's output (by default
+    at its 50% saving), not random weights of the same shape: the bench's MLA model
+    gives the logits of a direct ``mlakit.convert`` of the same model."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from convert.helpers import save_tiny_with_tokenizer
+
+    from mlakit.convert.api import ConvertOptions, convert
+    from mlakit.evaluate import calibration_tokens
+    from mlakit.loading import load
+
+    _, path = save_tiny_with_tokenizer(tmp_path, "llama", 2)
+    opts = tiny_options(preset="llama3-8b", model=str(path), grid=((1, 16),), variants=("original", "mla"),
+                        max_batch_context=None, prefill_tokens=None)
+    bench = e2e.E2EBench(opts)
+    result = bench.run()
+    assert result["variants"][1]["weights"].startswith(f"converted from {path} by mlakit.convert")
+    # 2 KV heads x 16 x 2 = 64 values/token/layer; 50% saving = 32 = rank 16 + rope 16 (the converter's default)
+    mla_config = result["variants"][1]["config"]
+    assert (mla_config["kv_lora_rank"], mla_config["qk_rope_head_dim"]) == (16, 16)
+    assert [r["variant"] for r in result["rows"]] == ["GQA-2 (original)", "MLA 16+16"]
+    assert any("converter" in note for note in result["notes"])
+    variant = next(v for v in e2e.make_variants(e2e._config_of(str(path)), 16, 16, ("mla",)))
+    variant.convert_from = str(path)
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    loaded = load(str(path))
+    direct, _ = convert(loaded.model, calibration_tokens(loaded.tokenizer, ConvertOptions().calib_tokens),
+                        ConvertOptions(kv_lora_rank=16, rope_dim=16, progress=False))
+    with torch.no_grad():
+        assert rel_err(bench._converted_model(variant)(tokens), direct(tokens)) <= 1e-5

@@ -83,6 +83,7 @@ class Variant:
     name: str  # what the table shows
     config: ModelConfig
     source: Optional[str] = None  # a model to load (the original of a named model); None: random weights
+    convert_from: Optional[str] = None  # MLA: convert this model with mlakit.convert (rank/rope of ``config``)
 
 
 def mla_variant_config(config: ModelConfig, kv_lora_rank: int, rope_dim: int) -> ModelConfig:
@@ -394,6 +395,9 @@ class E2EOptions:
     progress: bool = True
     profile_path: Optional[str] = None  # write a per-kernel profile of one eager step per variant
     compile: Optional[bool] = None  # torch.compile the decode step's blocks; None: on CUDA
+    # where the MLA variant comes from: "converter" (mlakit.convert of the named model), "shape" (random
+    # weights of the same dims), "auto": the converter for a named model, the shape for a preset
+    mla_from: str = "auto"
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -512,6 +516,8 @@ class E2EBench:
 
     # ------------------------------------------------------------ variants
     def _model(self, variant: Variant):
+        if variant.convert_from is not None:
+            return self._converted_model(variant)
         if variant.source is not None:
             from mlakit.loading import load
 
@@ -519,6 +525,33 @@ class E2EBench:
             model.requires_grad_(False)
         else:
             model = build_random_model(variant.config, self.device, self.dtype, seed=self.opts.seed)
+        return model
+
+    def _converted_model(self, variant: Variant):
+        """The named model converted to MLA by the project's converter (calibrated on the
+        protocol's calibration range, as ``mlakit convert``), at the variant's rank and RoPE dim."""
+        import dataclasses
+        import tempfile
+
+        from mlakit.convert.api import ConvertOptions, convert
+        from mlakit.evaluate import calibration_tokens
+        from mlakit.loading import load
+
+        cfg = variant.config
+        options = ConvertOptions(kv_lora_rank=cfg.kv_lora_rank, rope_dim=cfg.qk_rope_head_dim,
+                                 progress=self.opts.progress)
+        start = time.time()
+        loaded = load(variant.convert_from, dtype=torch.float32, device=str(self.device))
+        if loaded.tokenizer is None:
+            raise MlakitError(f"{variant.convert_from} has no tokenizer: the converter calibrates on the "
+                              "protocol's text (use --mla-from shape)")
+        tokens = calibration_tokens(loaded.tokenizer, options.calib_tokens)
+        with tempfile.TemporaryDirectory(prefix="mlakit-e2e-convert-") as spill:
+            model, _ = convert(loaded.model, tokens, dataclasses.replace(options, spill_dir=spill))
+        del loaded
+        model = model.to(self.dtype).requires_grad_(False)
+        self._convert_seconds = time.time() - start
+        self.log(f"converted {variant.convert_from} -> {variant.name} in {self._convert_seconds:.0f} s")
         return model
 
     def _engine(self, model, batch: int, max_len: int, **kw):
@@ -684,7 +717,10 @@ class E2EBench:
                 self._tick("oom")
             return
         self.variant_info.append(dict(key=variant.key, name=variant.name, config=variant.config.to_dict(),
-                                      weights="loaded " + variant.source if variant.source else "random normal",
+                                      weights=("loaded " + variant.source if variant.source else
+                                               f"converted from {variant.convert_from} by mlakit.convert "
+                                               f"({self._convert_seconds:.0f} s)" if variant.convert_from
+                                               else "random normal"),
                                       parameters=sum(p.numel() for p in model.parameters()),
                                       weight_gib=sum(p.numel() * p.element_size() for p in model.parameters()) / GIB,
                                       kv_bytes_per_token=model.new_cache(1, 1).bytes_per_token()))
@@ -796,11 +832,30 @@ class E2EBench:
         if original.max_seq_len < longest:
             self.notes.append(f"max_seq_len raised from {original.max_seq_len} to {longest} for timing")
             original = original.replace(max_seq_len=longest)
+        if opts.mla_from not in ("auto", "converter", "shape"):
+            raise MlakitError(f"--mla-from must be auto, converter or shape, got {opts.mla_from!r}")
+        use_converter = opts.mla_from == "converter" or (opts.mla_from == "auto" and source is not None)
+        if use_converter and source is None:
+            raise MlakitError("--mla-from converter needs a model to convert (MODEL); a preset has random weights")
+        if use_converter and not original.is_mla:
+            from mlakit.convert.api import ConvertOptions, resolve_budget
+
+            # the converter's own default budget (50% KV saving) unless --mla-rank/--mla-rope say otherwise
+            budget = resolve_budget(original, ConvertOptions(kv_lora_rank=opts.mla_rank, rope_dim=opts.mla_rope)
+                                    if opts.mla_rank else ConvertOptions())
+            rank, rope = budget.rank, budget.rope_dim
         variants = make_variants(original, rank, rope, opts.variants, source=source)
+        if use_converter:
+            for v in variants:
+                if v.key == "mla" and not original.is_mla:
+                    v.convert_from = source
         if source is not None:
             for v in variants:
                 v.config = v.config.replace(max_seq_len=max(v.config.max_seq_len, longest))
-        if any(v.config.is_mla for v in variants if v.key == "mla"):
+        if any(v.config.is_mla and v.convert_from for v in variants if v.key == "mla"):
+            self.notes.append(f"MLA is the original converted by the project's converter (rank {rank} + rope {rope}, "
+                              "calibrated on the protocol's calibration range)")
+        elif any(v.config.is_mla for v in variants if v.key == "mla"):
             self.notes.append("MLA is built by shape with random weights (same dims as the project's converter "
                               f"would give at rank {rank} + rope {rope}); the converter is not used here")
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
@@ -1152,6 +1207,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="torch.compile the decode step's blocks (default on CUDA; compiling takes ~1 min per variant)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="eager blocks (CUDA graph only)")
+    parser.add_argument("--mla-from", choices=("auto", "converter", "shape"), default="auto",
+                        help="the MLA variant: converted from MODEL by `mlakit convert`'s method (default when a "
+                             "MODEL is named; 50%% KV saving unless --mla-rank/--mla-rope), or built by shape with "
+                             "random weights (default for a preset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -1171,7 +1230,7 @@ def options_from_args(args: argparse.Namespace) -> E2EOptions:
                         if args.prefill_tokens is None else (args.prefill_tokens or None)),
         hf=not args.no_hf, hf_static=args.hf_static, memory_budget_gib=args.memory_budget_gib,
         headroom_gib=args.headroom_gib, time_budget_s=args.time_budget_s, seed=args.seed,
-        progress=not args.no_progress, profile_path=args.profile, compile=args.compile,
+        progress=not args.no_progress, profile_path=args.profile, compile=args.compile, mla_from=args.mla_from,
     )
 
 

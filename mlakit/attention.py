@@ -186,14 +186,15 @@ class MLAttention(nn.Module):
             if self.mode == "absorbed" and self.kernel_fits:
                 out = self._decode_absorbed(q_nope, q_rope, kv, cache)
                 return self.wo(out.reshape(b, s, self.n_heads * self.v_dim))
-            latent, k_rope = kv[:, : mask.shape[-1]].to(x.dtype).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         else:
             if self.kv_norm is not None:
                 latent = self.kv_norm(latent)
             k_rope = apply_rope(k_rope, cos, sin)
             if cache is not None:
-                kv = cache.update(latent, k_rope, positions)[:, : mask.shape[-1]].to(x.dtype)  # [b, L, r + p]
-                latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+                kv = cache.update(latent, k_rope, positions)  # [b, L_max, r + p]
+        if cache is not None:
+            kv = kv[:, : mask.shape[-1]].to(x.dtype)  # [b, L, r + p]
+            latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         if self.mode == "naive":
             out = self._attend_naive(q_nope, q_rope, latent, k_rope, mask)
         else:

@@ -231,8 +231,9 @@ class Engine:
 
 @torch.inference_mode()
 def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                    engine: Engine | None = None) -> Iterator[list[int | None]]:
-    """Yield, after each step, the new token of every sequence (None once it stopped)."""
+                    engine: Engine | None = None, compile: bool = False) -> Iterator[list[int | None]]:
+    """Yield, after each step, the new token of every sequence (None once it stopped).
+    Without ``engine`` one is made for these prompts (``compile``: its fast mode)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.device
@@ -241,7 +242,7 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt + new tokens ({total}) exceed the model's max_seq_len {model.config.max_seq_len}")
     if engine is None:
-        engine = Engine(model, len(prompts), total)
+        engine = Engine(model, len(prompts), total, compile=compile)
     elif engine.batch != len(prompts) or engine.max_len < total:
         raise ValueError(f"the engine holds {engine.batch} x {engine.max_len} tokens; "
                          f"this call needs {len(prompts)} x {total}")
@@ -271,11 +272,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
     """The generated tokens of every prompt (stop token included when one was hit).
     ``compile``: the engine's fast mode (see ``Engine``)."""
     outputs: list[list[int]] = [[] for _ in prompts]
-    engine = None
-    if compile:
-        total = max(len(p) for p in prompts) + params.max_new_tokens
-        engine = Engine(model, len(prompts), total, compile=True)
-    for step in generate_stream(model, prompts, params, engine=engine):
+    for step in generate_stream(model, prompts, params, compile=compile):
         for out, token in zip(outputs, step):
             if token is not None:
                 out.append(token)

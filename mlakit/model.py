@@ -84,13 +84,11 @@ class Transformer(nn.Module):
         positions, mask, layer_cache)`` runs each block in place of ``block(...)``:
         the engine passes a ``torch.compile``d one."""
         b, s = tokens.shape
-        # Windows from position 0 without a cache are plainly causal: no mask tensor, so
-        # attention can take SDPA's causal (flash) kernels.
-        plain_causal = positions is None and cache is None and self.config.sliding_window is None
+        window = positions is None and cache is None
         if positions is None:
             positions = torch.arange(s, device=tokens.device).expand(b, s)
         cos, sin = rope_cos_sin(self.rope_frequencies(tokens.device), positions)  # [b, s, rot/2]
-        mask = None if plain_causal else self.attention_mask(positions, cache, kv_len)
+        mask = self.window_mask(positions) if window else self.attention_mask(positions, cache, kv_len)
         x = self.tok_embeddings(tokens)  # [b, s, dim]
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache.layers[i]
@@ -107,8 +105,14 @@ class Transformer(nn.Module):
             return F.linear(x, self.tok_embeddings.weight)
         return self.output(x)
 
+    def window_mask(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """The mask of cache-less windows from position 0 (``positions [b, s]`` = 0..s-1):
+        None, i.e. plain causal, which lets SDPA take its causal (flash) kernels, unless
+        the model has a sliding window."""
+        return None if self.config.sliding_window is None else self.attention_mask(positions, None)
+
     def attention_mask(self, positions: torch.Tensor, cache: ModelCache | None,
-                       kv_len: int | None = None, block_fn: Callable | None = None) -> torch.Tensor:
+                       kv_len: int | None = None) -> torch.Tensor:
         """``[b, s, L]``: key j is visible to a query at position p iff ``j_pos <= p``
         (and within the sliding window, where the model has one)."""
         if cache is None:

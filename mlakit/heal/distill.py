@@ -138,9 +138,7 @@ def forward_hidden(model: Transformer, tokens: torch.Tensor, grad_checkpoint: bo
     b, s = tokens.shape
     positions = torch.arange(s, device=tokens.device).expand(b, s)
     cos, sin = rope_cos_sin(model.rope_frequencies(tokens.device), positions)  # [b, s, rot/2]
-    # no cache, every window from position 0: plain causal attention, which SDPA runs with its
-    # flash kernels when told so by mask=None; a sliding window needs the explicit [b, s, s] mask
-    mask = None if model.config.sliding_window is None else model.attention_mask(positions, None)
+    mask = model.window_mask(positions)  # None (plain causal) unless the model has a sliding window
     x = model.tok_embeddings(tokens)
     hidden = []
     for layer in model.layers:

@@ -39,8 +39,7 @@ def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) 
     positions = torch.arange(s, device=device).expand(batch, s)
     cos, sin = rope_cos_sin(teacher.rope_frequencies(device), positions)
     s_cos, s_sin = rope_cos_sin(student.rope_frequencies(device), positions)  # the student's RoPE frequencies
-    # no cache: plain causal attention (mask None, SDPA's flash kernels) unless there is a sliding window
-    mask = None if teacher.config.sliding_window is None else teacher.attention_mask(positions, None)
+    mask = teacher.window_mask(positions)  # None (plain causal) unless the model has a sliding window
     names = MLA_PARAMETERS if options.train == "mla" else (*MLA_PARAMETERS, "wo")
     result = {"before": [], "after": [], "steps": options.layerwise_steps, "windows": n}
     with torch.no_grad(), torch.autocast(**amp):

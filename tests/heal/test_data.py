@@ -126,17 +126,3 @@ def test_generation_is_timed_and_a_time_limit_cuts_it_short(tokenizer):
                                                                            max_prompt_len=16, seed=4),
                               progress=False, log=messages.append, stats=full)
     assert not full["cached"] and full["complete"] and whole.numel() >= 256
-
-
-def test_the_engine_is_compiled_only_on_cuda_and_only_where_it_can_be():
-    class Plain:
-        def __init__(self, model, batch, max_len, cuda_graph=None):
-            pass
-
-    class Compiling:
-        def __init__(self, model, batch, max_len, cuda_graph=None, compile: bool = False):
-            pass
-
-    assert data._engine_kwargs(Compiling, torch.device("cuda")) == {"compile": True}
-    assert data._engine_kwargs(Compiling, torch.device("cpu")) == {}
-    assert data._engine_kwargs(Plain, torch.device("cuda")) == {}

@@ -229,10 +229,24 @@ class Engine:
             self._logits = self._step()
 
 
+# generate_batch asks the device whether every sequence has stopped only every this many
+# steps: each question waits for the GPU to finish the queued work, and the host could
+# otherwise queue the next steps meanwhile. The cost is up to this many wasted steps
+# after the last sequence stopped (their tokens are discarded; without a seed they still
+# draw from torch's global generator).
+FINISHED_CHECK_EVERY = 16
+
+
 @torch.inference_mode()
-def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                    engine: Engine | None = None, compile: bool = False) -> Iterator[list[int | None]]:
-    """Yield, after each step, the new token of every sequence (None once it stopped).
+def _decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                  engine: Engine | None, compile: bool,
+                  check_every: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The generation loop, on the device: yields, after each step, the sampled tokens
+    ``[b]`` and which of them are output ``[b]`` bool. A sequence's output ends with its
+    first stop token; its later tokens are not output (finished sequences keep stepping,
+    so that shapes and the sampler's random stream do not depend on when they stop).
+    The loop ends after ``max_new_tokens`` steps, or once every sequence has stopped,
+    which it checks every ``check_every`` steps (a host sync each time).
     Without ``engine`` one is made for these prompts (``compile``: its fast mode)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -246,36 +260,64 @@ def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params
     elif engine.batch != len(prompts) or engine.max_len < total:
         raise ValueError(f"the engine holds {engine.batch} x {engine.max_len} tokens; "
                          f"this call needs {len(prompts)} x {total}")
-    stop = set(model.config.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids)
+    stop_ids = model.config.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
 
     logits = engine.prefill(tokens, lengths)  # [b, vocab]
     positions = lengths.clone()  # [b] position of each sequence's next token
-    finished = [False] * len(prompts)
-    for _ in range(params.max_new_tokens):
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)  # [b]
+    for step in range(params.max_new_tokens):
         next_tokens = sample_next(logits, params, generator)  # [b]
-        step: list[int | None] = []
-        for i, token in enumerate(next_tokens.tolist()):
-            step.append(None if finished[i] else token)
-            finished[i] = finished[i] or token in stop
-        yield step
-        if all(finished):
+        output = ~finished  # [b] the stop token itself is output
+        finished = finished | torch.isin(next_tokens, stop)
+        yield next_tokens, output
+        if step + 1 == params.max_new_tokens or ((step + 1) % check_every == 0 and bool(finished.all())):
             return
         logits = engine.decode(next_tokens, positions)
         positions += 1
 
 
+def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                    engine: Engine | None = None, compile: bool = False) -> Iterator[list[int | None]]:
+    """Yield, after each step, the new token of every sequence (None once it stopped).
+    Without ``engine`` one is made for these prompts (``compile``: its fast mode)."""
+    # every step goes to the host anyway: check for the end every step
+    for next_tokens, output in _decode_steps(model, prompts, params, engine, compile, check_every=1):
+        yield [token if out else None for token, out in zip(next_tokens.tolist(), output.tolist())]
+
+
+@torch.inference_mode()
+def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
+                   engine: Engine | None = None, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens [b, max_new_tokens], counts [b])``, both on the model's device: sequence
+    i's output is ``tokens[i, :counts[i]]`` (stop token included when one was hit); the
+    rest of its row is -1. The same tokens as ``generate`` for the same seed, without a
+    round trip to the host per step (see ``FINISHED_CHECK_EVERY``)."""
+    b = len(prompts)
+    out = torch.full((b, params.max_new_tokens), -1, dtype=torch.long, device=model.device)  # [b, max_new]
+    counts = torch.zeros(b, dtype=torch.long, device=model.device)  # [b]
+    for step, (next_tokens, output) in enumerate(_decode_steps(model, prompts, params, engine, compile,
+                                                               check_every=FINISHED_CHECK_EVERY)):
+        out[:, step] = next_tokens.masked_fill(~output, -1)
+        counts += output
+    return out, counts
+
+
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
              on_step: Callable[[list[int | None]], None] | None = None, compile: bool = False) -> list[list[int]]:
     """The generated tokens of every prompt (stop token included when one was hit).
+    ``on_step`` receives every step's new tokens as ``generate_stream`` yields them.
     ``compile``: the engine's fast mode (see ``Engine``)."""
+    if on_step is None:
+        tokens, counts = generate_batch(model, prompts, params, compile=compile)
+        return [row[:n] for row, n in zip(tokens.tolist(), counts.tolist())]
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in generate_stream(model, prompts, params, compile=compile):
         for out, token in zip(outputs, step):
             if token is not None:
                 out.append(token)
-        if on_step is not None:
-            on_step(step)
+        on_step(step)
     return outputs

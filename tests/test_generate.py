@@ -1,11 +1,12 @@
-"""Generation against transformers' `generate`, and the sampling rules on their own."""
+"""Generation against transformers' `generate`, the sampling rules on their own, and the
+batched generation against a plain step-by-step reference."""
 
 import pytest
 import torch
 
 import mlakit.loading as loading
 from hf_models import save_tiny
-from mlakit.engine import SamplingParams, generate, generate_stream, sample_next
+from mlakit.engine import Engine, SamplingParams, generate, generate_batch, generate_stream, sample_next
 
 pytest.importorskip("transformers")
 
@@ -92,3 +93,72 @@ def test_too_long_is_refused(tiny):
     _, model = tiny
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(model, [[5] * 250], SamplingParams(max_new_tokens=10))
+
+
+# ------------------------------------------------------------------ batched generation
+@torch.inference_mode()
+def reference_generate(model, prompts, params):
+    """Step by step, the stop test on the host (what ``generate`` did before ``generate_batch``)."""
+    tokens = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long, device=model.device)
+    for i, prompt in enumerate(prompts):
+        tokens[i, :len(prompt)] = torch.tensor(prompt)
+    lengths = torch.tensor([len(p) for p in prompts], device=model.device)
+    engine = Engine(model, len(prompts), int(lengths.max()) + params.max_new_tokens)
+    stop = set(model.config.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids)
+    generator = None if params.seed is None else torch.Generator(device=model.device).manual_seed(params.seed)
+    logits, positions = engine.prefill(tokens, lengths), lengths.clone()
+    outputs, finished = [[] for _ in prompts], [False] * len(prompts)
+    for _ in range(params.max_new_tokens):
+        next_tokens = sample_next(logits, params, generator)
+        for i, token in enumerate(next_tokens.tolist()):
+            if not finished[i]:
+                outputs[i].append(token)
+            finished[i] = finished[i] or token in stop
+        if all(finished):
+            break
+        logits = engine.decode(next_tokens, positions)
+        positions += 1
+    return outputs
+
+
+PROMPTS = [[5, 6, 7], [40, 41], [100] * 9, [3], [17, 18, 19, 20, 21]]
+
+
+@pytest.mark.parametrize("sampling", [dict(greedy=True), dict(top_p=0.9, seed=11), dict(top_p=0.8, top_k=40, seed=12),
+                                      dict(temperature=1.3, top_p=0.95, seed=13)])
+@pytest.mark.parametrize("stops", ["none", "some", "all"])
+def test_generate_batch_equals_step_by_step_generation(tiny, sampling, stops):
+    """Stop tokens hit at different steps (some sequences, or all of them, the loop then
+    ending early: on the host's check every FINISHED_CHECK_EVERY steps)."""
+    _, model = tiny
+    max_new = 40
+    free = reference_generate(model, PROMPTS, SamplingParams(max_new_tokens=max_new, stop_token_ids=[], **sampling))
+    # sequence -> the step of its free-running output whose token becomes a stop token
+    stop_at = {"none": {}, "some": {0: 3, 3: 11}, "all": {0: 2, 1: 5, 2: 9, 3: 14, 4: 20}}[stops]
+    params = SamplingParams(max_new_tokens=max_new, stop_token_ids=[free[i][j] for i, j in stop_at.items()],
+                            **sampling)
+    expected = reference_generate(model, PROMPTS, params)
+    lengths = [len(out) for out in expected]
+    # stopped (at that step or earlier, where that token came before) at different steps
+    assert all(lengths[i] <= j + 1 for i, j in stop_at.items())
+    assert len(set(lengths)) > 1 or stops == "none"
+
+    tokens, counts = generate_batch(model, PROMPTS, params)
+    assert tokens.shape == (len(PROMPTS), max_new) and tokens.device == model.device
+    assert counts.tolist() == lengths
+    assert [row[:n] for row, n in zip(tokens.tolist(), lengths)] == expected
+    assert all(set(row[n:]) <= {-1} for row, n in zip(tokens.tolist(), lengths))
+    assert generate(model, PROMPTS, params) == expected
+    streamed = [[] for _ in PROMPTS]
+    steps = list(generate_stream(model, PROMPTS, params))
+    for step in steps:
+        for out, token in zip(streamed, step):
+            if token is not None:
+                out.append(token)
+    assert streamed == expected and len(steps) == max(lengths)  # the stream ends at the last stop
+
+
+def test_generate_batch_without_new_tokens(tiny):
+    _, model = tiny
+    tokens, counts = generate_batch(model, [[5], [6, 7]], SamplingParams(max_new_tokens=0, greedy=True))
+    assert tokens.shape == (2, 0) and counts.tolist() == [0, 0]

@@ -213,7 +213,7 @@ def _generate(teacher, tokenizer, options: TeacherDataOptions, calib: torch.Tens
               progress: bool) -> tuple[torch.Tensor, dict[str, Any]]:
     from tqdm.auto import tqdm
 
-    from mlakit.engine import Engine, SamplingParams, generate_stream
+    from mlakit.engine import Engine, SamplingParams, generate_batch
 
     start = time.perf_counter()
     max_new = options.seq_len - options.max_prompt_len
@@ -235,15 +235,11 @@ def _generate(teacher, tokenizer, options: TeacherDataOptions, calib: torch.Tens
         prompts = make_prompts(tokenizer, batch, options, batch_index, calib)
         params = SamplingParams(max_new_tokens=max_new, temperature=options.temperature, top_p=options.top_p,
                                 seed=options.seed * 1_000_003 + batch_index)
-        outputs: list[list[int]] = [[] for _ in prompts]
-        for step in generate_stream(teacher, prompts, params, engine=engine):
-            for out, token in zip(outputs, step):
-                if token is not None:
-                    out.append(token)
+        tokens, counts = generate_batch(teacher, prompts, params, engine=engine)  # [batch, max_new], [batch]
         before = len(stream)
-        for prompt, out in zip(prompts, outputs):
-            stream += prompt + out  # documents are packed; a finished one ends with its EOS
-            new_tokens += len(out)
+        for prompt, row, count in zip(prompts, tokens.tolist(), counts.tolist()):
+            stream += prompt + row[:count]  # documents are packed; a finished one ends with its EOS
+            new_tokens += count
         bar.update(min(len(stream), options.tokens) - min(before, options.tokens))
         batch_index += 1
     bar.close()

@@ -126,3 +126,31 @@ def test_generation_is_timed_and_a_time_limit_cuts_it_short(tokenizer):
                                                                            max_prompt_len=16, seed=4),
                               progress=False, log=messages.append, stats=full)
     assert not full["cached"] and full["complete"] and whole.numel() >= 256
+
+
+def test_teacher_text_is_the_former_token_stream(tokenizer):
+    """The batched generation writes the stream the step-by-step one wrote: every batch's
+    prompts, each followed by its continuation up to and with its stop token."""
+    from mlakit.engine import SamplingParams, generate_stream
+
+    config = ModelConfig(vocab_size=256, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                         intermediate_size=32, max_seq_len=128, eos_token_ids=[2, 10, 32])  # frequent stops
+    teacher = random_model(config, std=0.5)
+    options = data.TeacherDataOptions(tokens=600, seq_len=64, batch=5, max_prompt_len=16, seed=5, top_p=0.9)
+    calib = ev.calibration_tokens(tokenizer)
+    windows, stats = data._generate(teacher, tokenizer, options, calib, progress=False)
+    stream, stopped = [], 0
+    for batch_index in range(stats["batches"]):
+        prompts = data.make_prompts(tokenizer, options.batch, options, batch_index, calib)
+        params = SamplingParams(max_new_tokens=options.seq_len - options.max_prompt_len, temperature=1.0,
+                                top_p=0.9, seed=options.seed * 1_000_003 + batch_index)
+        outputs = [[] for _ in prompts]
+        for step in generate_stream(teacher, prompts, params):
+            for out, token in zip(outputs, step):
+                if token is not None:
+                    out.append(token)
+        for prompt, out in zip(prompts, outputs):
+            stream += prompt + out
+            stopped += len(out) < params.max_new_tokens
+    assert stopped > 0  # some continuations ended at a stop token
+    assert torch.equal(windows, torch.tensor(stream[:windows.numel()]).view_as(windows))

@@ -164,8 +164,9 @@ def bench_ms(fn, rep=40):
     return float(triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"))
 
 
-def sweep_shape(batch, context, heads, rank, rope, kernel_cfgs, occupancies, num_sms, copy_gbps):
-    """occupancies: programs per SM to size the split count for, or ("splits", counts) for given counts."""
+def sweep_shape(batch, context, heads, rank, rope, kernel_cfgs, num_sms, copy_gbps, occupancies=(), split_counts=()):
+    """Split counts tried per config: ``split_counts`` as given, and one per entry of
+    ``occupancies`` (programs per SM) that fills the SMs with this config's programs."""
     dev = torch.device("cuda")
     dtype = torch.bfloat16
     cache = torch.randn(batch, context, rank + rope, dtype=dtype, device=dev)
@@ -181,10 +182,7 @@ def sweep_shape(batch, context, heads, rank, rope, kernel_cfgs, occupancies, num
     for block_h, block_n, warps, stages in kernel_cfgs:
         row_blocks = -(-heads // block_h)
         programs = batch * row_blocks
-        if occupancies[0] == "splits":
-            wanted = occupancies[1]
-        else:
-            wanted = [num_sms * occ // programs for occ in occupancies]
+        wanted = [*split_counts, *(num_sms * occ // programs for occ in occupancies)]
         split_opts = sorted({max(1, min(n, context // block_n, 256)) for n in wanted})
         for splits in split_opts:
             cfg = dict(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
@@ -257,24 +255,24 @@ def launch_overhead_study():
 def run_sweep(num_sms, copy_gbps, quick=False):
     rows = []
     plan = [
-        # (batch, context, heads, rank, rope, configs, occupancies)
-        (1, 32768, 32, 512, 64, BIG_RANK_CFGS, ("splits", (66, 132, 256))),
+        # (batch, context, heads, rank, rope, configs, how the split counts are chosen)
+        (1, 32768, 32, 512, 64, BIG_RANK_CFGS, dict(split_counts=(66, 132, 256))),
         # batch 1 at a short context (the e2e decode step): how many splits pay off
-        (1, 8192, 32, 512, 64, SHORT_CFGS, ("splits", (8, 16, 33, 66, 132))),
-        (16, 8192, 32, 512, 64, BIG_RANK_CFGS, (1, 2)),
-        (64, 4096, 32, 512, 64, BIG_RANK_CFGS, (1, 2)),
-        (128, 8192, 32, 512, 64, BIG_RANK_CFGS, (0, 1, 2)),
-        (16, 8192, 9, 64, 32, SMALL_RANK_CFGS, (1, 2, 4)),
-        (64, 8192, 9, 64, 32, SMALL_RANK_CFGS, (1, 2, 4)),
-        (128, 8192, 9, 128, 32, SMALL_RANK_CFGS, (0, 1, 2, 4)),
-        (64, 4096, 128, 512, 64, HEADS128_CFGS, (1, 2)),
+        (1, 8192, 32, 512, 64, SHORT_CFGS, dict(split_counts=(8, 16, 33, 66, 132))),
+        (16, 8192, 32, 512, 64, BIG_RANK_CFGS, dict(occupancies=(1, 2))),
+        (64, 4096, 32, 512, 64, BIG_RANK_CFGS, dict(occupancies=(1, 2))),
+        (128, 8192, 32, 512, 64, BIG_RANK_CFGS, dict(occupancies=(0, 1, 2))),
+        (16, 8192, 9, 64, 32, SMALL_RANK_CFGS, dict(occupancies=(1, 2, 4))),
+        (64, 8192, 9, 64, 32, SMALL_RANK_CFGS, dict(occupancies=(1, 2, 4))),
+        (128, 8192, 9, 128, 32, SMALL_RANK_CFGS, dict(occupancies=(0, 1, 2, 4))),
+        (64, 4096, 128, 512, 64, HEADS128_CFGS, dict(occupancies=(1, 2))),
     ]
     if quick:
         plan = plan[:1]
-    for batch, context, heads, rank, rope, cfgs, occs in plan:
+    for batch, context, heads, rank, rope, cfgs, splits in plan:
         log(f"  sweep b={batch} ctx={context} heads={heads} rank={rank} rope={rope}")
         t0 = time.time()
-        shape_rows = sweep_shape(batch, context, heads, rank, rope, cfgs, occs, num_sms, copy_gbps)
+        shape_rows = sweep_shape(batch, context, heads, rank, rope, cfgs, num_sms, copy_gbps, **splits)
         rows += shape_rows
         good = sorted((r for r in shape_rows if "us" in r), key=lambda r: r["us"])
         for r in good[:3]:

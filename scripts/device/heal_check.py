@@ -8,12 +8,15 @@ again continues where the last one stopped; it prints "done" when nothing is lef
     PYTHONUNBUFFERED=1 python3 scripts/device/heal_check.py --out out/heal            # everything
     PYTHONUNBUFFERED=1 python3 scripts/device/heal_check.py --out out/heal --phase heal --savings 0.75
 
-One call of about 9 minutes (issue 7's budget: more teacher text, a compiled heal of all
-parameters sized to ~5 minutes by a measured speed, the table, results copied to $OUT):
+One call of about 9.5 minutes (issue 7's budget: teacher text for 2.5 minutes, a compiled
+heal of all parameters in batches of 64 windows sized to 5.6 minutes by a measured speed,
+the table, results copied to $OUT; H200: ppl 34.89 at 75% saving, docs/heal.md):
 
     PYTHONUNBUFFERED=1 python3 scripts/device/heal_check.py --out out/heal --export "$OUT" --savings 0.75 \
-        --train all --compile --teacher-tokens 16M --gen-batch 1024 --data-minutes 2 --heal-minutes 5 \
-        --elastic-minutes 0 --max-minutes 9.5
+        --train all --compile --lr 3e-4 --batch-size 64 --teacher-tokens 24M --gen-batch 1024 \
+        --data-minutes 2.5 --heal-minutes 5.6 --elastic-minutes 0 --max-minutes 9.5
+
+(scripts/device/heal_speed.py measures the training speed per batch size without a checkpoint.)
 
 ``--heal-minutes M`` first runs a short probe of the same training (which also compiles
 the blocks), measures tokens/s, and sets the run's tokens to what fits in M minutes,
@@ -540,7 +543,8 @@ def main(argv=None) -> int:
                         help="stop generating teacher text after about this long (default: no limit)")
     parser.add_argument("--gen-batch", type=int, default=None,
                         help="sequences generated together (default 256; smoke 8)")
-    parser.add_argument("--batch-size", type=int, default=16, help="windows of 512 tokens per step (default 16)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="windows of 512 tokens per step (default 16, as mlakit heal; 64 is 2.4x faster on an H200)")
     parser.add_argument("--train", choices=("mla", "attention", "all"), default="attention")
     parser.add_argument("--compile", action="store_true", help="mlakit heal --compile (regional torch.compile)")
     parser.add_argument("--heal-minutes", type=float, default=None,

@@ -125,3 +125,17 @@ def test_new_options_reach_heal_options():
     assert options.compile and options.elastic_full_share == 0.7 and options.elastic_ranks == [4, 8]
     defaults, _ = options_from_args(parser.parse_args(["heal", "m", "--teacher", "t", "-o", "o"]))
     assert not defaults.compile and defaults.elastic_full_share == 0.5
+
+
+def test_out_of_memory_names_the_remedies(monkeypatch, tmp_path, capsys):
+    import mlakit.heal.api as heal_api
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB\nmore detail")
+
+    monkeypatch.setattr(heal_api, "heal", out_of_memory)
+    assert main(["heal", str(tmp_path / "mla"), "--teacher", str(tmp_path / "src"), "-o", str(tmp_path / "out"),
+                 "--batch-size", "64", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "64 x 512" in err and "Tried to allocate 6.00 GiB" in err
+    assert "--batch-size" in err and "--gradient-checkpointing" in err

@@ -47,15 +47,39 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]  # [b, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)  # [b, vocab]
     if params.top_p is not None and params.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token once the tokens before it already cover top_p (the first always stays)
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
+        return sample_top_p(probs, params.top_p, generator)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Nucleus sampling without sorting: a token ``[b]`` drawn from ``probs [b, vocab]``
+    restricted to the nucleus (the most likely tokens, in order, until the tokens before
+    one already cover ``top_p``; the first always stays), renormalised.
+
+    Token ``i`` is in the nucleus exactly when the mass of the tokens more likely than it
+    is below ``top_p``. Draw from the candidates (all tokens at first) and keep the draw if
+    it is in the nucleus; otherwise every token no more likely than the draw is outside
+    the nucleus too, so drop them and draw again. The candidates always hold the whole
+    nucleus, so an accepted draw follows ``probs`` restricted to it: the same distribution
+    as sorting and masking (which costs a sort of the logits, 3.7 ms for 1024 x 49152 on
+    an H200). The first draw is accepted with probability >= ``top_p``; each round costs a
+    few passes over ``probs`` and one host sync (whether any row is left)."""
+    out = torch.zeros(probs.shape[0], dtype=torch.long, device=probs.device)  # [b]
+    pending = torch.ones_like(out, dtype=torch.bool)  # [b]
+    candidates, floor = probs, None  # floor [b, 1]: after a rejection, candidates are the tokens above it
+    while True:
+        draw = torch.multinomial(candidates, 1, generator=generator)  # [b, 1]
+        p_draw = probs.gather(-1, draw)  # [b, 1]
+        above = probs.masked_fill(probs <= p_draw, 0.0).sum(dim=-1)  # [b]: mass more likely than the draw
+        accept = pending & (above < top_p)
+        out = torch.where(accept, draw[:, 0], out)
+        pending = pending & ~accept
+        if not bool(pending.any()):
+            return out
+        floor = torch.where(pending[:, None], p_draw, -1.0 if floor is None else floor)  # done rows: any token
+        candidates = probs.masked_fill(probs <= floor, 0.0)
 
 
 def _pad_right(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

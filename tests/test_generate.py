@@ -83,6 +83,27 @@ def test_sampling_rules():
     assert set(sample_next(logits, SamplingParams(top_p=1e-6), gen).tolist()) == {0}
 
 
+@pytest.mark.parametrize("top_p,temperature", [(0.5, 1.0), (0.9, 1.0), (0.97, 0.7), (0.3, 2.0)])
+def test_top_p_draws_follow_the_renormalised_nucleus(top_p, temperature):
+    """Against a float64 reference that sorts: the nucleus is the longest prefix of the
+    sorted tokens whose mass before each token is below top_p; draws follow the
+    renormalised probabilities inside it and never leave it."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 24) * 2
+    rows = 60_000
+    draws = sample_next(logits.repeat(rows, 1), SamplingParams(temperature=temperature, top_p=top_p),
+                        torch.Generator().manual_seed(1))
+    probs = (logits[0].double() / temperature).softmax(-1)
+    sorted_probs, order = probs.sort(descending=True)
+    keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p
+    expected = torch.zeros_like(probs)
+    expected[order[keep]] = sorted_probs[keep] / sorted_probs[keep].sum()
+    freq = torch.bincount(draws, minlength=24).double() / rows
+    assert set(draws.unique().tolist()) <= set(order[keep].tolist())
+    assert (freq - expected).abs().max() < 0.01  # 5 standard deviations of a frequency near 1/2
+    assert 1 < int(keep.sum()) < 24  # the nucleus is neither one token nor all
+
+
 @pytest.mark.parametrize("bad", [dict(temperature=0.0), dict(top_k=0), dict(top_p=1.5), dict(max_new_tokens=-1)])
 def test_bad_sampling_params_are_refused(bad):
     with pytest.raises(ValueError):

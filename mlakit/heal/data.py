@@ -30,7 +30,8 @@ from mlakit.errors import MlakitError
 from mlakit.evaluate import CALIB_RANGE, EVAL_START, EVAL_WINDOW_LEN, EVAL_WINDOWS
 
 EVAL_RANGE = (EVAL_START, EVAL_START + EVAL_WINDOWS * EVAL_WINDOW_LEN)  # [131072, 151552)
-DATA_VERSION = 1  # bump when the generation procedure changes: old caches are then ignored
+DATA_VERSION = 2  # bump when the generation procedure changes: old caches are then ignored
+#                  (2: top-p draws without sorting; same distribution, other tokens for a seed)
 
 # Short openings across genres and topics: the teacher continues each one many times
 # (sampling at temperature 1 makes the continuations differ).

@@ -31,7 +31,8 @@ Phases, in order (``--phase all`` runs those not done yet):
   heal         distil each converted model toward the original -> OUT/healed-S/ (resumable)
   eval-healed  the protocol on each healed model
   elastic      heal at 0.75 with elastic ranks -> OUT/elastic-0.75/, evaluated at the runtime
-               ranks of the savings 0.75 .. 0.875
+               ranks of the savings 0.75 .. 0.875 (--elastic-rope-dim 24 starts from RoPE 24 +
+               latent 72, whose truncation to 87.5% has the dedicated conversion's shape)
   report       OUT/heal.md (the table, also printed), OUT/heal.json, OUT/heal_ppl.png,
                OUT/heal_elastic.png (and each run's heal_loss.png inside its checkpoint)
 
@@ -322,12 +323,37 @@ def phase_eval_healed(run: Run) -> bool:
     return _eval_checkpoints(run, "healed", "healed")
 
 
+def elastic_source(run: Run) -> Path:
+    """The converted model the elastic run starts from: the 0.75 conversion of --savings, or
+    with --elastic-rope-dim P the default model converted at 0.75 with a RoPE key of P
+    (converted here if missing). A smaller RoPE key leaves a larger latent to truncate:
+    RoPE 24 + latent 72 truncates to RoPE 24 + latent 24, the shape of the dedicated 87.5%
+    conversion."""
+    rope = run.args.elastic_rope_dim
+    if rope is None:
+        return run.path("mla", ELASTIC_SAVING)
+    path = run.out / f"mla-{ELASTIC_SAVING:g}-rope{rope}"
+    if not path.exists():
+        from mlakit.convert import ConvertOptions
+        from mlakit.convert.api import convert_checkpoint
+
+        log(f"convert at {ELASTIC_SAVING:g} with RoPE {rope} for the elastic run ...")
+        options = ConvertOptions(kv_saving=ELASTIC_SAVING, rope_dim=rope, progress=False)
+        if run.args.smoke:
+            options.calib_tokens = 2048
+        summary = convert_checkpoint(run.teacher, str(path), options, device=run.device)
+        run.results["elastic_source"] = {"path": path.name, "ranks": summary.ranks, "rope_dim": summary.rope_dim,
+                                         "free": evaluate(run, path)}
+        run.save()
+    return path
+
+
 def elastic_ranks(run: Run) -> list[tuple[float, int]]:
-    """(saving, runtime rank) of the grid for the 0.75 checkpoint: budget minus its RoPE key
+    """(saving, runtime rank) of the grid for the elastic source: budget minus its RoPE key
     (savings whose budget the RoPE key alone fills cannot be reached by truncation: left out)."""
     from mlakit.config import ModelConfig
 
-    config = ModelConfig.load(run.path("mla", ELASTIC_SAVING))
+    config = ModelConfig.load(elastic_source(run))
     full = 2 * config.n_kv_heads * config.head_dim  # the source's values per token per layer (its GQA cache)
     rope, top = config.qk_rope_head_dim, max(config.kv_lora_ranks())
     grid = [(s, min(top, int(round((1 - s) * full)) - rope)) for s in ELASTIC_GRID]
@@ -338,9 +364,10 @@ def phase_elastic(run: Run) -> bool:
     if run.args.elastic_minutes == 0:
         log("elastic: skipped (--elastic-minutes 0)")
         return True
-    src = run.path("mla", ELASTIC_SAVING)
+    src = elastic_source(run)
     if not src.exists():
-        log(f"elastic: {src} missing (run the convert phase with {ELASTIC_SAVING} among --savings)")
+        log(f"elastic: {src} missing (run the convert phase with {ELASTIC_SAVING} among --savings, "
+            "or give --elastic-rope-dim)")
         return True
     grid = elastic_ranks(run)
     summary = _heal_one(run, src, run.path("elastic", ELASTIC_SAVING), sorted({r for _, r in grid}),
@@ -355,7 +382,8 @@ def phase_elastic(run: Run) -> bool:
             continue
         point = {"kv_saving": saving, "rank": rank}
         point["elastic"] = evaluate(run, run.path("elastic", ELASTIC_SAVING), rank)
-        if run.path("healed", ELASTIC_SAVING).exists():  # the same truncation of the plainly healed model
+        if run.args.elastic_rope_dim is None and run.path("healed", ELASTIC_SAVING).exists():
+            # the same truncation of the plainly healed model (same source)
             point["healed"] = evaluate(run, run.path("healed", ELASTIC_SAVING), rank)
         point["free"] = evaluate(run, src, rank)
         elastic["points"][key] = point
@@ -407,7 +435,10 @@ def phase_report(run: Run) -> bool:
     elastic = r.get("elastic")
     if elastic:
         share = elastic["heal"].get("full_share")
-        lines += ["", f"Elastic: one checkpoint healed at {100 * ELASTIC_SAVING:g}% with elastic ranks "
+        source = r.get("elastic_source")
+        shape = (f" (RoPE {source['rope_dim']} + latent {max(source['ranks'])}, training-free ppl "
+                 f"{_ppl(source.get('free'))})" if source else "")
+        lines += ["", f"Elastic: one checkpoint healed at {100 * ELASTIC_SAVING:g}%{shape} with elastic ranks "
                       f"({elastic['heal']['tokens']:,} tokens, {elastic['heal']['seconds']['train']:.0f}s"
                       f"{'' if share is None else f', full rank on {100 * share:g}% of the steps'}), "
                       "evaluated with its latent truncated at run time", "",
@@ -552,6 +583,10 @@ def main(argv=None) -> int:
                              "overrides --tokens")
     parser.add_argument("--elastic-minutes", type=float, default=None,
                         help="the same for the elastic run; 0 skips it (default: --tokens)")
+    parser.add_argument("--elastic-rope-dim", type=int, default=None, metavar="P",
+                        help="start the elastic run from the default model converted at 0.75 with a RoPE key of P "
+                             "(e.g. 24: latent 72, which truncates to the 87.5%% shape RoPE 24 + latent 24); "
+                             "default: the 0.75 conversion of --savings (RoPE 32 + latent 64)")
     parser.add_argument("--elastic-full-share", type=float, default=0.5,
                         help="share of the elastic run's steps at the full rank (default 0.5)")
     parser.add_argument("--export", default=None, metavar="DIR",

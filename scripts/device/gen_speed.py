@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""Where a step of the teacher's text generation goes (issue 7), on random weights.
+
+``mlakit heal`` trains 3.5x faster than the teacher writes its text (H200: 234k vs 67k
+tokens/s), so the generation step decides how much distinct text a 10-minute heal sees.
+This times, for the default model's shape (bf16, the engine's fast mode: fused
+projections, compiled blocks, one CUDA graph per step) at heal's generation batch:
+
+- the decode step (graph replay) at several cache lengths (``--max-lens``): how much of
+  the step is attention over the static cache, which every step reads in full;
+- sampling (temperature 1, top-p 0.95, as heal's teacher text): ``sample_top_p`` (no sort)
+  against sorting the logits (the former method, kept here as the reference) — their
+  token frequencies are also compared on one row drawn many times;
+- ``generate_batch`` end to end (tokens/s);
+- with ``--profile``: the top CUDA kernels of a few compiled steps without the graph.
+
+    PYTHONUNBUFFERED=1 python3 scripts/device/gen_speed.py --batch 1024 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+
+def sort_top_p(probs: torch.Tensor, top_p: float, generator=None) -> torch.Tensor:
+    """The former top-p: sort, mask the tail, draw (the reference for speed and frequencies)."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return torch.multinomial(probs.masked_fill(drop, 0.0), 1, generator=generator)[:, 0]
+
+
+def cuda_ms(fn, reps: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--max-lens", default="128,256,512")
+    parser.add_argument("--new-tokens", type=int, default=256, help="generate_batch: tokens per sequence")
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU")
+        return 1
+
+    from mlakit.config import preset
+    from mlakit.engine import Engine, SamplingParams, generate_batch, sample_top_p
+    from mlakit.model import Transformer
+
+    torch.manual_seed(0)
+    config = preset("smollm2-135m")
+    model = Transformer(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    b = args.batch
+    print(f"teacher text generation step, default model shape (random bf16 weights), batch {b}, "
+          f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+
+    print("\n| cache length (max_len) | decode step (graph replay) | KV bytes read per step | GB/s |")
+    print("|---:|---:|---:|---:|")
+    kv_per_token = config.n_layers * 2 * config.n_kv_heads * config.head_dim * 2  # bf16 bytes
+    tokens = torch.randint(0, config.vocab_size, (b,), device="cuda")
+    for max_len in [int(x) for x in args.max_lens.split(",")]:
+        engine = Engine(model, b, max_len, compile=True)
+        positions = torch.full((b,), max_len // 2, device="cuda")
+        ms = cuda_ms(lambda: engine.decode(tokens, positions))
+        read = b * max_len * kv_per_token
+        print(f"| {max_len} | {ms:.2f} ms | {read / 2 ** 30:.2f} GiB | {read / ms / 1e6:,.0f} |")
+        del engine
+        torch.cuda.empty_cache()
+
+    logits = torch.randn(b, config.vocab_size, device="cuda") * 3
+    probs = logits.softmax(-1)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    print("\n| sampling (temperature 1, top-p {:g}) of [{}, {}] | ms |".format(args.top_p, b, config.vocab_size))
+    print("|---|---:|")
+    print(f"| softmax | {cuda_ms(lambda: logits.float().softmax(-1)):.3f} |")
+    print(f"| sort + mask + draw (former) | {cuda_ms(lambda: sort_top_p(probs, args.top_p, gen)):.3f} |")
+    print(f"| sample_top_p (no sort) | {cuda_ms(lambda: sample_top_p(probs, args.top_p, gen)):.3f} |")
+    print(f"| multinomial alone | {cuda_ms(lambda: torch.multinomial(probs, 1, generator=gen)):.3f} |")
+    row = probs[:1].expand(20_000, -1).contiguous()  # one row, 20k times (3.9 GB in float32)
+    a = torch.bincount(sample_top_p(row, args.top_p, gen), minlength=config.vocab_size).double()
+    r = torch.bincount(sort_top_p(row, args.top_p, gen), minlength=config.vocab_size).double()
+    print(f"frequencies over {row.shape[0]:,} draws of one row: max |sample_top_p - sort| = "
+          f"{(a - r).abs().max().item() / row.shape[0]:.4f}, tokens drawn {int((a > 0).sum())} vs {int((r > 0).sum())}")
+
+    engine = Engine(model, b, 32 + args.new_tokens, compile=True)
+    prompts = torch.randint(3, config.vocab_size, (b, 32)).tolist()
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_p=args.top_p, seed=0,
+                            stop_token_ids=[])
+    generate_batch(model, prompts, SamplingParams(max_new_tokens=4, top_p=args.top_p, seed=0, stop_token_ids=[]),
+                   engine=engine)  # capture and compile
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out, counts = generate_batch(model, prompts, params, engine=engine)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    print(f"\ngenerate_batch: {int(counts.sum()):,} tokens in {seconds:.2f} s = {int(counts.sum()) / seconds:,.0f} "
+          f"tokens/s ({seconds / args.new_tokens * 1e3:.2f} ms per step incl. prefill; max_len {32 + args.new_tokens})")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        eager = Engine(model, b, 512, cuda_graph=False, compile=True)
+        positions = torch.full((b,), 256, device="cuda")
+        for _ in range(3):
+            eager.decode(tokens, positions)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                eager.decode(tokens, positions)
+                sample_top_p(eager.decode(tokens, positions).float().softmax(-1), args.top_p, gen)
+            torch.cuda.synchronize()
+        print("\nprofile: 6 compiled decode steps (no graph) at max_len 512 and 3 draws")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=80))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

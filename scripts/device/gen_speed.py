@@ -53,7 +53,8 @@ def cuda_ms(fn, reps: int = 20) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--max-lens", default="128,256,512")
+    parser.add_argument("--max-lens", default="128,512", help="cache lengths of the decode-step table")
+    parser.add_argument("--step-batches", default="1024,2048", help="batches of the decode-step table")
     parser.add_argument("--new-tokens", type=int, default=256, help="generate_batch: tokens per sequence")
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--profile", action="store_true")
@@ -73,18 +74,21 @@ def main(argv=None) -> int:
     print(f"teacher text generation step, default model shape (random bf16 weights), batch {b}, "
           f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
 
-    print("\n| cache length (max_len) | decode step (graph replay) | KV bytes read per step | GB/s |")
-    print("|---:|---:|---:|---:|")
+    print("\n| batch | cache length (max_len) | decode step (graph replay) | per sequence | KV bytes read | GB/s |")
+    print("|---:|---:|---:|---:|---:|---:|")
     kv_per_token = config.n_layers * 2 * config.n_kv_heads * config.head_dim * 2  # bf16 bytes
+    for sb in [int(x) for x in args.step_batches.split(",")]:
+        step_tokens = torch.randint(0, config.vocab_size, (sb,), device="cuda")
+        for max_len in [int(x) for x in args.max_lens.split(",")]:
+            engine = Engine(model, sb, max_len, compile=True)
+            positions = torch.full((sb,), max_len // 2, device="cuda")
+            ms = cuda_ms(lambda: engine.decode(step_tokens, positions))
+            read = sb * max_len * kv_per_token
+            print(f"| {sb} | {max_len} | {ms:.2f} ms | {ms / sb * 1e3:.2f} us | {read / 2 ** 30:.2f} GiB | "
+                  f"{read / ms / 1e6:,.0f} |")
+            del engine
+            torch.cuda.empty_cache()
     tokens = torch.randint(0, config.vocab_size, (b,), device="cuda")
-    for max_len in [int(x) for x in args.max_lens.split(",")]:
-        engine = Engine(model, b, max_len, compile=True)
-        positions = torch.full((b,), max_len // 2, device="cuda")
-        ms = cuda_ms(lambda: engine.decode(tokens, positions))
-        read = b * max_len * kv_per_token
-        print(f"| {max_len} | {ms:.2f} ms | {read / 2 ** 30:.2f} GiB | {read / ms / 1e6:,.0f} |")
-        del engine
-        torch.cuda.empty_cache()
 
     logits = torch.randn(b, config.vocab_size, device="cuda") * 3
     probs = logits.softmax(-1)

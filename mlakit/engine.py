@@ -160,6 +160,9 @@ def compiled_block_call(backend: str = "inductor") -> Callable:
     return call
 
 
+SPAN_BUCKET_MIN = 128  # the smallest number of cache slots a CUDA-graph step attends over
+
+
 class Engine:
     """Static-cache inference for a fixed batch: prefill, then one-token decode steps.
 
@@ -171,10 +174,15 @@ class Engine:
     (``prefill_mode="absorbed"`` prefills through the absorbed kernel too, causal
     within the prompt; ``mlakit bench e2e`` times both forms.)
 
-    On CUDA the decode step is captured once as a CUDA graph and replayed: all its
-    inputs live in static buffers (tokens, positions, the cache, the lengths) and
-    attention spans the whole cache (``kv_len = max_len``), so no step reads a
-    value on the host and nothing is re-captured as positions advance.
+    On CUDA the decode step is captured as a CUDA graph and replayed: all its
+    inputs live in static buffers (tokens, positions, the cache, the lengths), so no
+    step reads a value on the host and nothing is re-captured as positions advance.
+    A graph attends over a fixed number of cache slots; a caller that knows how far
+    its sequences reach (``decode(..., span=)``, as ``generate`` does) gets the graph
+    of the smallest span bucket that covers it (128, 256, 512, ... slots, at most
+    ``max_len``; one capture per bucket), so early steps of a long generation do
+    not read the empty end of the cache. Without ``span`` a step attends over the
+    whole cache.
 
     ``compile=True`` is the fast mode for a fixed model: the projections that share an
     input run as one matmul each (``fuse_projections``, which changes the model in
@@ -200,8 +208,8 @@ class Engine:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self._tokens = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # [b, 1]
         self._positions = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # [b, 1]
-        self._logits: torch.Tensor | None = None  # [b, vocab], written by the graph
-        self._graph = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # span bucket -> (graph, logits)
+        self._pool = None  # the graphs share one memory pool: they never run at the same time
         self._block_fn = None
         if compile:
             fuse_projections(model)
@@ -220,25 +228,39 @@ class Engine:
         self.model.set_mla_mode(self.prefill_mode)
         return self.model(tokens, cache=self.cache, logits_at=lengths - 1)[:, -1]
 
+    def span_bucket(self, span: int | None) -> int:
+        """The cache slots a CUDA-graph step attends over for ``span``: the smallest of
+        ``SPAN_BUCKET_MIN`` x 2^k that covers it, at most ``max_len`` (None: ``max_len``)."""
+        if span is None:
+            return self.max_len
+        bucket = SPAN_BUCKET_MIN
+        while bucket < span:
+            bucket *= 2
+        return min(bucket, self.max_len)
+
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, span: int | None = None) -> torch.Tensor:
         """One step: ``tokens [b]`` at ``positions [b]`` -> logits ``[b, vocab]``.
+        ``span``, if given, must be at least ``max(positions) + 1`` (the caller knows it
+        on the host; nothing checks it): attention then reads only the cache slots up to
+        it (rounded up to a bucket under CUDA graphs) instead of the whole cache.
         The returned tensor is overwritten by the next step under CUDA graphs."""
         self._tokens.copy_(tokens.view(-1, 1))
         self._positions.copy_(positions.view(-1, 1))
         if not self.cuda_graph:
-            return self._step()
-        if self._graph is None:
-            self._capture()
-        self._graph.replay()
-        return self._logits
+            return self._step(span)  # None: the furthest position, read on the host
+        kv_len = self.span_bucket(span)
+        if kv_len not in self._graphs:
+            self._capture(kv_len)
+        graph, logits = self._graphs[kv_len]
+        graph.replay()
+        return logits
 
-    def _step(self) -> torch.Tensor:
+    def _step(self, kv_len: int | None) -> torch.Tensor:
         self.model.set_mla_mode("absorbed")
-        kv_len = self.max_len if self.cuda_graph else None
         return self.model(self._tokens, self._positions, self.cache, kv_len=kv_len, block_fn=self._block_fn)[:, -1]
 
-    def _capture(self) -> None:
+    def _capture(self, kv_len: int) -> None:
         # Warm-up runs compile the kernels and settle the allocator. They write this
         # step's own tokens at this step's own positions, exactly what the replay that
         # follows writes again, so they leave the cache as the step will.
@@ -246,11 +268,15 @@ class Engine:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step()
+                self._step(kv_len)
         torch.cuda.current_stream().wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._logits = self._step()
+        graph = torch.cuda.CUDAGraph()
+        # A shared pool may hand one graph's scratch memory to another graph's output:
+        # harmless, since a step's logits are read before the next step replays any graph.
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._step(kv_len)
+        self._pool = self._pool or graph.pool()
+        self._graphs[kv_len] = (graph, logits)
 
 
 # generate_batch asks the device whether every sequence has stopped only every this many
@@ -276,7 +302,8 @@ def _decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], params: 
         raise ValueError("every prompt needs at least one token")
     device = model.device
     tokens, lengths = _pad_right(prompts, device)
-    total = int(lengths.max()) + params.max_new_tokens
+    longest = max(len(p) for p in prompts)
+    total = longest + params.max_new_tokens
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt + new tokens ({total}) exceed the model's max_seq_len {model.config.max_seq_len}")
     if engine is None:
@@ -300,7 +327,8 @@ def _decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], params: 
         yield next_tokens, output
         if step + 1 == params.max_new_tokens or ((step + 1) % check_every == 0 and bool(finished.all())):
             return
-        logits = engine.decode(next_tokens, positions)
+        # the furthest next position is the longest prompt's length + step: attend up to it
+        logits = engine.decode(next_tokens, positions, span=longest + step + 1)
         positions += 1
 
 

@@ -57,7 +57,6 @@ def test_cuda_graph_decode_equals_eager_and_captures_once(attention, dtype, tol,
         exact = Engine(reference, 3, 64, cuda_graph=False)
         exact.prefill(prompts, lengths)
     positions = lengths.clone()
-    graph = None
     for step in range(30):
         step_tokens = tokens[torch.arange(3, device="cuda"), positions]
         out_graph = graphed.decode(step_tokens, positions).clone()
@@ -67,9 +66,49 @@ def test_cuda_graph_decode_equals_eager_and_captures_once(attention, dtype, tol,
         else:
             out_exact = exact.decode(step_tokens, positions)
             assert rel_err(out_graph, out_exact) <= 2 * rel_err(out_eager, out_exact) + tol / 2
-        graph = graph or graphed._graph
-        assert graphed._graph is graph  # captured once; positions advance without a new capture
+        assert list(graphed._graphs) == [64]  # captured once; positions advance without a new capture
         positions += 1
+
+
+def test_span_buckets():
+    engine = Engine(tiny("gqa"), 2, 100)
+    assert [engine.span_bucket(s) for s in (None, 1, 100)] == [100, 100, 100]  # never above max_len
+    engine.max_len = 1000
+    assert [engine.span_bucket(s) for s in (1, 128, 129, 256, 257, 600, 1000)] == [128, 128, 256, 256, 512, 1000,
+                                                                                  1000]
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+@pytest.mark.parametrize("cuda_graph", [False, pytest.param(True, marks=cuda)])
+def test_decode_over_a_span_equals_the_whole_cache(attention, cuda_graph, rel_err):
+    """A step told how far the sequences reach (``span``) attends over fewer cache slots
+    (CUDA graphs: one graph per span bucket) and gives the logits of a step over the
+    whole cache; the spans cross two buckets here."""
+    from mlakit import engine as engine_module
+
+    device = "cuda" if cuda_graph else "cpu"
+    model = tiny(attention).to(device)
+    tokens = torch.randint(0, 101, (3, 40), generator=torch.Generator().manual_seed(5)).to(device)
+    lengths = torch.tensor([5, 9, 7], device=device)
+    prompts = torch.where(torch.arange(9, device=device) < lengths[:, None], tokens[:, :9], 0)
+    spanned, whole = Engine(model, 3, 64, cuda_graph=cuda_graph), Engine(model, 3, 64, cuda_graph=False)
+    spanned.prefill(prompts, lengths)
+    whole.prefill(prompts, lengths)
+    positions = lengths.clone()
+    old_min = engine_module.SPAN_BUCKET_MIN
+    engine_module.SPAN_BUCKET_MIN = 16  # buckets 16, 32, 64 for this short cache
+    try:
+        for step in range(25):  # furthest position 9 .. 33: spans 10 .. 34
+            step_tokens = tokens[torch.arange(3, device=device), positions]
+            got = spanned.decode(step_tokens, positions, span=9 + step + 1).clone()
+            whole.model.set_mla_mode("absorbed")
+            ref = whole.model(step_tokens[:, None], positions[:, None], whole.cache, kv_len=64)[:, -1]
+            assert rel_err(got, ref) <= 1e-5
+            positions += 1
+    finally:
+        engine_module.SPAN_BUCKET_MIN = old_min
+    if cuda_graph:
+        assert sorted(spanned._graphs) == [16, 32, 64]
 
 
 def _decode_logits(engine: Engine, tokens: torch.Tensor, lengths: torch.Tensor, steps: int) -> list[torch.Tensor]:

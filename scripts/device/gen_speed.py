@@ -11,10 +11,11 @@ projections, compiled blocks, one CUDA graph per step) at heal's generation batc
 - sampling (temperature 1, top-p 0.95, as heal's teacher text): ``sample_top_p`` (no sort)
   against sorting the logits (the former method, kept here as the reference) — their
   token frequencies are also compared on one row drawn many times;
-- ``generate_batch`` end to end (tokens/s);
+- ``generate_batch`` end to end (tokens/s), with span buckets (``Engine.decode(span=)``)
+  and with one graph over the whole cache;
 - with ``--profile``: the top CUDA kernels of a few compiled steps without the graph.
 
-    PYTHONUNBUFFERED=1 python3 scripts/device/gen_speed.py --batch 1024 --profile
+    PYTHONUNBUFFERED=1 python3 scripts/device/gen_speed.py --batch 1024 --profile      # --smoke: CPU, tiny
 """
 
 from __future__ import annotations
@@ -38,15 +39,26 @@ def sort_top_p(probs: torch.Tensor, top_p: float, generator=None) -> torch.Tenso
     return torch.multinomial(probs.masked_fill(drop, 0.0), 1, generator=generator)[:, 0]
 
 
-def cuda_ms(fn, reps: int = 20) -> float:
+def sync() -> None:
+    if torch.cuda.is_available():
+        sync()
+
+
+def step_ms(fn, reps: int = 20) -> float:
+    """Mean milliseconds of ``fn`` (CUDA events on a GPU; the wall clock in a CPU smoke run)."""
     fn()
-    torch.cuda.synchronize()
+    sync()
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - start) / reps * 1e3
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(reps):
         fn()
     end.record()
-    torch.cuda.synchronize()
+    sync()
     return start.elapsed_time(end) / reps
 
 
@@ -58,10 +70,14 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=256, help="generate_batch: tokens per sequence")
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: the same code, numbers mean nothing")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU")
+    if not torch.cuda.is_available() and not args.smoke:
+        print("needs a CUDA GPU (or --smoke)")
         return 1
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        args.batch, args.step_batches, args.max_lens, args.new_tokens = 8, "4,8", "32,64", 40
 
     from mlakit.config import preset
     from mlakit.engine import Engine, SamplingParams, generate_batch, sample_top_p
@@ -69,71 +85,86 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     config = preset("smollm2-135m")
-    model = Transformer(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    if args.smoke:
+        config = config.replace(vocab_size=512, dim=64, n_layers=2, intermediate_size=128)
+    model = Transformer(config).to(device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32).eval()
+    compile = device == "cuda"  # the engine's fast mode, as heal's teacher text uses it on a GPU
     b = args.batch
-    print(f"teacher text generation step, default model shape (random bf16 weights), batch {b}, "
-          f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU smoke run"
+    print(f"teacher text generation step, default model shape (random weights), batch {b}, {name}, "
+          f"torch {torch.__version__}")
 
     print("\n| batch | cache length (max_len) | decode step (graph replay) | per sequence | KV bytes read | GB/s |")
     print("|---:|---:|---:|---:|---:|---:|")
     kv_per_token = config.n_layers * 2 * config.n_kv_heads * config.head_dim * 2  # bf16 bytes
     for sb in [int(x) for x in args.step_batches.split(",")]:
-        step_tokens = torch.randint(0, config.vocab_size, (sb,), device="cuda")
+        step_tokens = torch.randint(0, config.vocab_size, (sb,), device=device)
         for max_len in [int(x) for x in args.max_lens.split(",")]:
-            engine = Engine(model, sb, max_len, compile=True)
-            positions = torch.full((sb,), max_len // 2, device="cuda")
-            ms = cuda_ms(lambda: engine.decode(step_tokens, positions))
+            engine = Engine(model, sb, max_len, compile=compile)
+            positions = torch.full((sb,), max_len // 2, device=device)
+            ms = step_ms(lambda: engine.decode(step_tokens, positions))
             read = sb * max_len * kv_per_token
             print(f"| {sb} | {max_len} | {ms:.2f} ms | {ms / sb * 1e3:.2f} us | {read / 2 ** 30:.2f} GiB | "
                   f"{read / ms / 1e6:,.0f} |")
             del engine
-            torch.cuda.empty_cache()
-    tokens = torch.randint(0, config.vocab_size, (b,), device="cuda")
+            torch.cuda.empty_cache() if device == "cuda" else None
+    tokens = torch.randint(0, config.vocab_size, (b,), device=device)
 
-    logits = torch.randn(b, config.vocab_size, device="cuda") * 3
+    logits = torch.randn(b, config.vocab_size, device=device) * 3
     probs = logits.softmax(-1)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     print("\n| sampling (temperature 1, top-p {:g}) of [{}, {}] | ms |".format(args.top_p, b, config.vocab_size))
     print("|---|---:|")
-    print(f"| softmax | {cuda_ms(lambda: logits.float().softmax(-1)):.3f} |")
-    print(f"| sort + mask + draw (former) | {cuda_ms(lambda: sort_top_p(probs, args.top_p, gen)):.3f} |")
-    print(f"| sample_top_p (no sort) | {cuda_ms(lambda: sample_top_p(probs, args.top_p, gen)):.3f} |")
-    print(f"| multinomial alone | {cuda_ms(lambda: torch.multinomial(probs, 1, generator=gen)):.3f} |")
-    row = probs[:1].expand(20_000, -1).contiguous()  # one row, 20k times (3.9 GB in float32)
+    print(f"| softmax | {step_ms(lambda: logits.float().softmax(-1)):.3f} |")
+    print(f"| sort + mask + draw (former) | {step_ms(lambda: sort_top_p(probs, args.top_p, gen)):.3f} |")
+    print(f"| sample_top_p (no sort) | {step_ms(lambda: sample_top_p(probs, args.top_p, gen)):.3f} |")
+    print(f"| multinomial alone | {step_ms(lambda: torch.multinomial(probs, 1, generator=gen)):.3f} |")
+    row = probs[:1].expand(20_000 if device == "cuda" else 2000, -1).contiguous()  # one row, 20k times (3.9 GB)
     a = torch.bincount(sample_top_p(row, args.top_p, gen), minlength=config.vocab_size).double()
     r = torch.bincount(sort_top_p(row, args.top_p, gen), minlength=config.vocab_size).double()
     print(f"frequencies over {row.shape[0]:,} draws of one row: max |sample_top_p - sort| = "
           f"{(a - r).abs().max().item() / row.shape[0]:.4f}, tokens drawn {int((a > 0).sum())} vs {int((r > 0).sum())}")
 
-    engine = Engine(model, b, 32 + args.new_tokens, compile=True)
+    import mlakit.engine as engine_module
+
     prompts = torch.randint(3, config.vocab_size, (b, 32)).tolist()
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, top_p=args.top_p, seed=0,
                             stop_token_ids=[])
-    generate_batch(model, prompts, SamplingParams(max_new_tokens=4, top_p=args.top_p, seed=0, stop_token_ids=[]),
-                   engine=engine)  # capture and compile
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out, counts = generate_batch(model, prompts, params, engine=engine)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    print(f"\ngenerate_batch: {int(counts.sum()):,} tokens in {seconds:.2f} s = {int(counts.sum()) / seconds:,.0f} "
-          f"tokens/s ({seconds / args.new_tokens * 1e3:.2f} ms per step incl. prefill; max_len {32 + args.new_tokens})")
+    print(f"\n| generate_batch, {b} x (32 + {args.new_tokens}) | tokens/s | ms per step (prefill incl.) |")
+    print("|---|---:|---:|")
+    smallest = engine_module.SPAN_BUCKET_MIN
+    for name, bucket_min in (("span buckets (graphs of 128, 256, ... slots)", smallest),
+                             ("one graph over the whole cache", 1 << 30)):
+        engine_module.SPAN_BUCKET_MIN = bucket_min
+        engine = Engine(model, b, 32 + args.new_tokens, compile=compile)
+        warm = SamplingParams(max_new_tokens=args.new_tokens, top_p=args.top_p, seed=1, stop_token_ids=[])
+        generate_batch(model, prompts, warm, engine=engine)  # compile and capture every bucket
+        sync()
+        t0 = time.perf_counter()
+        out, counts = generate_batch(model, prompts, params, engine=engine)
+        sync()
+        seconds = time.perf_counter() - t0
+        print(f"| {name} | {int(counts.sum()) / seconds:,.0f} | {seconds / args.new_tokens * 1e3:.2f} |")
+        del engine
+        torch.cuda.empty_cache() if device == "cuda" else None
+    engine_module.SPAN_BUCKET_MIN = smallest
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        eager = Engine(model, b, 512, cuda_graph=False, compile=True)
-        positions = torch.full((b,), 256, device="cuda")
+        eager = Engine(model, b, 512, cuda_graph=False, compile=compile)
+        positions = torch.full((b,), 256, device=device)
         for _ in range(3):
             eager.decode(tokens, positions)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sync()
+        with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as prof:
             for _ in range(3):
                 eager.decode(tokens, positions)
                 sample_top_p(eager.decode(tokens, positions).float().softmax(-1), args.top_p, gen)
-            torch.cuda.synchronize()
+            sync()
         print("\nprofile: 6 compiled decode steps (no graph) at max_len 512 and 3 draws")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=80))
+        key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=80))
     return 0
 
 

@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=256, help="generate_batch: tokens per sequence")
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU: the same code, numbers mean nothing")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny model on the CPU: the same code, numbers mean nothing")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not args.smoke:
         print("needs a CUDA GPU (or --smoke)")

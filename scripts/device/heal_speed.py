@@ -134,7 +134,9 @@ def main(argv=None) -> int:
         print(f"| {b} x {args.seq_len} | {b * args.seq_len:,} | {speed:,.0f} | {total:.0f} s (peak {mem:.1f} GiB) |")
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-    if args.profile:
+    if args.profile and device != "cuda":
+        print("\n--profile needs a CUDA GPU (it times CUDA kernels): skipped")
+    elif args.profile:
         print(f"\nprofile at batch {args.profile}:")
         profile(student, teacher, args.profile, args.seq_len, not args.eager, args.kl_chunk, args.rows)
     return 0

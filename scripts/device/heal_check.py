@@ -370,8 +370,12 @@ def phase_elastic(run: Run) -> bool:
             "or give --elastic-rope-dim)")
         return True
     grid = elastic_ranks(run)
-    summary = _heal_one(run, src, run.path("elastic", ELASTIC_SAVING), sorted({r for _, r in grid}),
-                        minutes=run.args.elastic_minutes)
+    choices = sorted({r for _, r in grid})
+    if run.args.elastic_ranks:
+        from mlakit.heal.elastic import parse_ranks
+
+        choices = parse_ranks(run.args.elastic_ranks)
+    summary = _heal_one(run, src, run.path("elastic", ELASTIC_SAVING), choices, minutes=run.args.elastic_minutes)
     if summary is None:
         return False
     elastic = run.results.setdefault("elastic", {"heal": _heal_row(summary), "points": {}})
@@ -587,6 +591,9 @@ def main(argv=None) -> int:
                         help="start the elastic run from the default model converted at 0.75 with a RoPE key of P "
                              "(e.g. 24: latent 72, which truncates to the 87.5%% shape RoPE 24 + latent 24); "
                              "default: the 0.75 conversion of --savings (RoPE 32 + latent 64)")
+    parser.add_argument("--elastic-ranks", default=None, metavar="R1,R2,...",
+                        help="latent ranks the elastic run samples (default: the runtime ranks of the savings "
+                             "0.75, 0.8, 0.85, 0.875); the evaluation grid stays those")
     parser.add_argument("--elastic-full-share", type=float, default=0.5,
                         help="share of the elastic run's steps at the full rank (default 0.5)")
     parser.add_argument("--export", default=None, metavar="DIR",

@@ -80,7 +80,7 @@ def test_span_buckets():
 
 @pytest.mark.parametrize("attention", ["gqa", "mla"])
 @pytest.mark.parametrize("cuda_graph", [False, pytest.param(True, marks=cuda)])
-def test_decode_over_a_span_equals_the_whole_cache(attention, cuda_graph, rel_err):
+def test_decode_over_a_span_equals_the_whole_cache(attention, cuda_graph, rel_err, monkeypatch):
     """A step told how far the sequences reach (``span``) attends over fewer cache slots
     (CUDA graphs: one graph per span bucket) and gives the logits of a step over the
     whole cache; the spans cross two buckets here."""
@@ -95,18 +95,14 @@ def test_decode_over_a_span_equals_the_whole_cache(attention, cuda_graph, rel_er
     spanned.prefill(prompts, lengths)
     whole.prefill(prompts, lengths)
     positions = lengths.clone()
-    old_min = engine_module.SPAN_BUCKET_MIN
-    engine_module.SPAN_BUCKET_MIN = 16  # buckets 16, 32, 64 for this short cache
-    try:
-        for step in range(25):  # furthest position 9 .. 33: spans 10 .. 34
-            step_tokens = tokens[torch.arange(3, device=device), positions]
-            got = spanned.decode(step_tokens, positions, span=9 + step + 1).clone()
-            whole.model.set_mla_mode("absorbed")
-            ref = whole.model(step_tokens[:, None], positions[:, None], whole.cache, kv_len=64)[:, -1]
-            assert rel_err(got, ref) <= 1e-5
-            positions += 1
-    finally:
-        engine_module.SPAN_BUCKET_MIN = old_min
+    monkeypatch.setattr(engine_module, "SPAN_BUCKET_MIN", 16)  # buckets 16, 32, 64 for this short cache
+    for step in range(25):  # furthest position 9 .. 33: spans 10 .. 34
+        step_tokens = tokens[torch.arange(3, device=device), positions]
+        got = spanned.decode(step_tokens, positions, span=9 + step + 1).clone()
+        whole.model.set_mla_mode("absorbed")
+        ref = whole.model(step_tokens[:, None], positions[:, None], whole.cache, kv_len=64)[:, -1]
+        assert rel_err(got, ref) <= 1e-5
+        positions += 1
     if cuda_graph:
         assert sorted(spanned._graphs) == [16, 32, 64]
 

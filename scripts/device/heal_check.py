@@ -156,19 +156,25 @@ def evaluate(run: Run, path, rank: int | None = None) -> dict:
 
 
 # ------------------------------------------------------------------ phases
-def phase_convert(run: Run) -> bool:
+def convert_teacher(run: Run, path: Path, saving: float, rope_dim: int | None = None):
+    """The default model (smoke: the tiny one) converted at ``saving`` into ``path`` (RoPE
+    dimension ``rope_dim``, or the converter's default); returns the ConvertSummary."""
     from mlakit.convert import ConvertOptions
     from mlakit.convert.api import convert_checkpoint
 
+    options = ConvertOptions(kv_saving=saving, rope_dim=rope_dim, progress=False)
+    if run.args.smoke:
+        options.calib_tokens = 2048
+    return convert_checkpoint(run.teacher, str(path), options, device=run.device)
+
+
+def phase_convert(run: Run) -> bool:
     for saving in run.args.savings:
         path = run.path("mla", saving)
         if path.exists():
             continue
         log(f"convert at {saving:g} ...")
-        options = ConvertOptions(kv_saving=saving, progress=False)
-        if run.args.smoke:
-            options.calib_tokens = 2048
-        summary = convert_checkpoint(run.teacher, str(path), options, device=run.device)
+        summary = convert_teacher(run, path, saving)
         run.row(saving)["convert"] = {"ranks": summary.ranks, "rope_dim": summary.rope_dim,
                                       "seconds": summary.seconds.get("total")}
         run.save()
@@ -334,26 +340,20 @@ def elastic_source(run: Run) -> Path:
         return run.path("mla", ELASTIC_SAVING)
     path = run.out / f"mla-{ELASTIC_SAVING:g}-rope{rope}"
     if not path.exists():
-        from mlakit.convert import ConvertOptions
-        from mlakit.convert.api import convert_checkpoint
-
         log(f"convert at {ELASTIC_SAVING:g} with RoPE {rope} for the elastic run ...")
-        options = ConvertOptions(kv_saving=ELASTIC_SAVING, rope_dim=rope, progress=False)
-        if run.args.smoke:
-            options.calib_tokens = 2048
-        summary = convert_checkpoint(run.teacher, str(path), options, device=run.device)
+        summary = convert_teacher(run, path, ELASTIC_SAVING, rope)
         run.results["elastic_source"] = {"path": path.name, "ranks": summary.ranks, "rope_dim": summary.rope_dim,
                                          "free": evaluate(run, path)}
         run.save()
     return path
 
 
-def elastic_ranks(run: Run) -> list[tuple[float, int]]:
-    """(saving, runtime rank) of the grid for the elastic source: budget minus its RoPE key
-    (savings whose budget the RoPE key alone fills cannot be reached by truncation: left out)."""
+def elastic_ranks(src: Path) -> list[tuple[float, int]]:
+    """(saving, runtime rank) of the grid for the elastic source ``src``: budget minus its RoPE
+    key (savings whose budget the RoPE key alone fills cannot be reached by truncation: left out)."""
     from mlakit.config import ModelConfig
 
-    config = ModelConfig.load(elastic_source(run))
+    config = ModelConfig.load(src)
     full = 2 * config.n_kv_heads * config.head_dim  # the source's values per token per layer (its GQA cache)
     rope, top = config.qk_rope_head_dim, max(config.kv_lora_ranks())
     grid = [(s, min(top, int(round((1 - s) * full)) - rope)) for s in ELASTIC_GRID]
@@ -369,7 +369,7 @@ def phase_elastic(run: Run) -> bool:
         log(f"elastic: {src} missing (run the convert phase with {ELASTIC_SAVING} among --savings, "
             "or give --elastic-rope-dim)")
         return True
-    grid = elastic_ranks(run)
+    grid = elastic_ranks(src)
     choices = sorted({r for _, r in grid})
     if run.args.elastic_ranks:
         from mlakit.heal.elastic import parse_ranks

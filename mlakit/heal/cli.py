@@ -76,7 +76,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     data.add_argument("--teacher-tokens", type=_count, default=None,
                       help=f"tokens of teacher text to generate (default min(--tokens, {g.tokens:,}))")
     data.add_argument("--gen-batch", type=int, default=g.batch,
-                      help=f"sequences generated together (default {g.batch})")
+                      help="sequences the teacher writes together (default: 256 on the CPU; on a GPU the largest "
+                           "power of two up to 2048 whose KV cache takes at most a quarter of its memory)")
     data.add_argument("--temperature", type=float, default=g.temperature,
                       help=f"sampling temperature (default {g.temperature})")
     data.add_argument("--top-p", type=float, default=g.top_p, help=f"nucleus sampling mass (default {g.top_p})")

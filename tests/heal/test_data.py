@@ -154,3 +154,31 @@ def test_teacher_text_is_the_former_token_stream(tokenizer):
             stopped += len(out) < params.max_new_tokens
     assert stopped > 0  # some continuations ended at a stop token
     assert torch.equal(windows, torch.tensor(stream[:windows.numel()]).view_as(windows))
+
+
+def test_generation_batch_defaults_to_what_the_device_holds(tokenizer, monkeypatch):
+    from types import SimpleNamespace
+
+    from mlakit.config import preset
+
+    # CPU: 256, used when TeacherDataOptions.batch is None, and recorded with the stats
+    config = ModelConfig(vocab_size=256, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
+                         intermediate_size=32, max_seq_len=128, eos_token_ids=[2])
+    teacher = random_model(config, std=0.5)
+    assert data.default_gen_batch(teacher, 64) == 256
+    stats = {}
+    options = data.TeacherDataOptions(tokens=300, seq_len=64, max_prompt_len=16, seed=6)
+    data.teacher_data(teacher, tokenizer, options, progress=False, log=lambda *_: None, stats=stats)
+    assert stats["batch"] == 256
+
+    # GPU: the largest power of two <= 2048 whose bf16 cache fits in a quarter of the memory.
+    # The default model caches 30 layers x 384 values x 2 bytes = 23,040 bytes per token.
+    gpu_teacher = SimpleNamespace(device=torch.device("cuda"), config=preset("smollm2-135m"),
+                                  parameters=lambda: iter([torch.empty(1, dtype=torch.bfloat16)]))
+    for total_memory, expected in ((150_110_011_392, 2048),  # H200: 2048 x 512 x 23,040 B = 24.2 GB <= 37.5
+                                   (85_520_809_984, 1024),  # H100 80GB: 24.2 > 21.4 GB, 12.1 fits
+                                   (25_386_352_640, 512),  # 24 GB card: 6.04 <= 6.35 GB
+                                   (4 * 23_040 * 512 * 3, 2)):  # room for 3 sequences: 2
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _device, m=total_memory:
+                            SimpleNamespace(total_memory=m))
+        assert data.default_gen_batch(gpu_teacher, 512) == expected

@@ -1,0 +1,44 @@
+"""The GPU scripts in scripts/device/ run their whole code path on the CPU (``--smoke``).
+
+A device session is short, so a script that breaks on the GPU wastes it: these runs catch
+what a change breaks in the scripts' own code (their numbers on a tiny CPU model mean
+nothing and are not checked)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "device" / name), *args], cwd=REPO,
+                            capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_gen_speed_smoke():
+    out = run_script("gen_speed.py", "--smoke", "--profile")
+    for table in ("one layer's decode attention", "decode step (graph replay)", "sample_top_p (no sort)",
+                  "| span buckets", "| one graph over the whole cache", "profile: 6 compiled decode steps"):
+        assert table in out
+
+
+def test_heal_check_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    from mlakit import MlakitError
+    from mlakit.evaluate import data_path
+
+    try:
+        data_path()
+    except MlakitError:
+        pytest.skip("the protocol text is not here")
+    out = run_script("heal_check.py", "--smoke", "--out", str(tmp_path / "heal"))
+    assert out.rstrip().endswith("done")
+    assert "| KV saving | values/token/layer | ppl training-free | ppl healed |" in out
+    assert "Targets (issue 7):" in out
+    assert (tmp_path / "heal" / "heal.json").exists()

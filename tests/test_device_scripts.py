@@ -28,6 +28,11 @@ def test_gen_speed_smoke():
         assert table in out
 
 
+def test_heal_speed_smoke():
+    out = run_script("heal_speed.py", "--smoke")
+    assert "| 2 x 32 | 64 |" in out and "| 4 x 32 | 128 |" in out and "out of memory" not in out
+
+
 def test_heal_check_smoke(tmp_path):
     pytest.importorskip("transformers")
     from mlakit import MlakitError

@@ -9,6 +9,7 @@ compiled unless ``--eager``) for a few steps and reports the steady tokens/s; wi
 ``--profile B`` it also prints the top CUDA kernels of a few steps at batch B.
 
     PYTHONUNBUFFERED=1 python3 scripts/device/heal_speed.py --batch-sizes 16,32,64,128 --profile 16
+    python3 scripts/device/heal_speed.py --smoke        # the same code on the CPU, tiny (no compiler needed)
 """
 
 from __future__ import annotations
@@ -24,16 +25,19 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 
-def build(saving: float, device: str):
+def build(saving: float, device: str, smoke: bool = False):
     from mlakit.config import preset
     from mlakit.convert.api import ConvertOptions, convert
     from mlakit.model import Transformer
 
     torch.manual_seed(0)
     config = preset("smollm2-135m")
+    if smoke:
+        config = config.replace(vocab_size=512, dim=64, n_layers=2, intermediate_size=128)
     teacher = Transformer(config).to(device)
-    calib = torch.randint(0, config.vocab_size, (4096,))
-    student, _ = convert(teacher, calib.to(device), ConvertOptions(kv_saving=saving, calib_tokens=4096,
+    calib_tokens = 256 if smoke else 4096
+    calib = torch.randint(0, config.vocab_size, (calib_tokens,))
+    student, _ = convert(teacher, calib.to(device), ConvertOptions(kv_saving=saving, calib_tokens=calib_tokens,
                                                                    progress=False))
     student = student.to(device=device, dtype=torch.float32)
     teacher = teacher.to(dtype=torch.bfloat16 if device == "cuda" else torch.float32)
@@ -41,14 +45,14 @@ def build(saving: float, device: str):
 
 
 def steady_speed(student, teacher, batch_size: int, steps: int, compile: bool, seq_len: int, lr: float,
-                 kl_chunk: int) -> tuple[float, float]:
+                 kl_chunk: int, compile_backend: str = "inductor") -> tuple[float, float]:
     from mlakit.heal.distill import HealOptions, heal_model
 
     per_step = batch_size * seq_len
     windows = torch.randint(0, student.config.vocab_size, (batch_size * 4 + 20, seq_len))
     options = HealOptions(tokens=steps * per_step, train="all", lr=lr, batch_size=batch_size, seq_len=seq_len,
-                          compile=compile, progress=False, checkpoint_every=10 ** 9, val_windows=1,
-                          kl_chunk=kl_chunk)
+                          compile=compile, compile_backend=compile_backend, progress=False,
+                          checkpoint_every=10 ** 9, val_windows=1, kl_chunk=kl_chunk)
     state = {k: v.detach().clone() for k, v in student.state_dict().items()}
     start = time.perf_counter()
     result = heal_model(student, teacher, windows, options, log=lambda *_: None)
@@ -113,19 +117,24 @@ def main(argv=None) -> int:
     parser.add_argument("--eager", action="store_true", help="no torch.compile")
     parser.add_argument("--profile", type=int, default=0, help="also profile a few steps at this batch size")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--smoke", action="store_true",
+                        help="a tiny model on the CPU (batches 2,4 x 32, 4 steps): the same code, numbers mean nothing")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.batch_sizes, args.seq_len, args.steps = "2,4", 32, 4
     device = "cuda" if torch.cuda.is_available() else "cpu"
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
+    name += " (smoke run: a tiny model)" if args.smoke else ""
     print(f"heal step speed (wikitext2-smollm2-v1 model shape, random weights, saving {args.saving}) on {name}, "
           f"torch {torch.__version__}")
-    student, teacher = build(args.saving, device)
+    student, teacher = build(args.saving, device, args.smoke)
     print(f"student: kv_lora_rank {student.config.kv_lora_rank}, rope {student.config.qk_rope_head_dim}")
     print("| batch x seq | tokens/step | steady tokens/s | wall (compile incl.) |")
     print("|---|---:|---:|---:|")
     for b in [int(x) for x in args.batch_sizes.split(",")]:
         try:
             speed, total = steady_speed(student, teacher, b, args.steps, not args.eager, args.seq_len, 1e-5,
-                                        args.kl_chunk)
+                                        args.kl_chunk, "inductor" if device == "cuda" else "aot_eager")
         except torch.OutOfMemoryError:
             print(f"| {b} x {args.seq_len} | {b * args.seq_len} | out of memory | |")
             torch.cuda.empty_cache()

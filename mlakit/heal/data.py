@@ -126,8 +126,7 @@ def default_gen_batch(teacher, seq_len: int) -> int:
     sequence: 2048 on an H200 (141 GB), 1024 on an 80 GB H100, 512 on a 24 GB card."""
     if teacher.device.type != "cuda":
         return GEN_BATCH_CPU
-    dtype_bytes = next(teacher.parameters()).element_size()
-    per_sequence = teacher.config.kv_values_per_token_total() * seq_len * dtype_bytes
+    per_sequence = teacher.new_cache(1, 1).bytes_per_token() * seq_len  # the engine's cache: the model's dtype
     budget = GEN_CACHE_SHARE * torch.cuda.get_device_properties(teacher.device).total_memory
     batch = GEN_BATCH_MAX
     while batch > 1 and batch * per_sequence > budget:

@@ -155,7 +155,7 @@ def main(argv=None) -> int:
 
     print("\n| batch | cache length (max_len) | decode step (graph replay) | per sequence | KV bytes read | GB/s |")
     print("|---:|---:|---:|---:|---:|---:|")
-    kv_per_token = config.n_layers * 2 * config.n_kv_heads * config.head_dim * 2  # bf16 bytes
+    kv_per_token = model.new_cache(1, 1, dtype=torch.bfloat16).bytes_per_token()
     for sb in [int(x) for x in args.step_batches.split(",")]:
         step_tokens = torch.randint(0, config.vocab_size, (sb,), device=device)
         for max_len in [int(x) for x in args.max_lens.split(",")]:

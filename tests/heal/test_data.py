@@ -159,6 +159,7 @@ def test_teacher_text_is_the_former_token_stream(tokenizer):
 def test_generation_batch_defaults_to_what_the_device_holds(tokenizer, monkeypatch):
     from types import SimpleNamespace
 
+    from mlakit.cache import ModelCache
     from mlakit.config import preset
 
     # CPU: 256, used when TeacherDataOptions.batch is None, and recorded with the stats
@@ -173,8 +174,9 @@ def test_generation_batch_defaults_to_what_the_device_holds(tokenizer, monkeypat
 
     # GPU: the largest power of two <= 2048 whose bf16 cache fits in a quarter of the memory.
     # The default model caches 30 layers x 384 values x 2 bytes = 23,040 bytes per token.
-    gpu_teacher = SimpleNamespace(device=torch.device("cuda"), config=preset("smollm2-135m"),
-                                  parameters=lambda: iter([torch.empty(1, dtype=torch.bfloat16)]))
+    default_shape = preset("smollm2-135m")
+    gpu_teacher = SimpleNamespace(device=torch.device("cuda"), new_cache=lambda b, length: ModelCache(
+        default_shape, b, length, dtype=torch.bfloat16, device="cpu"))
     for total_memory, expected in ((150_110_011_392, 2048),  # H200: 2048 x 512 x 23,040 B = 24.2 GB <= 37.5
                                    (85_520_809_984, 1024),  # H100 80GB: 24.2 > 21.4 GB, 12.1 fits
                                    (25_386_352_640, 512),  # 24 GB card: 6.04 <= 6.35 GB

@@ -4,6 +4,7 @@ A device session is short, so a script that breaks on the GPU wastes it: these r
 what a change breaks in the scripts' own code (their numbers on a tiny CPU model mean
 nothing and are not checked)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -47,3 +48,12 @@ def test_heal_check_smoke(tmp_path):
     assert "| KV saving | values/token/layer | ppl training-free | ppl healed |" in out
     assert "Targets (issue 7):" in out
     assert (tmp_path / "heal" / "heal.json").exists()
+
+    # one change (--shift-windows) from the same converted checkpoint: nothing converted again
+    again = run_script("heal_check.py", "--smoke", "--out", str(tmp_path / "shift"), "--from-run",
+                       str(tmp_path / "heal"), "--savings", "0.75", "--elastic-minutes", "0", "--shift-windows")
+    assert "starting from" in again and "convert at" not in again and "windows shifted per epoch" in again
+    assert again.rstrip().endswith("done")
+    first, second = (json.loads((tmp_path / d / "heal.json").read_text()) for d in ("heal", "shift"))
+    assert second["rows"]["0.75"]["free"] == first["rows"]["0.75"]["free"]
+    assert second["rows"]["0.75"]["heal"]["tokens"] == first["rows"]["0.75"]["heal"]["tokens"]

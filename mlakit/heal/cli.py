@@ -47,6 +47,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                        help=f"positions per chunk of the vocabulary projection (default {d.kl_chunk})")
     train.add_argument("--gradient-checkpointing", action="store_true",
                        help="recompute each block in backward (less memory, ~30%% more time)")
+    train.add_argument("--shift-windows", action="store_true",
+                       help="when the text is read more than once, cut it into windows at another offset each "
+                            "epoch, so repeated tokens are seen in new contexts")
     train.add_argument("--layerwise-init", type=int, nargs="?", const=200, default=0, metavar="STEPS",
                        help="first fit every layer's attention to the original's output, STEPS AdamW steps per "
                             "layer (default when given: 200)")
@@ -111,7 +114,7 @@ def options_from_args(args: argparse.Namespace):
         tokens=args.tokens, train=args.train, lr=args.lr, warmup=args.warmup, batch_size=args.batch_size,
         seq_len=args.seq_len, hidden_weight=args.hidden_weight, kl_chunk=args.kl_chunk,
         gradient_checkpointing=args.gradient_checkpointing, layerwise_steps=args.layerwise_init,
-        layerwise_lr=args.layerwise_lr,
+        layerwise_lr=args.layerwise_lr, shift_windows=args.shift_windows,
         elastic_ranks=parse_ranks(args.elastic_ranks) if args.elastic_ranks else None,
         elastic_min_fraction=args.elastic_min_fraction, elastic_full_share=args.elastic_full_share,
         compile=args.compile, checkpoint_every=args.checkpoint_every,

@@ -58,6 +58,7 @@ class HealOptions:
     elastic_full_share: float = 0.5  # share of the steps at the full (largest) rank; the rest uniform below it
     checkpoint_every: int = 200  # steps between checkpoints (and validations)
     val_windows: int = 16  # held-out windows (the last ones of the data)
+    shift_windows: bool = False  # repeated epochs cut the text into windows at other offsets
     max_minutes: float | None = None  # stop (saving the state) after this much wall time
     seed: int = 0
     autocast: bool | None = None  # bf16 autocast; None: on CUDA only
@@ -280,10 +281,17 @@ def learning_rate(options: HealOptions, step: int) -> float:
 
 
 class BatchOrder:
-    """Windows of each step: epoch after epoch, each a fixed shuffle of (seed, epoch)."""
+    """Windows of each step: epoch after epoch, each a fixed shuffle of (seed, epoch).
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+    With ``shift``, epoch e cuts the training text (its windows end to end, wrapping
+    around) at an offset of ``frac(e x 0.618) x seq_len`` tokens (0, 316, 120, 437, ...
+    for 512): a repeated epoch reads the same text in other windows, so each token is
+    predicted from another context and at another position."""
+
+    def __init__(self, windows: torch.Tensor, batch_size: int, seed: int, shift: bool = False) -> None:
+        self.n, self.seq_len = windows.shape
+        self.flat = windows.reshape(-1)
+        self.batch_size, self.seed, self.shift = batch_size, seed, shift
         self._perms: dict[int, torch.Tensor] = {}
 
     def _perm(self, epoch: int) -> torch.Tensor:
@@ -292,9 +300,16 @@ class BatchOrder:
                 self.seed * 104_729 + epoch))}
         return self._perms[epoch]
 
-    def indices(self, step: int) -> torch.Tensor:
+    def offset(self, epoch: int) -> int:
+        return int((epoch * 0.6180339887498949) % 1.0 * self.seq_len) if self.shift else 0
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The step's windows ``[batch_size, seq_len]``."""
         flat = range(step * self.batch_size, (step + 1) * self.batch_size)
-        return torch.stack([self._perm(p // self.n)[p % self.n] for p in flat])
+        starts = torch.stack([self._perm(p // self.n)[p % self.n] * self.seq_len + self.offset(p // self.n)
+                              for p in flat])  # [b]
+        index = (starts[:, None] + torch.arange(self.seq_len)) % self.flat.numel()  # [b, s]
+        return self.flat[index]
 
 
 # ------------------------------------------------------------------ state
@@ -408,7 +423,7 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
 
     if state is None:
         save(0)  # layer-wise initialisation (if any) is not repeated by a resume
-    order = BatchOrder(train_windows.shape[0], options.batch_size, options.seed)
+    order = BatchOrder(train_windows, options.batch_size, options.seed, shift=options.shift_windows)
     mask = LatentMask(student) if choices else None
     if options.compile:  # after the layer-wise phase and the first validation, which stay eager
         distiller.compile()
@@ -426,7 +441,7 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
             rank = None
             if mask is not None:
                 rank = mask.rank = sample_rank(choices, options.seed, step, options.elastic_full_share)
-            batch = train_windows[order.indices(step)].to(student.device)
+            batch = order.batch(step).to(student.device)
             loss, kl = distiller.loss(batch)
             loss.backward()
             if options.grad_clip > 0:

@@ -301,8 +301,7 @@ if HAS_TRITON:
         store_mask = row_valid[:, None] & r_mask[None, :]
         if WRITE_PARTIAL:
             part_rows = pid_b * stride_pb + rows * stride_pm + pid_split * stride_ps  # [BLOCK_H]
-            tl.store(part_out_ptr + part_rows[:, None] + offs_r[None, :],
-                     out_tile.to(part_out_ptr.dtype.element_ty), mask=store_mask)
+            tl.store(part_out_ptr + part_rows[:, None] + offs_r[None, :], out_tile, mask=store_mask)
             # log2-sum-exp2 of this split; -inf for a split that saw no slot.
             lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
             lse_index = (pid_b * num_rows + rows) * num_splits + pid_split  # [BLOCK_H]
@@ -345,7 +344,7 @@ if HAS_TRITON:
         parts = tl.load(
             part_out_ptr + part_row + offs_s[:, None] * stride_ps + offs_r[None, :],
             mask=s_mask[:, None] & r_mask[None, :], other=0.0,
-        ).to(tl.float32)  # [BLOCK_SPLITS, BLOCK_RC]
+        )  # [BLOCK_SPLITS, BLOCK_RC]
         merged = tl.sum(parts * weights[:, None], 0)  # [BLOCK_RC]
         tok = row // num_heads
         head = row % num_heads
@@ -395,10 +394,7 @@ def default_config(batch: int, s_q: int, heads: int, rank: int, rope_dim: int, m
     # need a second, nearly empty wave.  More splits than SMs only add combine work.
     programs = batch * row_blocks
     num_splits = max(1, min(occupancy * num_sms // programs, triton.cdiv(max_len, block_n), num_sms))
-    # partial_bits 16: the splits' partial outputs in the queries' 16-bit dtype instead of float32
-    # (half their traffic; at batch 1 the splits write about as much as they read)
-    return dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=num_stages, num_splits=num_splits,
-                partial_bits=32)
+    return dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=num_stages, num_splits=num_splits)
 
 
 # The compiled kernels of the last launch (for diagnostics: registers, spills, shared memory).
@@ -494,12 +490,8 @@ def _mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank
 
     write_partial = num_splits > 1
     if write_partial:
-        # partial results (float32, or the queries' dtype with partial_bits 16; the merge weights
-        # and the sum stay float32); their traffic stays mostly in L2 (a few MB)
-        if cfg["partial_bits"] not in (16, 32):
-            raise ValueError(f"partial_bits must be 16 or 32, got {cfg['partial_bits']}")
-        part_dtype = torch.float32 if cfg["partial_bits"] == 32 else q_latent.dtype
-        part_out = torch.empty((batch, rows, num_splits, rank), dtype=part_dtype, device=q_latent.device)
+        # fp32 partial results; their traffic stays mostly in L2 (a few MB).
+        part_out = torch.empty((batch, rows, num_splits, rank), dtype=torch.float32, device=q_latent.device)
         part_lse = torch.empty((batch, rows, num_splits), dtype=torch.float32, device=q_latent.device)
     else:
         part_out = part_lse = out  # unused placeholders

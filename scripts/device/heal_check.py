@@ -17,6 +17,12 @@ docs/heal.md):
         --train all --compile --lr 3e-4 --batch-size 64 --teacher-tokens 40M --gen-batch 2048 \
         --data-minutes 2.5 --heal-minutes 5.6 --elastic-minutes 0 --max-minutes 9.6
 
+One change at a time on the same text and the same number of steps: a new --out that starts
+from the first one's converted checkpoint and token plan (the text comes from the cache in
+$MLAKIT_CACHE_DIR when the generation settings are the same), e.g.
+
+    PYTHONUNBUFFERED=1 python3 scripts/device/heal_check.py --out out/heal-lr5 --from-run out/heal ... --lr 5e-4
+
 (scripts/device/heal_speed.py measures the training speed per batch size without a checkpoint.)
 
 ``--heal-minutes M`` first runs a short probe of the same training (which also compiles
@@ -77,6 +83,8 @@ class Run:
         if not args.smoke and not torch.cuda.is_available():
             raise SystemExit("no CUDA GPU: run with --smoke on a CPU")
         self.results_path = self.out / "heal.json"
+        if args.from_run and not self.results_path.exists():
+            self._start_from(Path(args.from_run))
         self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
         if args.smoke:
             self.teacher = str(self._smoke_teacher())
@@ -88,6 +96,24 @@ class Run:
             self.heal_args = dict(tokens=args.tokens or 12_000_000, batch_size=args.batch_size, seq_len=512,
                                   checkpoint_every=100, teacher_tokens=args.teacher_tokens,
                                   gen_batch=args.gen_batch, val_windows=16)
+
+    def _start_from(self, source: Path) -> None:
+        """A new --out that starts where ``source`` stood before healing: its converted
+        checkpoints, its evaluations, its teacher-text record and its token plans (so a
+        run that changes one training option trains as many steps on the same text)."""
+        results_path = source / "heal.json"
+        if not results_path.exists():
+            raise SystemExit(f"--from-run {source}: no heal.json there")
+        results = json.loads(results_path.read_text())
+        for row in results.get("rows", {}).values():
+            for key in ("heal", "healed"):
+                row.pop(key, None)
+        results.pop("elastic", None)
+        for checkpoint in source.glob("mla-*"):
+            shutil.copytree(checkpoint, self.out / checkpoint.name, dirs_exist_ok=True)
+        self.results_path.write_text(json.dumps(results, indent=2) + "\n")
+        log(f"starting from {source}: {', '.join(sorted(p.name for p in source.glob('mla-*')))}, "
+            f"plans {sorted(results.get('plans', {}))}")
 
     def _smoke_teacher(self) -> Path:
         path = self.out / "llama-kv2"
@@ -120,7 +146,8 @@ class Run:
         options = HealOptions(tokens=tokens or a["tokens"], batch_size=a["batch_size"], seq_len=a["seq_len"],
                               checkpoint_every=a["checkpoint_every"], val_windows=a["val_windows"],
                               layerwise_steps=self.args.layerwise_init, elastic_ranks=elastic,
-                              elastic_full_share=self.args.elastic_full_share,
+                              elastic_full_share=self.args.elastic_full_share, shift_windows=self.args.shift_windows,
+                              hidden_weight=self.args.hidden_weight,
                               train=self.args.train, lr=self.args.lr, compile=self.args.compile,
                               # CPU smoke runs: no C++ toolchain needed, same graphs
                               compile_backend="aot_eager" if self.args.smoke else "inductor",
@@ -409,8 +436,10 @@ def phase_report(run: Run) -> bool:
     a = run.args
     lines = [f"Protocol {PROTOCOL}; GPU {gpu}; torch {torch.__version__}; original ppl {_ppl(r.get('original'))} "
              f"({r.get('original', {}).get('kv_values_per_token_layer', '?')} values/token/layer); "
-             f"--train {a.train}{' --compile' if a.compile else ''}, batch {run.heal_args['batch_size']} x "
-             f"{run.heal_args['seq_len']}", ""]
+             f"--train {a.train}{' --compile' if a.compile else ''}, lr {run.options()[0].learning_rate:g}, "
+             f"batch {run.heal_args['batch_size']} x {run.heal_args['seq_len']}"
+             f"{', windows shifted per epoch' if a.shift_windows else ''}"
+             f"{f', hidden-state weight {a.hidden_weight:g}' if a.hidden_weight else ''}", ""]
     data = r.get("data")
     if data:
         g = data.get("generation") or {}
@@ -602,6 +631,13 @@ def main(argv=None) -> int:
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="copy heal.md, heal.json, plots and each run's heal_log.json here (e.g. $OUT)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: mlakit heal's)")
+    parser.add_argument("--from-run", default=None, metavar="DIR",
+                        help="a new --out starts from DIR's converted checkpoints, evaluations and token plans "
+                             "(not its healed models): change one option, train as many steps on the same text")
+    parser.add_argument("--hidden-weight", type=float, default=0.0,
+                        help="add per-layer hidden-state matching with this weight (mlakit heal's; default 0)")
+    parser.add_argument("--shift-windows", action="store_true",
+                        help="repeated epochs cut the teacher text into windows at other offsets (mlakit heal's)")
     parser.add_argument("--layerwise-init", type=int, default=0, metavar="STEPS",
                         help="layer-wise initialisation steps per layer before distillation (default off)")
     parser.add_argument("--max-minutes", type=float, default=8.0,

@@ -67,7 +67,7 @@ def log(msg=""):
 # ---------------------------------------------------------------------------
 
 DECODE_CASES = [
-    # batch, s_q, heads, rank, rope, max_len, lengths, splits (None = default, or a config dict)
+    # batch, s_q, heads, rank, rope, max_len, lengths, splits (None = default)
     (1, 1, 1, 16, 0, 17, [1], None),
     (2, 1, 9, 48, 24, 100, [100, 37], None),
     (3, 1, 16, 64, 32, 300, [300, 1, 129], None),
@@ -78,8 +78,6 @@ DECODE_CASES = [
     (2, 1, 128, 512, 64, 513, [513, 200], None),
     (2, 1, 128, 512, 64, 513, [513, 200], 1),
     (1, 1, 32, 512, 64, 32768, [32768], None),
-    (1, 1, 32, 512, 64, 32768, [32768], {"partial_bits": 16}),
-    (2, 2, 9, 64, 32, 3000, [3000, 77], {"num_splits": 5, "partial_bits": 16}),
     (5, 4, 9, 128, 32, 2048, [2048, 4, 1000, 1999, 77], None),
 ]
 
@@ -109,7 +107,7 @@ def check_correctness():
             lengths = torch.tensor(lens, dtype=torch.int32, device=dev)
             scale = 1.0 / math.sqrt(rank + rope)
             out = torch.full((batch, s_q, heads, rank), float("nan"), dtype=dtype, device=dev)
-            cfg = splits if isinstance(splits, dict) else ({"num_splits": splits} if splits else None)
+            cfg = {"num_splits": splits} if splits else None
             name = f"mla_decode {str(dtype)[6:]} b{batch} s{s_q} h{heads} r{rank} p{rope} L{max_len} splits={splits}"
             try:
                 mla_decode(q_latent, q_rope, kv_cache, lengths, scale, rank, out=out, config=cfg)
@@ -166,11 +164,9 @@ def bench_ms(fn, rep=40):
     return float(triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"))
 
 
-def sweep_shape(batch, context, heads, rank, rope, kernel_cfgs, num_sms, copy_gbps, occupancies=(), split_counts=(),
-                partial_bits=(32,)):
+def sweep_shape(batch, context, heads, rank, rope, kernel_cfgs, num_sms, copy_gbps, occupancies=(), split_counts=()):
     """Split counts tried per config: ``split_counts`` as given, and one per entry of
-    ``occupancies`` (programs per SM) that fills the SMs with this config's programs;
-    each with the splits' partial outputs in float32 and/or 16 bits (``partial_bits``)."""
+    ``occupancies`` (programs per SM) that fills the SMs with this config's programs."""
     dev = torch.device("cuda")
     dtype = torch.bfloat16
     cache = torch.randn(batch, context, rank + rope, dtype=dtype, device=dev)
@@ -188,9 +184,8 @@ def sweep_shape(batch, context, heads, rank, rope, kernel_cfgs, num_sms, copy_gb
         programs = batch * row_blocks
         wanted = [*split_counts, *(num_sms * occ // programs for occ in occupancies)]
         split_opts = sorted({max(1, min(n, context // block_n, 256)) for n in wanted})
-        for splits, bits in [(n, b) for n in split_opts for b in partial_bits]:
-            cfg = dict(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits,
-                       partial_bits=bits)
+        for splits in split_opts:
+            cfg = dict(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
             rec = dict(batch=batch, context=context, heads=heads, rank=rank, rope=rope, **cfg)
             try:
                 fn = lambda: mla_decode(q_latent, q_rope, cache, lengths, scale, rank, out=out, config=cfg)  # noqa: E731
@@ -204,12 +199,12 @@ def sweep_shape(batch, context, heads, rank, rope, kernel_cfgs, num_sms, copy_gb
                            tflops=flops / (ms * 1e-3) / 1e12, rel_err=err,
                            regs=getattr(kern, "n_regs", None), spills=getattr(kern, "n_spills", None),
                            smem=getattr(getattr(kern, "metadata", None), "shared", None))
-                log(f"    h{block_h:<3d} n{block_n:<4d} w{warps} st{stages} sp{splits:<4d} pb{bits} {ms * 1e3:8.1f} us "
+                log(f"    h{block_h:<3d} n{block_n:<4d} w{warps} st{stages} sp{splits:<4d} {ms * 1e3:8.1f} us "
                     f"{gbps:6.0f} GB/s {rec['pct_copy']:5.1f}% {rec['tflops']:6.1f} TF  err {err:.1e} "
                     f"regs {rec['regs']} spills {rec['spills']} smem {rec['smem']}")
             except Exception as exc:
                 rec.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
-                log(f"    h{block_h:<3d} n{block_n:<4d} w{warps} st{stages} sp{splits:<4d} pb{bits} ERROR {rec['error']}")
+                log(f"    h{block_h:<3d} n{block_n:<4d} w{warps} st{stages} sp{splits:<4d} ERROR {rec['error']}")
             rows.append(rec)
     del cache, q_latent, q_rope, out
     torch.cuda.empty_cache()
@@ -257,16 +252,7 @@ def launch_overhead_study():
     return rows
 
 
-# 16-bit partial outputs against float32 ones where the splits write the most per byte read
-PARTIALS_PLAN = [
-    (1, 32768, 32, 512, 64, SHORT_CFGS, dict(split_counts=(66, 132, 256), partial_bits=(32, 16))),
-    (1, 8192, 32, 512, 64, SHORT_CFGS, dict(split_counts=(66, 132), partial_bits=(32, 16))),
-    (16, 8192, 32, 512, 64, SHORT_CFGS, dict(occupancies=(1, 2), partial_bits=(32, 16))),
-    (16, 8192, 9, 64, 32, SMALL_RANK_CFGS[:2], dict(occupancies=(2, 4), partial_bits=(32, 16))),
-]
-
-
-def run_sweep(num_sms, copy_gbps, quick=False, partials=False):
+def run_sweep(num_sms, copy_gbps, quick=False):
     rows = []
     plan = [
         # (batch, context, heads, rank, rope, configs, how the split counts are chosen)
@@ -283,8 +269,6 @@ def run_sweep(num_sms, copy_gbps, quick=False, partials=False):
     ]
     if quick:
         plan = plan[:1]
-    if partials:
-        plan = PARTIALS_PLAN
     for batch, context, heads, rank, rope, cfgs, splits in plan:
         log(f"  sweep b={batch} ctx={context} heads={heads} rank={rank} rope={rope}")
         t0 = time.time()
@@ -293,7 +277,6 @@ def run_sweep(num_sms, copy_gbps, quick=False, partials=False):
         good = sorted((r for r in shape_rows if "us" in r), key=lambda r: r["us"])
         for r in good[:3]:
             log(f"   best: h{r['block_h']} n{r['block_n']} w{r['num_warps']} st{r['num_stages']} sp{r['num_splits']}"
-                f" pb{r['partial_bits']}"
                 f" {r['us']:.1f} us {r['gbps']:.0f} GB/s {r['pct_copy']:.1f}% ({time.time() - t0:.0f} s)")
     return rows
 
@@ -308,8 +291,6 @@ def main():
     parser.add_argument("--out", default=os.environ.get("OUT", "kernels_out"))
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--quick-sweep", action="store_true")
-    parser.add_argument("--partials-sweep", action="store_true",
-                        help="sweep only float32 against 16-bit partial outputs (batch 1 and 16)")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--no-extra", action="store_true", help="skip the small-rank and 128-head tables")
     parser.add_argument("--no-table", action="store_true", help="skip the decode-attn-v1 tables")
@@ -343,7 +324,7 @@ def main():
     summary["overhead"] = launch_overhead_study()
     if not args.no_sweep:
         log("== sweep (CUDA-graph replay timing)")
-        sweep = run_sweep(props.multi_processor_count, copy_gbps, quick=args.quick_sweep, partials=args.partials_sweep)
+        sweep = run_sweep(props.multi_processor_count, copy_gbps, quick=args.quick_sweep)
         json.dump(sweep, open(os.path.join(args.out, "sweep.json"), "w"), indent=1)
         log(f"== sweep done ({time.time() - t_start:.0f} s)")
 

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from heal.helpers import VOCAB, gqa_config, mla_config, perturbed, random_model, random_windows
 from mlakit import MlakitError
-from mlakit.heal.distill import (HealOptions, forward_hidden, heal_model, kl_loss, learning_rate, load_state,
-                                 trainable_names)
+from mlakit.heal.distill import (BatchOrder, HealOptions, forward_hidden, heal_model, kl_loss, learning_rate,
+                                 load_state, trainable_names)
 
 
 @pytest.mark.parametrize("window", [None, 5])  # plain causal (mask=None to attention) / a sliding window
@@ -92,16 +92,37 @@ def test_only_the_chosen_parameters_move(train):
     assert moved == set(trainable_names(student, train))
 
 
+def _rows(windows: torch.Tensor) -> list[tuple]:
+    return sorted(tuple(row.tolist()) for row in windows)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_batch_order_reads_every_window_once_per_epoch(shift):
+    n, s, b = 12, 16, 4  # an epoch is 3 steps
+    windows = torch.arange(n * s).view(n, s)  # every token distinct: a window is known by its tokens
+    order = BatchOrder(windows, b, seed=3, shift=shift)
+    for epoch in range(4):
+        got = torch.cat([order.batch(epoch * 3 + i) for i in range(3)])
+        offset = order.offset(epoch)
+        # the reference: the text rolled by the epoch's offset, cut into windows
+        assert _rows(got) == _rows(torch.roll(windows.reshape(-1), -offset).view(n, s))
+        assert (offset != 0) == (shift and epoch > 0)
+    assert len({order.offset(e) for e in range(1, 6)}) == (5 if shift else 1)
+    first, again = order.batch(0), BatchOrder(windows, b, seed=3, shift=shift).batch(0)
+    assert torch.equal(first, again) and not torch.equal(order.batch(0), order.batch(3))  # fixed shuffles, per epoch
+
+
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     teacher = random_model(mla_config())
     windows = random_windows(40, 32)
-    options = _options(elastic_ranks=[4, 8, 12], hidden_weight=0.5)
+    options = _options(elastic_ranks=[4, 8, 12], hidden_weight=0.5, shift_windows=True)
     whole = perturbed(teacher)
     heal_model(whole, teacher, windows, options, tmp_path / "a", log=lambda *_: None)
 
     parts = perturbed(teacher)
     stopped = heal_model(parts, teacher, windows, _options(elastic_ranks=[4, 8, 12], hidden_weight=0.5,
-                                                            max_minutes=0), tmp_path / "b", log=lambda *_: None)
+                                                            shift_windows=True, max_minutes=0),
+                         tmp_path / "b", log=lambda *_: None)
     assert not stopped.finished and stopped.step == 1 and load_state(tmp_path / "b")["step"] == 1
     resumed = perturbed(teacher)  # a fresh process: the converted weights again, then the saved state
     result = heal_model(resumed, teacher, windows, options, tmp_path / "b", resume=True, log=lambda *_: None)

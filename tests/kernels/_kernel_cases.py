@@ -12,7 +12,7 @@ import math
 DTYPE_TOL = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 1e-2}
 
 # Tiny shapes for the CPU interpreter: every required feature appears at least once.
-# id: (dtype, batch, s_q, heads, rank, rope, max_len, lengths, num_splits or None or a config dict)
+# id: (dtype, batch, s_q, heads, rank, rope, max_len, lengths, num_splits or None)
 INTERP_DECODE_CASES = {
     "f32-h9-r48-p24-ragged-len1": ("float32", 2, 1, 9, 48, 24, 40, [37, 1], None),
     "f32-h16-r64-p32-sq3-split2": ("float32", 3, 3, 16, 64, 32, 70, [70, 3, 45], 2),
@@ -21,10 +21,6 @@ INTERP_DECODE_CASES = {
     "f32-h1-r16-p24-sq3-len-eq-sq": ("float32", 2, 3, 1, 16, 24, 9, [3, 8], 2),
     "f16-h9-r48-p24": ("float16", 2, 1, 9, 48, 24, 40, [40, 23], None),
     "bf16-h9-r64-p32-sq3": ("bfloat16", 2, 3, 9, 64, 32, 50, [50, 4], None),
-    "bf16-h9-r64-p32-split3-16bit-partials": ("bfloat16", 2, 1, 9, 64, 32, 50, [50, 17],
-                                              {"num_splits": 3, "partial_bits": 16}),
-    "f16-h16-r48-p0-sq2-split2-16bit-partials": ("float16", 2, 2, 16, 48, 0, 40, [40, 2],
-                                                 {"num_splits": 2, "partial_bits": 16}),
 }
 
 # id: (dtype, batch, s, rank, rope, max_len, norm[, per_token]); per_token: cos/sin [b, s, p/2]
@@ -46,7 +42,6 @@ CUDA_DECODE_CASES.update({
     "bf16-h32-r512-p64-sq2-split3": ("bfloat16", 2, 2, 32, 512, 64, 700, [700, 333], 3),
     "f16-h128-r512-p64": ("float16", 2, 1, 128, 512, 64, 513, [513, 200], None),
     "bf16-h32-r512-p64-long": ("bfloat16", 1, 1, 32, 512, 64, 32768, [32768], None),
-    "bf16-h32-r512-p64-long-16bit-partials": ("bfloat16", 1, 1, 32, 512, 64, 32768, [32768], {"partial_bits": 16}),
     "bf16-h9-r128-p32-sq4": ("bfloat16", 5, 4, 9, 128, 32, 2048, [2048, 4, 1000, 1999, 77], None),
     "f32-h32-r512-p64": ("float32", 2, 1, 32, 512, 64, 300, [300, 129], None),
 })
@@ -79,7 +74,7 @@ def run_decode_case(case, device="cpu", seed=0) -> dict:
     lens = torch.tensor(lengths, dtype=torch.int64, device=device)
     scale = 1.0 / math.sqrt(rank + rope)
     out = torch.full((batch, s_q, heads, rank), float("nan"), dtype=dtype, device=device)  # poison
-    config = splits if isinstance(splits, dict) else ({"num_splits": splits} if splits else None)
+    config = {"num_splits": splits} if splits else None
     mla_decode(q_latent, q_rope, kv_cache, lens, scale, rank, out=out, config=config)
     ref = mla_decode_reference(q_latent.float(), q_rope.float(), kv_cache.float(), lens, scale, rank)
     return {"rel_err": rel_err(out, ref), "finite": bool(torch.isfinite(out).all()), "tol": DTYPE_TOL[dtype_name]}

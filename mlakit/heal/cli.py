@@ -80,7 +80,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                       help=f"tokens of teacher text to generate (default min(--tokens, {g.tokens:,}))")
     data.add_argument("--gen-batch", type=int, default=g.batch,
                       help="sequences the teacher writes together (default: 256 on the CPU; on a GPU the largest "
-                           "power of two up to 2048 whose KV cache takes at most a quarter of its memory)")
+                           "power of two up to 2048 whose KV cache takes at most a quarter of its memory; for "
+                           "little text, at most 4 sequences per window asked)")
     data.add_argument("--temperature", type=float, default=g.temperature,
                       help=f"sampling temperature (default {g.temperature})")
     data.add_argument("--top-p", type=float, default=g.top_p, help=f"nucleus sampling mass (default {g.top_p})")
@@ -154,9 +155,11 @@ def cmd_heal(args: argparse.Namespace) -> int:
         print(json.dumps(summary))
     elif summary["finished"]:
         speed = summary.get("tokens_per_second_overall")
+        before, after = summary["kl_before"], summary["kl_after"]
+        held_out = (f"held-out KL {before:.4f} -> {after:.4f}" if before == before and after == after  # not NaN
+                    else "no held-out KL (the text holds fewer than 10 windows; give more --teacher-tokens)")
         print(f"wrote {args.output}: {summary['tokens']:,} tokens in {summary['seconds']['train']:.0f}s"
-              + (f" ({speed:,.0f} tokens/s)" if speed else "")
-              + f", held-out KL {summary['kl_before']:.4f} -> {summary['kl_after']:.4f}")
+              + (f" ({speed:,.0f} tokens/s)" if speed else "") + f", {held_out}")
     else:
         print(f"unfinished: step {summary['step']}/{summary['steps']} saved in {args.output}.heal/; "
               "rerun with --resume")

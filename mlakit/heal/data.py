@@ -116,21 +116,29 @@ GEN_BATCH_MAX = 2048
 GEN_CACHE_SHARE = 0.25  # of the GPU's memory, for the teacher's KV cache while it writes
 
 
-def default_gen_batch(teacher, seq_len: int) -> int:
+def default_gen_batch(teacher, seq_len: int, tokens: int | None = None) -> int:
     """Sequences the teacher writes together when none is given: 256 on the CPU; on a GPU
-    the largest power of two up to 2048 whose KV cache fits in a quarter of its memory.
+    the largest power of two up to 2048 whose KV cache fits in a quarter of its memory;
+    with ``tokens``, at most the power of two >= 4 x the windows asked (at least 8), so a
+    small request does not wait for hundreds of sequences it will not keep (a batch runs
+    until its longest row ends).
 
     Larger batches write faster on a GPU until the step is bound by reading the cache
     (default model, H200, random weights, ``scripts/device/gen_speed.py``: 168k tokens/s at
     batch 1024, 198k at 4096). At 512 tokens the default model's cache is 11.8 MB per
     sequence: 2048 on an H200 (141 GB), 1024 on an 80 GB H100, 512 on a 24 GB card."""
     if teacher.device.type != "cuda":
-        return GEN_BATCH_CPU
-    per_sequence = teacher.new_cache(1, 1).bytes_per_token() * seq_len  # the engine's cache: the model's dtype
-    budget = GEN_CACHE_SHARE * torch.cuda.get_device_properties(teacher.device).total_memory
-    batch = GEN_BATCH_MAX
-    while batch > 1 and batch * per_sequence > budget:
-        batch //= 2
+        batch = GEN_BATCH_CPU
+    else:
+        per_sequence = teacher.new_cache(1, 1).bytes_per_token() * seq_len  # the engine's cache: the model's dtype
+        budget = GEN_CACHE_SHARE * torch.cuda.get_device_properties(teacher.device).total_memory
+        batch = GEN_BATCH_MAX
+        while batch > 1 and batch * per_sequence > budget:
+            batch //= 2
+    if tokens is not None:
+        # rows that stop early yield less than a window each, hence the factor 4
+        wanted = 4 * -(-tokens // seq_len)
+        batch = min(batch, max(8, 1 << (wanted - 1).bit_length()))
     return batch
 
 
@@ -187,7 +195,7 @@ def teacher_data(teacher, tokenizer, options: TeacherDataOptions, progress: bool
     is cached too, but only reused by calls that also set ``max_minutes``."""
     options.check()
     if options.batch is None:
-        options = replace(options, batch=default_gen_batch(teacher, options.seq_len))
+        options = replace(options, batch=default_gen_batch(teacher, options.seq_len, options.tokens))
     stats = {} if stats is None else stats
     if tokenizer is None:
         raise MlakitError("the teacher has no tokenizer, so it cannot be prompted: give --data FILE of token ids")

@@ -111,6 +111,13 @@ def test_stop_and_resume_then_a_subprocess_run(tiny, tmp_path, capsys):
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout and "held-out KL" in proc.stdout and (tmp_path / "sub" / "mlakit.json").exists()
 
+    # 8 windows: too few to hold some out, and the summary says so instead of "nan -> nan"
+    capsys.readouterr()
+    assert main(["heal", str(student), "--teacher", str(teacher), "-o", str(tmp_path / "few"), "--tokens", "256",
+                 "--data", str(tmp_path / "calib.pt"), "--data-range", "0:512", "--train", "mla", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "no held-out KL (the text holds fewer than 10 windows" in out and "nan" not in out
+
 
 def test_new_options_reach_heal_options():
     import argparse
@@ -120,11 +127,12 @@ def test_new_options_reach_heal_options():
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
     args = parser.parse_args(["heal", "m", "--teacher", "t", "-o", "o", "--compile", "--elastic-ranks", "4,8",
-                              "--elastic-full-share", "0.7"])
+                              "--elastic-full-share", "0.7", "--shift-windows"])
     options, _ = options_from_args(args)
     assert options.compile and options.elastic_full_share == 0.7 and options.elastic_ranks == [4, 8]
+    assert options.shift_windows
     defaults, _ = options_from_args(parser.parse_args(["heal", "m", "--teacher", "t", "-o", "o"]))
-    assert not defaults.compile and defaults.elastic_full_share == 0.5
+    assert not defaults.compile and defaults.elastic_full_share == 0.5 and not defaults.shift_windows
 
 
 def test_out_of_memory_names_the_remedies(monkeypatch, tmp_path, capsys):

@@ -2,6 +2,7 @@
 the refusal of evaluation data."""
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -168,9 +169,16 @@ def test_generation_batch_defaults_to_what_the_device_holds(tokenizer, monkeypat
     teacher = random_model(config, std=0.5)
     assert data.default_gen_batch(teacher, 64) == 256
     stats = {}
-    options = data.TeacherDataOptions(tokens=300, seq_len=64, max_prompt_len=16, seed=6)
+    options = data.TeacherDataOptions(tokens=64 * 64, seq_len=64, max_prompt_len=16, seed=6)
     data.teacher_data(teacher, tokenizer, options, progress=False, log=lambda *_: None, stats=stats)
     assert stats["batch"] == 256
+    # a small request: at most the power of two >= 4 x its windows (at least 8), not 256 sequences
+    for tokens, expected in ((300, 32), (64, 8), (64 * 40, 256), (10 ** 7, 256)):  # 5 windows -> 20 -> 32
+        assert data.default_gen_batch(teacher, 64, tokens) == expected
+    stats = {}
+    data.teacher_data(teacher, tokenizer, replace(options, tokens=300), progress=False, log=lambda *_: None,
+                      stats=stats)
+    assert stats["batch"] == 32
 
     # GPU: the largest power of two <= 2048 whose bf16 cache fits in a quarter of the memory.
     # The default model caches 30 layers x 384 values x 2 bytes = 23,040 bytes per token.

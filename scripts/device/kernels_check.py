@@ -8,7 +8,8 @@ Run on the GPU machine from the repository root:
 
 Sections (each prints as it goes; the decode-attn-v1 table comes last):
   1. environment (GPU, torch, triton, flash_mla)
-  2. correctness of every kernel against its PyTorch reference on CUDA
+  2. correctness of every kernel against its PyTorch reference on CUDA: the test
+     suite's CUDA cases (tests/kernels/_kernel_cases.py), each in bf16, fp16 and fp32
      (fresh random inputs, output poisoned with NaN, relative error bounds
      bf16/fp16 <= 1e-2, fp32 <= 1e-4)
   3. sweep of launch configurations on the benchmark shapes (median us, GB/s,
@@ -30,6 +31,7 @@ import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "tests", "kernels"))  # _kernel_cases: the correctness cases
 
 import torch  # noqa: E402
 
@@ -41,21 +43,14 @@ from mlakit.bench.attention import (  # noqa: E402
     measure_copy_bandwidth,
     run_attention_bench,
 )
-from mlakit.kernels import (  # noqa: E402
-    mla_decode,
-    mla_decode_reference,
-    rope_append,
-    rope_append_reference,
-)
+from mlakit.kernels import mla_decode, mla_decode_reference  # noqa: E402
+
+import _kernel_cases as cases  # noqa: E402
+from _kernel_cases import rel_err  # noqa: E402
 
 
 # The submodule, not the function of the same name that mlakit.kernels re-exports.
 mla_mod = importlib.import_module("mlakit.kernels.mla_decode")
-
-
-def rel_err(out, ref):
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def log(msg=""):
@@ -66,90 +61,31 @@ def log(msg=""):
 # 2. correctness
 # ---------------------------------------------------------------------------
 
-DECODE_CASES = [
-    # batch, s_q, heads, rank, rope, max_len, lengths, splits (None = default)
-    (1, 1, 1, 16, 0, 17, [1], None),
-    (2, 1, 9, 48, 24, 100, [100, 37], None),
-    (3, 1, 16, 64, 32, 300, [300, 1, 129], None),
-    (3, 3, 16, 64, 32, 300, [300, 3, 129], 4),
-    (2, 3, 9, 96, 24, 257, [257, 70], 1),
-    (4, 1, 32, 512, 64, 1000, [1000, 999, 64, 5], None),
-    (2, 2, 32, 512, 64, 700, [700, 333], 3),
-    (2, 1, 128, 512, 64, 513, [513, 200], None),
-    (2, 1, 128, 512, 64, 513, [513, 200], 1),
-    (1, 1, 32, 512, 64, 32768, [32768], None),
-    (5, 4, 9, 128, 32, 2048, [2048, 4, 1000, 1999, 77], None),
-]
-
-ROPE_CASES = [
-    # batch, s, rank, rope, max_len, norm
-    (1, 1, 16, 0, 8, False),
-    (4, 1, 512, 64, 64, True),
-    (3, 5, 48, 24, 40, True),
-    (2, 3, 96, 32, 16, False),
-    (128, 1, 512, 64, 256, True),
-]
+CHECK_DTYPES = ("bfloat16", "float16", "float32")
 
 
-def check_correctness():
+def check_correctness(decode_cases=None, rope_cases=None, device="cuda", dtypes=CHECK_DTYPES):
+    """The test suite's CUDA cases (tests/kernels/_kernel_cases.py, one list for both), each
+    in every dtype of ``dtypes``: kernel vs reference on fresh random inputs, output
+    poisoned with NaN, relative error within the dtype's bound."""
     results, failures = [], 0
-    dev = torch.device("cuda")
-    gen = torch.Generator(device="cuda")
-    gen.manual_seed(1234)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        tol = 1e-4 if dtype == torch.float32 else 1e-2
-        for batch, s_q, heads, rank, rope, max_len, lens, splits in DECODE_CASES:
-            def rnd(*shape):
-                return torch.randn(*shape, generator=gen, device=dev).to(dtype)
-
-            q_latent, q_rope = rnd(batch, s_q, heads, rank), rnd(batch, s_q, heads, rope)
-            kv_cache = rnd(batch + 1, max_len, rank + rope)
-            lengths = torch.tensor(lens, dtype=torch.int32, device=dev)
-            scale = 1.0 / math.sqrt(rank + rope)
-            out = torch.full((batch, s_q, heads, rank), float("nan"), dtype=dtype, device=dev)
-            cfg = {"num_splits": splits} if splits else None
-            name = f"mla_decode {str(dtype)[6:]} b{batch} s{s_q} h{heads} r{rank} p{rope} L{max_len} splits={splits}"
-            try:
-                mla_decode(q_latent, q_rope, kv_cache, lengths, scale, rank, out=out, config=cfg)
-                torch.cuda.synchronize()
-                # Reference on fp32-upcast inputs, returned in fp32 (no output rounding).
-                ref = mla_decode_reference(q_latent.float(), q_rope.float(), kv_cache.float(), lengths, scale, rank)
-                err = rel_err(out, ref)
-                ok = bool(torch.isfinite(out).all()) and err <= tol
-            except Exception as exc:  # report and go on
-                err, ok = None, False
-                name += f" EXC {type(exc).__name__}: {exc}"
-                traceback.print_exc()
-            failures += not ok
-            results.append(dict(case=name, rel_err=err, ok=ok))
-            log(f"  {'ok  ' if ok else 'FAIL'} {name}: rel_err={err}")
-        for batch, seq, rank, rope, max_len, norm in ROPE_CASES:
-            latent = torch.randn(batch, seq, rank, generator=gen, device=dev).to(dtype)
-            k_rope = torch.randn(batch, seq, rope, generator=gen, device=dev).to(dtype)
-            # distinct positions per sequence (duplicates would make the write order matter)
-            positions = torch.stack([torch.randperm(max_len, generator=gen, device=dev)[:seq] for _ in range(batch)])
-            positions[0, 0] = -1  # padding token: skipped
-            cos = torch.randn(max_len, rope // 2, generator=gen, device=dev)
-            sin = torch.randn(max_len, rope // 2, generator=gen, device=dev)
-            weight = torch.randn(rank, generator=gen, device=dev) if norm else None
-            cache = torch.full((batch + 1, max_len, rank + rope), float("nan"), dtype=dtype, device=dev)
-            cache_ref = cache.clone()
-            name = f"rope_append {str(dtype)[6:]} b{batch} s{seq} r{rank} p{rope} norm={norm}"
-            try:
-                rope_append(latent, k_rope, cache, positions, cos, sin, weight)
-                rope_append_reference(latent, k_rope, cache_ref, positions, cos, sin, weight)
-                torch.cuda.synchronize()
-                written = ~torch.isnan(cache_ref)
-                same_nan = bool((torch.isnan(cache) == ~written).all())
-                err = rel_err(cache[written], cache_ref[written])
-                ok = same_nan and err <= tol
-            except Exception as exc:
-                err, ok = None, False
-                name += f" EXC {type(exc).__name__}: {exc}"
-                traceback.print_exc()
-            failures += not ok
-            results.append(dict(case=name, rel_err=err, ok=ok))
-            log(f"  {'ok  ' if ok else 'FAIL'} {name}: rel_err={err}")
+    decode_cases = cases.CUDA_DECODE_CASES if decode_cases is None else decode_cases
+    rope_cases = cases.CUDA_ROPE_CASES if rope_cases is None else rope_cases
+    for kind, table, runner in (("mla_decode", decode_cases, cases.run_decode_case),
+                                ("rope_append", rope_cases, cases.run_rope_case)):
+        for case_id, case in table.items():
+            for dtype in dtypes:
+                name = f"{kind} {case_id} as {dtype}"
+                try:
+                    res = runner((dtype, *case[1:]), device=device)
+                    err, ok = res["rel_err"], res["finite"] and res["rel_err"] <= res["tol"]
+                except Exception as exc:  # report and go on
+                    err, ok = None, False
+                    name += f" EXC {type(exc).__name__}: {exc}"
+                    traceback.print_exc()
+                failures += not ok
+                results.append(dict(case=name, rel_err=err, ok=ok))
+                log(f"  {'ok  ' if ok else 'FAIL'} {name}: rel_err={err}")
     return results, failures
 
 

@@ -35,7 +35,8 @@ INTERP_ROPE_CASES = {
     "f16-r48-p24": ("float16", 1, 4, 48, 24, 12, False),
 }
 
-# CUDA: larger shapes, incl. the decode-attn-v1 one.
+# CUDA: larger shapes, incl. the decode-attn-v1 one (scripts/device/kernels_check.py runs
+# these too, each in bf16, fp16 and fp32).
 CUDA_DECODE_CASES = dict(INTERP_DECODE_CASES)
 CUDA_DECODE_CASES.update({
     "bf16-h32-r512-p64-ragged": ("bfloat16", 4, 1, 32, 512, 64, 1000, [1000, 999, 64, 5], None),
@@ -44,10 +45,17 @@ CUDA_DECODE_CASES.update({
     "bf16-h32-r512-p64-long": ("bfloat16", 1, 1, 32, 512, 64, 32768, [32768], None),
     "bf16-h9-r128-p32-sq4": ("bfloat16", 5, 4, 9, 128, 32, 2048, [2048, 4, 1000, 1999, 77], None),
     "f32-h32-r512-p64": ("float32", 2, 1, 32, 512, 64, 300, [300, 129], None),
+    "bf16-h1-r16-p0-len1": ("bfloat16", 1, 1, 1, 16, 0, 17, [1], None),
+    "bf16-h16-r64-p32-len1": ("bfloat16", 3, 1, 16, 64, 32, 300, [300, 1, 129], None),
+    "bf16-h16-r64-p32-sq3-split4": ("bfloat16", 3, 3, 16, 64, 32, 300, [300, 3, 129], 4),
+    "bf16-h9-r96-p24-sq3-nosplit": ("bfloat16", 2, 3, 9, 96, 24, 257, [257, 70], 1),
+    "f16-h128-r512-p64-nosplit": ("float16", 2, 1, 128, 512, 64, 513, [513, 200], 1),
 })
 CUDA_ROPE_CASES = dict(INTERP_ROPE_CASES)
 CUDA_ROPE_CASES.update({
     "bf16-r512-p64-norm-b128": ("bfloat16", 128, 1, 512, 64, 256, True),
+    "bf16-r512-p64-norm-b4": ("bfloat16", 4, 1, 512, 64, 64, True),
+    "bf16-r96-p32": ("bfloat16", 2, 3, 96, 32, 16, False),
 })
 
 

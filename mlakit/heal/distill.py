@@ -339,7 +339,9 @@ def load_state(state_dir: Path) -> dict[str, Any] | None:
 
 def _check_resumable(state: dict[str, Any], options: HealOptions, data: str) -> None:
     saved = state["options"]
-    changed = sorted(k for k, v in options.training_dict().items() if saved.get(k) != v)
+    # an option newer than the saved run counts as its default (what that run did)
+    defaults = HealOptions().training_dict()
+    changed = sorted(k for k, v in options.training_dict().items() if saved.get(k, defaults.get(k)) != v)
     if changed:
         raise MlakitError(f"--resume with different settings than the saved run ({', '.join(changed)}); "
                           "use the same options, or --overwrite to start over")

@@ -135,6 +135,19 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
         heal_model(perturbed(teacher), teacher, windows, _options(lr=1e-3), tmp_path / "b", resume=True)
 
 
+def test_a_state_saved_before_an_option_existed_resumes_as_its_default(tmp_path):
+    teacher = random_model(mla_config())
+    windows = random_windows(40, 32)
+    heal_model(perturbed(teacher), teacher, windows, _options(max_minutes=0), tmp_path, log=lambda *_: None)
+    state = load_state(tmp_path)
+    del state["options"]["shift_windows"]  # as an older mlakit saved it
+    torch.save(state, tmp_path / "state.pt")
+    result = heal_model(perturbed(teacher), teacher, windows, _options(), tmp_path, resume=True, log=lambda *_: None)
+    assert result.finished
+    with pytest.raises(MlakitError, match="different settings.*shift_windows"):
+        heal_model(perturbed(teacher), teacher, windows, _options(shift_windows=True), tmp_path, resume=True)
+
+
 def test_bad_inputs_are_refused():
     teacher = random_model(gqa_config())
     with pytest.raises(MlakitError, match="MLA model"):

@@ -71,6 +71,7 @@ def test_heal_check_smoke(tmp_path):
     again = run_script("heal_check.py", "--smoke", "--out", str(tmp_path / "shift"), "--from-run",
                        str(tmp_path / "heal"), "--savings", "0.75", "--elastic-minutes", "0", "--shift-windows")
     assert "starting from" in again and "convert at" not in again and "windows shifted per epoch" in again
+    assert "tokens from the cache" in again  # the first run's teacher text
     assert again.rstrip().endswith("done")
     first, second = (json.loads((tmp_path / d / "heal.json").read_text()) for d in ("heal", "shift"))
     assert second["rows"]["0.75"]["free"] == first["rows"]["0.75"]["free"]

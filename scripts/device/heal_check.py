@@ -18,8 +18,8 @@ docs/heal.md):
         --data-minutes 2.5 --heal-minutes 5.6 --elastic-minutes 0 --max-minutes 9.6
 
 One change at a time on the same text and the same number of steps: a new --out that starts
-from the first one's converted checkpoint and token plan (the text comes from the cache in
-$MLAKIT_CACHE_DIR when the generation settings are the same), e.g.
+from the first one's converted checkpoint, token plan and teacher-text cache (reused when the
+generation settings are the same), e.g.
 
     PYTHONUNBUFFERED=1 python3 scripts/device/heal_check.py --out out/heal-lr5 --from-run out/heal ... --lr 5e-4
 
@@ -646,7 +646,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.savings = [float(s) for s in args.savings.split(",") if s.strip()]
     args.tokens = int(args.tokens) if args.tokens else None
-    os.environ.setdefault("MLAKIT_CACHE_DIR", str(Path(args.out).resolve() / "cache"))  # survives with --out
+    # the teacher text survives with --out (with --from-run: the source's, so its text is reused)
+    os.environ.setdefault("MLAKIT_CACHE_DIR", str(Path(args.from_run or args.out).resolve() / "cache"))
     if args.smoke:
         import mlakit.evaluate
 

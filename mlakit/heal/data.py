@@ -94,6 +94,7 @@ class TeacherDataOptions:
     top_p: float = 0.95
     snippet_fraction: float = 0.5  # share of prompts cut from the protocol's calibration range
     max_prompt_len: int = 48
+    doc_tokens: int | None = None  # new tokens per document at most (None: seq_len - max_prompt_len)
     seed: int = 0
     max_minutes: float | None = None  # stop generating after about this long (fewer tokens); not in the cache key
 
@@ -109,6 +110,13 @@ class TeacherDataOptions:
             raise MlakitError(f"the snippet fraction must be in [0, 1], got {self.snippet_fraction}")
         if self.seq_len <= self.max_prompt_len:
             raise MlakitError(f"--seq-len must exceed the longest prompt ({self.max_prompt_len})")
+        if self.doc_tokens is not None and not 1 <= self.doc_tokens <= self.seq_len - self.max_prompt_len:
+            raise MlakitError(f"--doc-tokens must be in [1, {self.seq_len - self.max_prompt_len}] (--seq-len minus "
+                              f"the longest prompt), got {self.doc_tokens}")
+
+    @property
+    def new_tokens_per_document(self) -> int:
+        return self.seq_len - self.max_prompt_len if self.doc_tokens is None else self.doc_tokens
 
 
 GEN_BATCH_CPU = 256
@@ -200,7 +208,8 @@ def teacher_data(teacher, tokenizer, options: TeacherDataOptions, progress: bool
     if tokenizer is None:
         raise MlakitError("the teacher has no tokenizer, so it cannot be prompted: give --data FILE of token ids")
     calib = _calibration_ids(tokenizer) if options.snippet_fraction > 0 else None
-    key_options = {k: v for k, v in asdict(options).items() if k not in TeacherDataOptions.RUNTIME_ONLY}
+    key_options = {k: v for k, v in asdict(options).items() if k not in TeacherDataOptions.RUNTIME_ONLY
+                   and not (k == "doc_tokens" and v is None)}  # so text cached before the option stays valid
     key_data = {"version": DATA_VERSION, "teacher": model_fingerprint(teacher), "options": key_options,
                 "prompts": hashlib.sha256("\x00".join(BUILTIN_PROMPTS).encode()).hexdigest()[:16],
                 "snippets": None if calib is None else hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
@@ -252,7 +261,7 @@ def _generate(teacher, tokenizer, options: TeacherDataOptions, calib: torch.Tens
     from mlakit.engine import Engine, SamplingParams, generate_batch
 
     start = time.perf_counter()
-    max_new = options.seq_len - options.max_prompt_len
+    max_new = options.new_tokens_per_document
     batch = options.batch
     fast = teacher.device.type == "cuda"  # the engine's fast mode: on the CPU it measured slower
     # one engine (one CUDA graph) for all batches

@@ -153,7 +153,8 @@ class Run:
                               compile_backend="aot_eager" if self.args.smoke else "inductor",
                               max_minutes=max(0.0, self.minutes_left() - 1.0))  # a minute for saving + eval
         data = TeacherDataOptions(tokens=a["teacher_tokens"] or min(a["tokens"], TeacherDataOptions.tokens),
-                                  seq_len=a["seq_len"], batch=a["gen_batch"], max_minutes=self.args.data_minutes)
+                                  seq_len=a["seq_len"], batch=a["gen_batch"], doc_tokens=self.args.doc_tokens,
+                                  max_minutes=self.args.data_minutes)
         return options, data
 
 
@@ -447,6 +448,7 @@ def phase_report(run: Run) -> bool:
         took = f" in {g['seconds']:.0f}s" if g.get("seconds") else ""
         lines += [f"Teacher text: {data['tokens']:,} tokens{took}{speed} (generation batch "
                   f"{g.get('batch', data['options'].get('batch'))}{', compiled engine' if g.get('compiled') else ''}"
+                  f"{f', documents of at most {doc} new tokens' if (doc := data['options'].get('doc_tokens')) else ''}"
                   f"{', cut short by --data-minutes' if g.get('complete') is False else ''}"
                   f"{', from the cache' if g.get('cached') else ''})", ""]
     lines += ["| KV saving | values/token/layer | ppl training-free | ppl healed | heal tokens | heal time | "
@@ -634,6 +636,8 @@ def main(argv=None) -> int:
     parser.add_argument("--from-run", default=None, metavar="DIR",
                         help="a new --out starts from DIR's converted checkpoints, evaluations and token plans "
                              "(not its healed models): change one option, train as many steps on the same text")
+    parser.add_argument("--doc-tokens", type=int, default=None, metavar="N",
+                        help="tokens the teacher writes per document at most (mlakit heal's; default 464)")
     parser.add_argument("--hidden-weight", type=float, default=0.0,
                         help="add per-layer hidden-state matching with this weight (mlakit heal's; default 0)")
     parser.add_argument("--shift-windows", action="store_true",

@@ -93,9 +93,9 @@ def test_teacher_text_is_generated_once_and_cached(tokenizer, monkeypatch):
 
     monkeypatch.setattr(data, "_generate", fail)
     assert torch.equal(data.teacher_data(teacher, tokenizer, options, progress=False, log=lambda *_: None), first)
-    with pytest.raises(AssertionError, match="generated again"):  # other settings, other cache entry
-        data.teacher_data(teacher, tokenizer, data.TeacherDataOptions(tokens=300, seq_len=64, batch=6,
-                                                                      max_prompt_len=16, seed=2), progress=False)
+    for other in (replace(options, seed=2), replace(options, doc_tokens=8)):  # other settings, other cache entry
+        with pytest.raises(AssertionError, match="generated again"):
+            data.teacher_data(teacher, tokenizer, other, progress=False)
 
 
 def test_generation_is_timed_and_a_time_limit_cuts_it_short(tokenizer):
@@ -129,7 +129,8 @@ def test_generation_is_timed_and_a_time_limit_cuts_it_short(tokenizer):
     assert not full["cached"] and full["complete"] and whole.numel() >= 256
 
 
-def test_teacher_text_is_the_former_token_stream(tokenizer):
+@pytest.mark.parametrize("doc_tokens", [None, 12])  # documents up to the window's room / shorter ones
+def test_teacher_text_is_the_former_token_stream(tokenizer, doc_tokens):
     """The batched generation writes the stream the step-by-step one wrote: every batch's
     prompts, each followed by its continuation up to and with its stop token."""
     from mlakit.engine import SamplingParams, generate_stream
@@ -137,14 +138,15 @@ def test_teacher_text_is_the_former_token_stream(tokenizer):
     config = ModelConfig(vocab_size=256, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16,
                          intermediate_size=32, max_seq_len=128, eos_token_ids=[2, 10, 32])  # frequent stops
     teacher = random_model(config, std=0.5)
-    options = data.TeacherDataOptions(tokens=600, seq_len=64, batch=5, max_prompt_len=16, seed=5, top_p=0.9)
+    options = data.TeacherDataOptions(tokens=600, seq_len=64, batch=5, max_prompt_len=16, seed=5, top_p=0.9,
+                                      doc_tokens=doc_tokens)
     calib = ev.calibration_tokens(tokenizer)
     windows, stats = data._generate(teacher, tokenizer, options, calib, progress=False)
     stream, stopped = [], 0
     for batch_index in range(stats["batches"]):
         prompts = data.make_prompts(tokenizer, options.batch, options, batch_index, calib)
-        params = SamplingParams(max_new_tokens=options.seq_len - options.max_prompt_len, temperature=1.0,
-                                top_p=0.9, seed=options.seed * 1_000_003 + batch_index)
+        params = SamplingParams(max_new_tokens=doc_tokens or options.seq_len - options.max_prompt_len,
+                                temperature=1.0, top_p=0.9, seed=options.seed * 1_000_003 + batch_index)
         outputs = [[] for _ in prompts]
         for step in generate_stream(teacher, prompts, params):
             for out, token in zip(outputs, step):
@@ -155,6 +157,15 @@ def test_teacher_text_is_the_former_token_stream(tokenizer):
             stopped += len(out) < params.max_new_tokens
     assert stopped > 0  # some continuations ended at a stop token
     assert torch.equal(windows, torch.tensor(stream[:windows.numel()]).view_as(windows))
+
+
+def test_document_length_is_checked():
+    with pytest.raises(MlakitError, match="--doc-tokens must be in \\[1, 464\\]"):
+        data.TeacherDataOptions(doc_tokens=500).check()
+    with pytest.raises(MlakitError, match="--doc-tokens"):
+        data.TeacherDataOptions(doc_tokens=0).check()
+    assert data.TeacherDataOptions(doc_tokens=200).new_tokens_per_document == 200
+    assert data.TeacherDataOptions().new_tokens_per_document == 464
 
 
 def test_generation_batch_defaults_to_what_the_device_holds(tokenizer, monkeypatch):

@@ -99,6 +99,8 @@ class TeacherDataOptions:
     max_minutes: float | None = None  # stop generating after about this long (fewer tokens); not in the cache key
 
     RUNTIME_ONLY = ("max_minutes",)
+    # options newer than text already cached: in the cache key only when set, so that text stays valid
+    KEY_WHEN_SET = ("doc_tokens",)
 
     def check(self) -> None:
         if self.batch is not None and self.batch < 1:
@@ -209,7 +211,7 @@ def teacher_data(teacher, tokenizer, options: TeacherDataOptions, progress: bool
         raise MlakitError("the teacher has no tokenizer, so it cannot be prompted: give --data FILE of token ids")
     calib = _calibration_ids(tokenizer) if options.snippet_fraction > 0 else None
     key_options = {k: v for k, v in asdict(options).items() if k not in TeacherDataOptions.RUNTIME_ONLY
-                   and not (k == "doc_tokens" and v is None)}  # so text cached before the option stays valid
+                   and not (k in TeacherDataOptions.KEY_WHEN_SET and v is None)}
     key_data = {"version": DATA_VERSION, "teacher": model_fingerprint(teacher), "options": key_options,
                 "prompts": hashlib.sha256("\x00".join(BUILTIN_PROMPTS).encode()).hexdigest()[:16],
                 "snippets": None if calib is None else hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],

@@ -80,6 +80,8 @@ def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
     data_options = data_options or TeacherDataOptions(seq_len=options.seq_len)
     if data_options.seq_len != options.seq_len:
         raise MlakitError("the teacher text and the training windows need the same --seq-len")
+    if data is None:
+        data_options.check()  # before loading anything: a bad --doc-tokens or --gen-batch fails at once
     if out.exists() and not overwrite:
         raise MlakitError(f"{out} already exists (pass --overwrite to replace it)")
     state_dir = state_dir_for(out)

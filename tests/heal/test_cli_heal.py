@@ -69,6 +69,7 @@ def test_heal_then_eval_at_runtime_ranks(tiny, tmp_path, capsys):
     (["--data-range", "0:100"], "needs --data"),
     (["--train", "mla", "--tokens", "10"], "less than one step"),
     (["--elastic-ranks", "4,99"], "exceed"),
+    (["--doc-tokens", "999"], "--doc-tokens must be in"),
 ])
 def test_bad_heal_input_is_one_line(tiny, tmp_path, argv, message, capsys):
     teacher, student = tiny

@@ -147,7 +147,7 @@ class Run:
                               checkpoint_every=a["checkpoint_every"], val_windows=a["val_windows"],
                               layerwise_steps=self.args.layerwise_init, elastic_ranks=elastic,
                               elastic_full_share=self.args.elastic_full_share, shift_windows=self.args.shift_windows,
-                              hidden_weight=self.args.hidden_weight,
+                              hidden_weight=self.args.hidden_weight, seed=self.args.seed,
                               train=self.args.train, lr=self.args.lr, compile=self.args.compile,
                               # CPU smoke runs: no C++ toolchain needed, same graphs
                               compile_backend="aot_eager" if self.args.smoke else "inductor",
@@ -440,7 +440,9 @@ def phase_report(run: Run) -> bool:
              f"--train {a.train}{' --compile' if a.compile else ''}, lr {run.options()[0].learning_rate:g}, "
              f"batch {run.heal_args['batch_size']} x {run.heal_args['seq_len']}"
              f"{', windows shifted per epoch' if a.shift_windows else ''}"
-             f"{f', hidden-state weight {a.hidden_weight:g}' if a.hidden_weight else ''}", ""]
+             f"{f', hidden-state weight {a.hidden_weight:g}' if a.hidden_weight else ''}"
+             f"{f', layer-wise init {a.layerwise_init} steps per layer' if a.layerwise_init else ''}"
+             f"{f', training seed {a.seed}' if a.seed else ''}", ""]
     data = r.get("data")
     if data:
         g = data.get("generation") or {}
@@ -644,6 +646,9 @@ def main(argv=None) -> int:
                         help="repeated epochs cut the teacher text into windows at other offsets (mlakit heal's)")
     parser.add_argument("--layerwise-init", type=int, default=0, metavar="STEPS",
                         help="layer-wise initialisation steps per layer before distillation (default off)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="training seed: the order of the windows (the teacher text keeps seed 0, so --from-run "
+                             "with another seed measures the spread between repeated runs)")
     parser.add_argument("--max-minutes", type=float, default=8.0,
                         help="stop (resumably) after this long; rerun the command to continue (default 8)")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model on the CPU, same code path")

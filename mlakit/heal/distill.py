@@ -51,7 +51,7 @@ class HealOptions:
     kl_chunk: int = 4096  # positions per chunk of the vocabulary projection
     gradient_checkpointing: bool = False
     layerwise_steps: int = 0  # > 0: layer-wise initialisation with this many steps per layer first
-    layerwise_lr: float = 1e-3
+    layerwise_lr: float = 1e-4  # 1e-3 made 9 of 30 layers of the default model worse (docs/heal.md)
     layerwise_windows: int = 32
     elastic_ranks: list[int] | None = None  # sample one latent rank per step among these
     elastic_min_fraction: float | None = None  # ... or among [ceil(f r_max), r_max]

@@ -55,6 +55,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,6 +153,8 @@ class Run:
                               # CPU smoke runs: no C++ toolchain needed, same graphs
                               compile_backend="aot_eager" if self.args.smoke else "inductor",
                               max_minutes=max(0.0, self.minutes_left() - 1.0))  # a minute for saving + eval
+        if self.args.layerwise_lr is not None:
+            options = replace(options, layerwise_lr=self.args.layerwise_lr)
         data = TeacherDataOptions(tokens=a["teacher_tokens"] or min(a["tokens"], TeacherDataOptions.tokens),
                                   seq_len=a["seq_len"], batch=a["gen_batch"], doc_tokens=self.args.doc_tokens,
                                   max_minutes=self.args.data_minutes)
@@ -330,7 +333,8 @@ def _heal_one(run: Run, src: Path, dst: Path, elastic: list[int] | None = None,
     summary = heal(str(src), run.teacher, dst, options, data, device=run.device, resume=True, log=log)
     if not summary["finished"]:
         return None
-    return summary
+    # the log file's copy: its "log" holds the training time over every segment of a resumed run
+    return json.loads((dst / "heal_log.json").read_text())
 
 
 def _heal_row(summary: dict) -> dict:
@@ -441,7 +445,7 @@ def phase_report(run: Run) -> bool:
              f"batch {run.heal_args['batch_size']} x {run.heal_args['seq_len']}"
              f"{', windows shifted per epoch' if a.shift_windows else ''}"
              f"{f', hidden-state weight {a.hidden_weight:g}' if a.hidden_weight else ''}"
-             f"{f', layer-wise init {a.layerwise_init} steps per layer' if a.layerwise_init else ''}"
+             f"{f', layer-wise init {a.layerwise_init} steps per layer, lr {run.options()[0].layerwise_lr:g}' if a.layerwise_init else ''}"
              f"{f', training seed {a.seed}' if a.seed else ''}", ""]
     data = r.get("data")
     if data:
@@ -646,6 +650,8 @@ def main(argv=None) -> int:
                         help="repeated epochs cut the teacher text into windows at other offsets (mlakit heal's)")
     parser.add_argument("--layerwise-init", type=int, default=0, metavar="STEPS",
                         help="layer-wise initialisation steps per layer before distillation (default off)")
+    parser.add_argument("--layerwise-lr", type=float, default=None,
+                        help="learning rate of the layer-wise fit (default: mlakit heal's)")
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed: the order of the windows (the teacher text keeps seed 0, so --from-run "
                              "with another seed measures the spread between repeated runs)")

@@ -139,6 +139,7 @@ def cmd_heal(args: argparse.Namespace) -> int:
     from mlakit.cli import _resolve_device
     from mlakit.errors import MlakitError
     from mlakit.heal.api import heal
+    from mlakit.heal.distill import HELD_OUT_EVERY
 
     options, data_options = options_from_args(args)
     device = _resolve_device(args.device)
@@ -161,7 +162,8 @@ def cmd_heal(args: argparse.Namespace) -> int:
         speed = summary.get("tokens_per_second_overall")
         before, after = summary["kl_before"], summary["kl_after"]
         held_out = (f"held-out KL {before:.4f} -> {after:.4f}" if before == before and after == after  # not NaN
-                    else "no held-out KL (the text holds fewer than 10 windows; give more --teacher-tokens)")
+                    else f"no held-out KL (the text holds fewer than {HELD_OUT_EVERY} windows; give more "
+                         "--teacher-tokens)")
         print(f"wrote {args.output}: {summary['tokens']:,} tokens in {summary['seconds']['train']:.0f}s"
               + (f" ({speed:,.0f} tokens/s)" if speed else "") + f", {held_out}")
     else:

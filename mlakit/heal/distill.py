@@ -34,6 +34,7 @@ MLA_PARAMETERS = ("wq", "wq_a", "wq_b", "q_norm", "wkv_a", "kv_norm", "wkv_b")  
 # H200, docs/heal.md); the whole model moving needs a smaller step than the attention alone.
 DEFAULT_LR = {"mla": 3e-4, "attention": 3e-4, "all": 1e-4}
 STATE_FILENAME = "state.pt"
+HELD_OUT_EVERY = 10  # at most one window in this many is held out for the held-out KL
 
 
 @dataclass
@@ -57,7 +58,7 @@ class HealOptions:
     elastic_min_fraction: float | None = None  # ... or among [ceil(f r_max), r_max]
     elastic_full_share: float = 0.5  # share of the steps at the full (largest) rank; the rest uniform below it
     checkpoint_every: int = 200  # steps between checkpoints (and validations)
-    val_windows: int = 16  # held-out windows (the last ones of the data)
+    val_windows: int = 16  # held-out windows (the last ones of the data; at most one in HELD_OUT_EVERY)
     shift_windows: bool = False  # repeated epochs cut the text into windows at other offsets
     max_minutes: float | None = None  # stop (saving the state) after this much wall time
     seed: int = 0
@@ -369,7 +370,7 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
                           f"{teacher.config.vocab_size})")
     if windows.shape[1] != options.seq_len:
         windows = windows.reshape(-1)[: windows.numel() // options.seq_len * options.seq_len].view(-1, options.seq_len)
-    n_val = min(options.val_windows, windows.shape[0] // 10)
+    n_val = min(options.val_windows, windows.shape[0] // HELD_OUT_EVERY)
     train_windows, val_windows = windows[: windows.shape[0] - n_val], windows[windows.shape[0] - n_val:]
     if train_windows.shape[0] == 0:
         raise MlakitError("no training windows")

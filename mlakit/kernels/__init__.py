@@ -4,6 +4,9 @@ Importing this package never needs Triton: ``HAS_TRITON`` says whether it is
 installed, and ``mla_decode`` / ``rope_append`` fall back to their references
 when it is not (or when the tensors are on the CPU and ``TRITON_INTERPRET=1``
 was not set before import).
+
+``mlakit.kernels.mla_decode_gluon`` (imported on its own) is an experimental Hopper
+version of the decode kernel in Gluon; ``mla_decode`` does not use it (docs/kernels.md).
 """
 
 from mlakit.kernels.mla_decode import (

@@ -16,6 +16,8 @@ Sections (each prints as it goes; the decode-attn-v1 table comes last):
      registers / spills / shared memory of the compiled kernel)
   4. decode-attn-v1 (32 heads, rank 512 + rope 64) with the default configuration,
      then the shapes FlashMLA cannot run (9 heads rank 64/128 + rope 32) and 128 heads.
+  --gluon instead: only the experimental Gluon kernel (mlakit/kernels/mla_decode_gluon.py),
+     its correctness on the cases it covers, then its times beside the Triton kernel's.
 Writes check.json, sweep.json, bench.json and tables.md under the output folder.
 """
 
@@ -161,6 +163,82 @@ SMALL_RANK_CFGS = [
 HEADS128_CFGS = [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (32, 64, 8, 2)]
 
 
+# ---------------------------------------------------------------------------
+# 5. the experimental Gluon kernel
+# ---------------------------------------------------------------------------
+
+GLUON_SHAPES = [  # (batch, context, heads, rank, rope): decode-attn-v1, then converted small models
+    (1, 32768, 32, 512, 64), (16, 8192, 32, 512, 64), (64, 4096, 32, 512, 64), (128, 8192, 32, 512, 64),
+    (16, 8192, 9, 64, 32), (128, 8192, 9, 64, 32), (16, 8192, 9, 128, 32), (128, 8192, 9, 128, 32),
+]
+
+
+def gluon_section(num_sms, copy_gbps):
+    """mlakit/kernels/mla_decode_gluon.py (compiled offline only until now): its correctness on
+    the CUDA cases it covers (bf16 and fp16), then its time beside the default Triton kernel's on
+    the same inputs (CUDA-graph replay), for a few split counts and pipeline depths."""
+    from mlakit.kernels.mla_decode_gluon import HAS_GLUON, mla_decode_gluon
+
+    if not HAS_GLUON or torch.cuda.get_device_capability()[0] != 9:
+        log("  skipped: needs a Hopper GPU and triton with Gluon")
+        return {"skipped": True}
+    covered = {k: c for k, c in cases.CUDA_DECODE_CASES.items() if cases.gluon_covers(c)}
+    checks, failures = [], 0
+    for case_id, case in covered.items():
+        for dtype in ("bfloat16", "float16"):
+            name = f"gluon {case_id} as {dtype}"
+            try:
+                res = cases.run_decode_case((dtype, *case[1:]), device="cuda", gluon=True)
+                err, ok = res["rel_err"], res["finite"] and res["rel_err"] <= res["tol"]
+            except Exception as exc:  # report and go on
+                err, ok = None, False
+                name += f" EXC {type(exc).__name__}: {str(exc)[:300]}"
+                traceback.print_exc()
+            failures += not ok
+            checks.append(dict(case=name, rel_err=err, ok=ok))
+            log(f"  {'ok  ' if ok else 'FAIL'} {name}: rel_err={err}")
+    log(f"  correctness: {len(checks) - failures}/{len(checks)} ok")
+    rows = []
+    if failures:
+        log("  timings skipped: the kernel is wrong somewhere")
+        return {"checks": checks, "failures": failures, "rows": rows}
+    dev = torch.device("cuda")
+    for batch, context, heads, rank, rope in GLUON_SHAPES:
+        cache = torch.randn(batch, context, rank + rope, dtype=torch.bfloat16, device=dev)
+        q_latent = torch.randn(batch, 1, heads, rank, dtype=torch.bfloat16, device=dev)
+        q_rope = torch.randn(batch, 1, heads, rope, dtype=torch.bfloat16, device=dev)
+        lengths = torch.full((batch,), context, dtype=torch.int32, device=dev)
+        scale = 1.0 / math.sqrt(rank + rope)
+        nbytes = cache.numel() * cache.element_size()
+        ref = mla_decode_reference(q_latent[:1], q_rope[:1], cache[:1], lengths[:1], scale, rank)
+        out = torch.empty_like(q_latent)
+        triton_us = bench_ms(cuda_graph_replay(
+            lambda: mla_decode(q_latent, q_rope, cache, lengths, scale, rank, out=out))) * 1e3
+        stage_opts = (2,) if rank == 512 else (2, 3, 4)
+        split_opts = sorted({max(1, min(context // 64, num_sms * occ // batch)) for occ in (1, 2, 4)})
+        for stages in stage_opts:
+            for splits in split_opts:
+                rec = dict(batch=batch, context=context, heads=heads, rank=rank, rope=rope, stages=stages,
+                           num_splits=splits, triton_us=triton_us)
+                try:
+                    fn = lambda: mla_decode_gluon(q_latent, q_rope, cache, lengths, scale, rank,  # noqa: E731
+                                                  num_splits=splits, stages=stages)
+                    err = rel_err(fn()[:1], ref)
+                    us = bench_ms(cuda_graph_replay(fn)) * 1e3
+                    gbps = nbytes / (us * 1e-6) / 1e9
+                    rec.update(us=us, gbps=gbps, pct_copy=100 * gbps / copy_gbps, rel_err=err)
+                    log(f"  {batch}x{context} h{heads} r{rank}+{rope} st{stages} sp{splits:<4d} gluon {us:8.1f} us "
+                        f"({gbps:5.0f} GB/s, {rec['pct_copy']:5.1f}% of copy)  triton {triton_us:8.1f} us  "
+                        f"err {err:.1e}")
+                except Exception as exc:
+                    rec.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                    log(f"  {batch}x{context} h{heads} r{rank}+{rope} st{stages} sp{splits} ERROR {rec['error']}")
+                rows.append(rec)
+        del cache, q_latent, q_rope, out
+        torch.cuda.empty_cache()
+    return {"checks": checks, "failures": failures, "rows": rows}
+
+
 def launch_overhead_study():
     """Default config on the protocol grid: eager vs CUDA-graph time, host time per call."""
     dev, dtype = torch.device("cuda"), torch.bfloat16
@@ -230,6 +308,9 @@ def main():
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--no-extra", action="store_true", help="skip the small-rank and 128-head tables")
     parser.add_argument("--no-table", action="store_true", help="skip the decode-attn-v1 tables")
+    parser.add_argument("--gluon", action="store_true",
+                        help="only the experimental Gluon kernel: its correctness, then its times beside the "
+                             "Triton kernel's (gluon.json)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
@@ -247,6 +328,15 @@ def main():
     log(f"== environment: {env}")
 
     summary = {"env": env}
+    if args.gluon:
+        copy_gbps = measure_copy_bandwidth(torch.device("cuda"))
+        log(f"== copy bandwidth {copy_gbps:.0f} GB/s")
+        log("== experimental Gluon kernel")
+        result = gluon_section(props.multi_processor_count, copy_gbps)
+        json.dump({"env": env, "copy_gbps": copy_gbps, **result}, open(os.path.join(args.out, "gluon.json"), "w"),
+                  indent=1)
+        log(f"== total {time.time() - t_start:.0f} s")
+        return 1 if result.get("failures") else 0
     if not args.no_check:
         log("== correctness (CUDA, kernel vs reference)")
         results, failures = check_correctness()

@@ -64,8 +64,16 @@ def rel_err(out, ref) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def run_decode_case(case, device="cpu", seed=0) -> dict:
-    """Kernel (through mla_decode's dispatch) vs reference on fresh random inputs."""
+def gluon_covers(case) -> bool:
+    """Whether the experimental Gluon kernel (mlakit.kernels.mla_decode_gluon) takes this case."""
+    dtype_name, batch, s_q, heads, rank, rope, max_len, lengths, splits = case
+    pow2 = lambda v: v & (v - 1) == 0  # noqa: E731
+    return (dtype_name != "float32" and pow2(rank) and 16 <= rank <= 512 and pow2(rope) and 16 <= rope <= 64
+            and s_q * heads <= 64)
+
+
+def run_decode_case(case, device="cpu", seed=0, gluon=False) -> dict:
+    """Kernel (through mla_decode's dispatch, or the Gluon kernel) vs reference on fresh random inputs."""
     import torch
 
     from mlakit.kernels import mla_decode, mla_decode_reference
@@ -83,7 +91,12 @@ def run_decode_case(case, device="cpu", seed=0) -> dict:
     scale = 1.0 / math.sqrt(rank + rope)
     out = torch.full((batch, s_q, heads, rank), float("nan"), dtype=dtype, device=device)  # poison
     config = {"num_splits": splits} if splits else None
-    mla_decode(q_latent, q_rope, kv_cache, lens, scale, rank, out=out, config=config)
+    if gluon:
+        from mlakit.kernels.mla_decode_gluon import mla_decode_gluon
+
+        out.copy_(mla_decode_gluon(q_latent, q_rope, kv_cache, lens, scale, rank, num_splits=splits))
+    else:
+        mla_decode(q_latent, q_rope, kv_cache, lens, scale, rank, out=out, config=config)
     ref = mla_decode_reference(q_latent.float(), q_rope.float(), kv_cache.float(), lens, scale, rank)
     return {"rel_err": rel_err(out, ref), "finite": bool(torch.isfinite(out).all()), "tol": DTYPE_TOL[dtype_name]}
 

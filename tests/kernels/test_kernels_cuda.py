@@ -35,3 +35,19 @@ def test_mla_decode_cuda_deterministic_inputs_fresh(seed):
     pytest.importorskip("triton")
     case = ("bfloat16", 3, 1, 16, 64, 32, 500, [500, 2, 131], 7)
     _check(_cases.run_decode_case(case, device="cuda", seed=seed))
+
+
+def _has_gluon_hopper() -> bool:
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        return False
+    from mlakit.kernels.mla_decode_gluon import HAS_GLUON
+
+    return HAS_GLUON
+
+
+@pytest.mark.parametrize("case_id", [k for k, c in _cases.CUDA_DECODE_CASES.items() if _cases.gluon_covers(c)])
+def test_mla_decode_gluon_cuda(case_id):
+    """The experimental Gluon kernel (Hopper only) on every CUDA case it covers."""
+    if not _has_gluon_hopper():
+        pytest.skip("needs a Hopper GPU (sm_90) and triton with Gluon")
+    _check(_cases.run_decode_case(_cases.CUDA_DECODE_CASES[case_id], device="cuda", gluon=True))

@@ -109,10 +109,8 @@ if HAS_GLUON:
         for s in gl.static_range(STAGES):  # prologue: the first STAGES tiles in flight
             pred = s < num_tiles
             mbarrier.expect(ready.index(s), tile_bytes, pred=pred)
-            _tma_load(lat_desc, [row0 + s * BLOCK_N, 0], ready.index(s), k_lat.index(s),
-                                            pred=pred)
-            _tma_load(rope_desc, [row0 + s * BLOCK_N, RANK], ready.index(s),
-                                            k_rope.index(s), pred=pred)
+            _tma_load(lat_desc, [row0 + s * BLOCK_N, 0], ready.index(s), k_lat.index(s), pred=pred)
+            _tma_load(rope_desc, [row0 + s * BLOCK_N, RANK], ready.index(s), k_rope.index(s), pred=pred)
 
         # Queries of this sequence: rows m = token * num_heads + head, zero past the last row.
         num_rows = s_q * num_heads
@@ -169,10 +167,8 @@ if HAS_GLUON:
             nxt = j + STAGES  # refill this stage with the tile STAGES ahead
             pred = nxt < num_tiles
             mbarrier.expect(ready.index(stage), tile_bytes, pred=pred)
-            _tma_load(lat_desc, [row0 + nxt * BLOCK_N, 0], ready.index(stage),
-                                            k_lat.index(stage), pred=pred)
-            _tma_load(rope_desc, [row0 + nxt * BLOCK_N, RANK], ready.index(stage),
-                                            k_rope.index(stage), pred=pred)
+            _tma_load(lat_desc, [row0 + nxt * BLOCK_N, 0], ready.index(stage), k_lat.index(stage), pred=pred)
+            _tma_load(rope_desc, [row0 + nxt * BLOCK_N, RANK], ready.index(stage), k_rope.index(stage), pred=pred)
 
         for s in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(s))

@@ -55,7 +55,6 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,15 +145,14 @@ class Run:
         a = self.heal_args
         options = HealOptions(tokens=tokens or a["tokens"], batch_size=a["batch_size"], seq_len=a["seq_len"],
                               checkpoint_every=a["checkpoint_every"], val_windows=a["val_windows"],
-                              layerwise_steps=self.args.layerwise_init, elastic_ranks=elastic,
+                              layerwise_steps=self.args.layerwise_init, layerwise_lr=self.args.layerwise_lr,
+                              elastic_ranks=elastic,
                               elastic_full_share=self.args.elastic_full_share, shift_windows=self.args.shift_windows,
                               hidden_weight=self.args.hidden_weight, seed=self.args.seed,
                               train=self.args.train, lr=self.args.lr, compile=self.args.compile,
                               # CPU smoke runs: no C++ toolchain needed, same graphs
                               compile_backend="aot_eager" if self.args.smoke else "inductor",
                               max_minutes=max(0.0, self.minutes_left() - 1.0))  # a minute for saving + eval
-        if self.args.layerwise_lr is not None:
-            options = replace(options, layerwise_lr=self.args.layerwise_lr)
         data = TeacherDataOptions(tokens=a["teacher_tokens"] or min(a["tokens"], TeacherDataOptions.tokens),
                                   seq_len=a["seq_len"], batch=a["gen_batch"], doc_tokens=self.args.doc_tokens,
                                   max_minutes=self.args.data_minutes)
@@ -445,7 +443,7 @@ def phase_report(run: Run) -> bool:
              f"batch {run.heal_args['batch_size']} x {run.heal_args['seq_len']}"
              f"{', windows shifted per epoch' if a.shift_windows else ''}"
              f"{f', hidden-state weight {a.hidden_weight:g}' if a.hidden_weight else ''}"
-             f"{f', layer-wise init {a.layerwise_init} steps per layer, lr {run.options()[0].layerwise_lr:g}' if a.layerwise_init else ''}"
+             f"{f', layer-wise init {a.layerwise_init} steps per layer, lr {a.layerwise_lr:g}' if a.layerwise_init else ''}"
              f"{f', training seed {a.seed}' if a.seed else ''}", ""]
     data = r.get("data")
     if data:
@@ -606,6 +604,8 @@ RUNNERS = {"convert": phase_convert, "eval-free": phase_eval_free, "data": phase
 
 
 def main(argv=None) -> int:
+    from mlakit.heal import HealOptions
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="results and checkpoints (kept between commands)")
     parser.add_argument("--phase", choices=("all", *PHASES), default="all")
@@ -650,8 +650,8 @@ def main(argv=None) -> int:
                         help="repeated epochs cut the teacher text into windows at other offsets (mlakit heal's)")
     parser.add_argument("--layerwise-init", type=int, default=0, metavar="STEPS",
                         help="layer-wise initialisation steps per layer before distillation (default off)")
-    parser.add_argument("--layerwise-lr", type=float, default=None,
-                        help="learning rate of the layer-wise fit (default: mlakit heal's)")
+    parser.add_argument("--layerwise-lr", type=float, default=HealOptions.layerwise_lr,
+                        help=f"learning rate of the layer-wise fit (default {HealOptions.layerwise_lr:g}, mlakit heal's)")
     parser.add_argument("--seed", type=int, default=0,
                         help="training seed: the order of the windows (the teacher text keeps seed 0, so --from-run "
                              "with another seed measures the spread between repeated runs)")

@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -29,6 +26,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 decode = importlib.import_module("mlakit.kernels.mla_decode")
+from mlakit.kernels.ptxas import ptxas_path, ptxas_resources  # noqa: E402
 
 POINTERS = {"q_latent_ptr": "*bf16", "q_rope_ptr": "*bf16", "kv_ptr": "*bf16", "lengths_ptr": "*i32",
             "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
@@ -37,11 +35,10 @@ DIVISIBLE_BY_16 = list(POINTERS) + ["stride_kvb", "stride_kvn", "stride_qlb", "s
 
 
 def _ptxas() -> str:
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    for name in ("ptxas-blackwell", "ptxas"):  # the newer one reads the newest PTX versions
-        if os.path.exists(os.path.join(bin_dir, name)):
-            return os.path.join(bin_dir, name)
-    raise SystemExit(f"no ptxas in {bin_dir}")
+    path = ptxas_path()
+    if path is None:
+        raise SystemExit("no ptxas in the installed triton")
+    return path
 
 
 def report(block_h: int, block_n: int, num_warps: int, num_stages: int, rank: int = 512, rope: int = 64) -> dict:
@@ -59,17 +56,7 @@ def report(block_h: int, block_n: int, num_warps: int, num_stages: int, rank: in
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=num_warps, num_stages=num_stages))
     ptx = kernel.asm["ptx"]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        out = subprocess.run([_ptxas(), "-v", "--gpu-name", "sm_90a", path, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True)
-    info = out.stderr + out.stdout
-    regs = re.search(r"Used (\d+) registers", info)
-    spills = re.search(r"(\d+) bytes spill stores", info)
-    return dict(wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
-                registers=int(regs.group(1)) if regs else None, spill_bytes=int(spills.group(1)) if spills else None,
+    return dict(wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"), **ptxas_resources(ptx, _ptxas()),
                 shared_bytes=kernel.metadata.shared)
 
 

@@ -490,9 +490,7 @@ def _mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank
 
     write_partial = num_splits > 1
     if write_partial:
-        # fp32 partial results; their traffic stays mostly in L2 (a few MB).
-        part_out = torch.empty((batch, rows, num_splits, rank), dtype=torch.float32, device=q_latent.device)
-        part_lse = torch.empty((batch, rows, num_splits), dtype=torch.float32, device=q_latent.device)
+        part_out, part_lse = split_partials(batch, rows, num_splits, rank, q_latent.device)
     else:
         part_out = part_lse = out  # unused placeholders
     stride_pb, stride_pm, stride_ps = rows * num_splits * rank, num_splits * rank, rank
@@ -515,20 +513,32 @@ def _mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if write_partial:
-        block_splits = max(2, triton.next_power_of_2(num_splits))
-        # Keep one program's tile at <= 4096 fp32 values (no register spills).
-        block_rc = max(16, min(block_r, 4096 // block_splits))
-        combine_grid = (triton.cdiv(rank, block_rc), rows, batch)
-        LAST_COMPILED["combine"] = _mla_decode_combine_kernel[combine_grid](
-            part_out, part_lse, out,
-            num_splits, heads, rows,
-            stride_pb, stride_pm, stride_ps,
-            out.stride(0), out.stride(1), out.stride(2),
-            RANK=rank,
-            BLOCK_SPLITS=block_splits, BLOCK_RC=block_rc,
-            num_warps=4,
-        )
+        merge_partials(part_out, part_lse, out)
     return out
+
+
+def split_partials(batch: int, rows: int, num_splits: int, rank: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-KV partials: ``part_out [batch, rows, splits, rank]`` and ``part_lse [batch, rows,
+    splits]``, both fp32 and contiguous (their traffic stays mostly in L2: a few MB)."""
+    return (torch.empty((batch, rows, num_splits, rank), dtype=torch.float32, device=device),
+            torch.empty((batch, rows, num_splits), dtype=torch.float32, device=device))
+
+
+def merge_partials(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
+    """``out [batch, s_q, heads, rank]`` from the splits' partials (``split_partials``' layout)."""
+    batch, rows, num_splits, rank = part_out.shape
+    block_splits = max(2, triton.next_power_of_2(num_splits))
+    # Keep one program's tile at <= 4096 fp32 values (no register spills).
+    block_rc = max(16, min(max(16, triton.next_power_of_2(rank)), 4096 // block_splits))
+    LAST_COMPILED["combine"] = _mla_decode_combine_kernel[(triton.cdiv(rank, block_rc), rows, batch)](
+        part_out, part_lse, out,
+        num_splits, out.shape[2], rows,
+        *part_out.stride()[:3],
+        out.stride(0), out.stride(1), out.stride(2),
+        RANK=rank,
+        BLOCK_SPLITS=block_splits, BLOCK_RC=block_rc,
+        num_warps=4,
+    )
 
 
 @torch.library.custom_op("mlakit::mla_decode", mutates_args=())

@@ -52,7 +52,6 @@ try:
 except ImportError:  # no triton, or a triton without Gluon's Hopper API
     HAS_GLUON = False
 
-_LOG2E = 1.4426950408889634
 BLOCK_N = 64  # cache slots per tile: the M of both dots (one wgmma warpgroup tile)
 NUM_WARPS = 8  # two warpgroups
 
@@ -218,7 +217,7 @@ def mla_decode_gluon(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: tor
                      softmax_scale: float, kv_lora_rank: int, *, num_splits: int | None = None,
                      stages: int = 2) -> torch.Tensor:
     """``mla_decode`` (same arguments and result) through the Gluon kernel; CUDA (sm_90) only."""
-    from mlakit.kernels.mla_decode import _check_decode_args, _mla_decode_combine_kernel, default_config
+    from mlakit.kernels.mla_decode import _LOG2E, _check_decode_args, default_config, merge_partials, split_partials
 
     rope = _check_decode_args(q_latent, q_rope, kv_cache, lengths, kv_lora_rank)  # shapes, dtypes, devices
     batch, s_q, heads, rank = q_latent.shape
@@ -232,28 +231,19 @@ def mla_decode_gluon(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: tor
                                     q_latent.dtype)["num_splits"]
     num_splits = max(1, int(num_splits))
     out = torch.empty((batch, s_q, heads, rank), dtype=q_latent.dtype, device=q_latent.device)
-    part_out = torch.empty((batch, rows, num_splits, rank), dtype=torch.float32, device=q_latent.device)
-    part_lse = torch.empty((batch, rows, num_splits), dtype=torch.float32, device=q_latent.device)
+    part_out, part_lse = split_partials(batch, rows, num_splits, rank, q_latent.device)
     lat_desc, rope_desc = _descriptors(kv_cache, rank, rope)
-    stride_pb, stride_pm, stride_ps = rows * num_splits * rank, num_splits * rank, rank
     _mla_decode_gluon_kernel[(num_splits, batch)](
         lat_desc, rope_desc, q_latent, q_rope, lengths, part_out, part_lse,
         softmax_scale * _LOG2E, num_splits, kv_cache.shape[1],
         q_latent.stride(0), q_latent.stride(1), q_latent.stride(2),
         q_rope.stride(0), q_rope.stride(1), q_rope.stride(2),
-        stride_pb, stride_pm, stride_ps,
+        *part_out.stride()[:3],
         heads, s_q,
         RANK=rank, ROPE=rope, BLOCK_H=block_h_for(rows), BLOCK_N=BLOCK_N, STAGES=stages,
         num_warps=NUM_WARPS,
     )
-    block_splits = max(2, triton.next_power_of_2(num_splits))
-    block_rc = max(16, min(rank, 4096 // block_splits))
-    _mla_decode_combine_kernel[(triton.cdiv(rank, block_rc), rows, batch)](
-        part_out, part_lse, out, num_splits, heads, rows,
-        stride_pb, stride_pm, stride_ps,
-        out.stride(0), out.stride(1), out.stride(2),
-        RANK=rank, BLOCK_SPLITS=block_splits, BLOCK_RC=block_rc, num_warps=4,
-    )
+    merge_partials(part_out, part_lse, out)
     return out
 
 
@@ -262,13 +252,10 @@ def compile_report(heads: int = 32, rank: int = 512, rope: int = 64, stages: int
 
     The offline check of this file (tests/kernels/test_mla_decode_gluon.py): Gluon has no
     interpreter, so compiling is what a machine without a GPU can verify."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
+
+    from mlakit.kernels.ptxas import ptxas_path, ptxas_resources
 
     check_shape(heads, s_q, rank, rope, torch.bfloat16)
     fn = _mla_decode_gluon_kernel
@@ -287,21 +274,11 @@ def compile_report(heads: int = 32, rank: int = 512, rope: int = 64, stages: int
                             constexprs={(names.index(k),): v for k, v in constexprs.items()})
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=NUM_WARPS))
     ptx = kernel.asm["ptx"]
-    result = {"wgmma": len(re.findall(r"wgmma\.mma_async", ptx)), "tma": len(re.findall(r"cp\.async\.bulk\.tensor", ptx)),
+    result = {"wgmma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor"),
               "shared_bytes": kernel.metadata.shared}
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    ptxas = next((os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")
-                  if os.path.exists(os.path.join(bin_dir, n))), None)
+    ptxas = ptxas_path()
     if ptxas:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "k.ptx")
-            with open(path, "w") as f:
-                f.write(ptx)
-            info = subprocess.run([ptxas, "-arch=sm_90a", "-v", path, "-o", os.path.join(tmp, "k.cubin")],
-                                  capture_output=True, text=True).stderr
-        regs = re.search(r"Used (\d+) registers", info)
-        spills = re.search(r"(\d+) bytes spill stores", info)
-        result.update(registers=int(regs.group(1)) if regs else None, spill_bytes=int(spills.group(1)) if spills else None)
+        result.update(ptxas_resources(ptx, ptxas))
     return result
 
 

@@ -24,12 +24,14 @@ Writes check.json, sweep.json, bench.json and tables.md under the output folder.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import sys
 import time
 import traceback
+from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
@@ -66,14 +68,16 @@ def log(msg=""):
 CHECK_DTYPES = ("bfloat16", "float16", "float32")
 
 
-def check_correctness(decode_cases=None, rope_cases=None, device="cuda", dtypes=CHECK_DTYPES):
+def check_correctness(decode_cases=None, rope_cases=None, device="cuda", dtypes=CHECK_DTYPES, gluon=False):
     """The test suite's CUDA cases (tests/kernels/_kernel_cases.py, one list for both), each
     in every dtype of ``dtypes``: kernel vs reference on fresh random inputs, output
-    poisoned with NaN, relative error within the dtype's bound."""
+    poisoned with NaN, relative error within the dtype's bound. ``gluon``: the decode cases
+    through the experimental Gluon kernel instead of ``mla_decode``."""
     results, failures = [], 0
     decode_cases = cases.CUDA_DECODE_CASES if decode_cases is None else decode_cases
     rope_cases = cases.CUDA_ROPE_CASES if rope_cases is None else rope_cases
-    for kind, table, runner in (("mla_decode", decode_cases, cases.run_decode_case),
+    decode_runner = functools.partial(cases.run_decode_case, gluon=gluon)
+    for kind, table, runner in (("gluon" if gluon else "mla_decode", decode_cases, decode_runner),
                                 ("rope_append", rope_cases, cases.run_rope_case)):
         for case_id, case in table.items():
             for dtype in dtypes:
@@ -102,19 +106,38 @@ def bench_ms(fn, rep=40):
     return float(triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"))
 
 
+def graph_timing(fn, nbytes, copy_gbps) -> dict:
+    """``fn``'s GPU time (CUDA-graph replay, no launch overhead) as us, GB/s of ``nbytes`` read and
+    percent of the copy bandwidth."""
+    us = bench_ms(cuda_graph_replay(fn)) * 1e3
+    gbps = nbytes / (us * 1e-6) / 1e9
+    return dict(us=us, gbps=gbps, pct_copy=100 * gbps / copy_gbps)
+
+
+def error_text(exc, limit=160) -> str:
+    """One line for a failed launch in a table row."""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:limit] if str(exc) else ''}"
+
+
+def decode_inputs(batch, context, heads, rank, rope) -> SimpleNamespace:
+    """Random bf16 decode inputs of one benchmark shape (one new token per sequence, full
+    caches), the fp32 reference of the first sequence and the cache's bytes."""
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    x = SimpleNamespace(cache=torch.randn(batch, context, rank + rope, dtype=dtype, device=dev),
+                        q_latent=torch.randn(batch, 1, heads, rank, dtype=dtype, device=dev),
+                        q_rope=torch.randn(batch, 1, heads, rope, dtype=dtype, device=dev),
+                        lengths=torch.full((batch,), context, dtype=torch.int32, device=dev),
+                        scale=1.0 / math.sqrt(rank + rope))
+    x.out = torch.empty_like(x.q_latent)
+    x.ref = mla_decode_reference(x.q_latent[:1], x.q_rope[:1], x.cache[:1], x.lengths[:1], x.scale, rank)
+    x.nbytes = x.cache.numel() * x.cache.element_size()
+    return x
+
+
 def sweep_shape(batch, context, heads, rank, rope, kernel_cfgs, num_sms, copy_gbps, occupancies=(), split_counts=()):
     """Split counts tried per config: ``split_counts`` as given, and one per entry of
     ``occupancies`` (programs per SM) that fills the SMs with this config's programs."""
-    dev = torch.device("cuda")
-    dtype = torch.bfloat16
-    cache = torch.randn(batch, context, rank + rope, dtype=dtype, device=dev)
-    q_latent = torch.randn(batch, 1, heads, rank, dtype=dtype, device=dev)
-    q_rope = torch.randn(batch, 1, heads, rope, dtype=dtype, device=dev)
-    lengths = torch.full((batch,), context, dtype=torch.int32, device=dev)
-    out = torch.empty_like(q_latent)
-    scale = 1.0 / math.sqrt(rank + rope)
-    ref = mla_decode_reference(q_latent[:1], q_rope[:1], cache[:1], lengths[:1], scale, rank)
-    nbytes = cache.numel() * cache.element_size()
+    x = decode_inputs(batch, context, heads, rank, rope)
     flops = 2 * batch * heads * context * (2 * rank + rope)
     rows = []
     for block_h, block_n, warps, stages in kernel_cfgs:
@@ -126,25 +149,24 @@ def sweep_shape(batch, context, heads, rank, rope, kernel_cfgs, num_sms, copy_gb
             cfg = dict(block_h=block_h, block_n=block_n, num_warps=warps, num_stages=stages, num_splits=splits)
             rec = dict(batch=batch, context=context, heads=heads, rank=rank, rope=rope, **cfg)
             try:
-                fn = lambda: mla_decode(q_latent, q_rope, cache, lengths, scale, rank, out=out, config=cfg)  # noqa: E731
+                fn = lambda: mla_decode(x.q_latent, x.q_rope, x.cache, x.lengths, x.scale, rank,  # noqa: E731
+                                        out=x.out, config=cfg)
                 fn()
                 torch.cuda.synchronize()
-                err = rel_err(out[:1], ref)
+                err = rel_err(x.out[:1], x.ref)
                 kern = mla_mod.LAST_COMPILED.get("split")
-                ms = bench_ms(cuda_graph_replay(fn))  # GPU time, no launch overhead
-                gbps = nbytes / (ms * 1e-3) / 1e9
-                rec.update(us=ms * 1e3, gbps=gbps, pct_copy=100 * gbps / copy_gbps,
-                           tflops=flops / (ms * 1e-3) / 1e12, rel_err=err,
+                rec.update(graph_timing(fn, x.nbytes, copy_gbps))
+                rec.update(tflops=flops / (rec["us"] * 1e-6) / 1e12, rel_err=err,
                            regs=getattr(kern, "n_regs", None), spills=getattr(kern, "n_spills", None),
                            smem=getattr(getattr(kern, "metadata", None), "shared", None))
-                log(f"    h{block_h:<3d} n{block_n:<4d} w{warps} st{stages} sp{splits:<4d} {ms * 1e3:8.1f} us "
-                    f"{gbps:6.0f} GB/s {rec['pct_copy']:5.1f}% {rec['tflops']:6.1f} TF  err {err:.1e} "
+                log(f"    h{block_h:<3d} n{block_n:<4d} w{warps} st{stages} sp{splits:<4d} {rec['us']:8.1f} us "
+                    f"{rec['gbps']:6.0f} GB/s {rec['pct_copy']:5.1f}% {rec['tflops']:6.1f} TF  err {err:.1e} "
                     f"regs {rec['regs']} spills {rec['spills']} smem {rec['smem']}")
             except Exception as exc:
-                rec.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}")
+                rec.update(error=error_text(exc))
                 log(f"    h{block_h:<3d} n{block_n:<4d} w{warps} st{stages} sp{splits:<4d} ERROR {rec['error']}")
             rows.append(rec)
-    del cache, q_latent, q_rope, out
+    del x
     torch.cuda.empty_cache()
     return rows
 
@@ -183,37 +205,16 @@ def gluon_section(num_sms, copy_gbps):
         log("  skipped: needs a Hopper GPU and triton with Gluon")
         return {"skipped": True}
     covered = {k: c for k, c in cases.CUDA_DECODE_CASES.items() if cases.gluon_covers(c)}
-    checks, failures = [], 0
-    for case_id, case in covered.items():
-        for dtype in ("bfloat16", "float16"):
-            name = f"gluon {case_id} as {dtype}"
-            try:
-                res = cases.run_decode_case((dtype, *case[1:]), device="cuda", gluon=True)
-                err, ok = res["rel_err"], res["finite"] and res["rel_err"] <= res["tol"]
-            except Exception as exc:  # report and go on
-                err, ok = None, False
-                name += f" EXC {type(exc).__name__}: {str(exc)[:300]}"
-                traceback.print_exc()
-            failures += not ok
-            checks.append(dict(case=name, rel_err=err, ok=ok))
-            log(f"  {'ok  ' if ok else 'FAIL'} {name}: rel_err={err}")
+    checks, failures = check_correctness(covered, {}, dtypes=("bfloat16", "float16"), gluon=True)
     log(f"  correctness: {len(checks) - failures}/{len(checks)} ok")
     rows = []
     if failures:
         log("  timings skipped: the kernel is wrong somewhere")
         return {"checks": checks, "failures": failures, "rows": rows}
-    dev = torch.device("cuda")
     for batch, context, heads, rank, rope in GLUON_SHAPES:
-        cache = torch.randn(batch, context, rank + rope, dtype=torch.bfloat16, device=dev)
-        q_latent = torch.randn(batch, 1, heads, rank, dtype=torch.bfloat16, device=dev)
-        q_rope = torch.randn(batch, 1, heads, rope, dtype=torch.bfloat16, device=dev)
-        lengths = torch.full((batch,), context, dtype=torch.int32, device=dev)
-        scale = 1.0 / math.sqrt(rank + rope)
-        nbytes = cache.numel() * cache.element_size()
-        ref = mla_decode_reference(q_latent[:1], q_rope[:1], cache[:1], lengths[:1], scale, rank)
-        out = torch.empty_like(q_latent)
+        x = decode_inputs(batch, context, heads, rank, rope)
         triton_us = bench_ms(cuda_graph_replay(
-            lambda: mla_decode(q_latent, q_rope, cache, lengths, scale, rank, out=out))) * 1e3
+            lambda: mla_decode(x.q_latent, x.q_rope, x.cache, x.lengths, x.scale, rank, out=x.out))) * 1e3
         stage_opts = (2,) if rank == 512 else (2, 3, 4)
         split_opts = sorted({max(1, min(context // 64, num_sms * occ // batch)) for occ in (1, 2, 4)})
         for stages in stage_opts:
@@ -221,20 +222,17 @@ def gluon_section(num_sms, copy_gbps):
                 rec = dict(batch=batch, context=context, heads=heads, rank=rank, rope=rope, stages=stages,
                            num_splits=splits, triton_us=triton_us)
                 try:
-                    fn = lambda: mla_decode_gluon(q_latent, q_rope, cache, lengths, scale, rank,  # noqa: E731
-                                                  num_splits=splits, stages=stages)
-                    err = rel_err(fn()[:1], ref)
-                    us = bench_ms(cuda_graph_replay(fn)) * 1e3
-                    gbps = nbytes / (us * 1e-6) / 1e9
-                    rec.update(us=us, gbps=gbps, pct_copy=100 * gbps / copy_gbps, rel_err=err)
-                    log(f"  {batch}x{context} h{heads} r{rank}+{rope} st{stages} sp{splits:<4d} gluon {us:8.1f} us "
-                        f"({gbps:5.0f} GB/s, {rec['pct_copy']:5.1f}% of copy)  triton {triton_us:8.1f} us  "
-                        f"err {err:.1e}")
+                    fn = lambda: mla_decode_gluon(x.q_latent, x.q_rope, x.cache, x.lengths, x.scale,  # noqa: E731
+                                                  rank, num_splits=splits, stages=stages)
+                    rec.update(rel_err=rel_err(fn()[:1], x.ref), **graph_timing(fn, x.nbytes, copy_gbps))
+                    log(f"  {batch}x{context} h{heads} r{rank}+{rope} st{stages} sp{splits:<4d} gluon "
+                        f"{rec['us']:8.1f} us ({rec['gbps']:5.0f} GB/s, {rec['pct_copy']:5.1f}% of copy)  "
+                        f"triton {triton_us:8.1f} us  err {rec['rel_err']:.1e}")
                 except Exception as exc:
-                    rec.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+                    rec.update(error=error_text(exc, limit=200))
                     log(f"  {batch}x{context} h{heads} r{rank}+{rope} st{stages} sp{splits} ERROR {rec['error']}")
                 rows.append(rec)
-        del cache, q_latent, q_rope, out
+        del x
         torch.cuda.empty_cache()
     return {"checks": checks, "failures": failures, "rows": rows}
 

@@ -7,7 +7,8 @@ bytes read + written), then for each (batch, context) of the grid:
     SDPA MHA / GQA-8 / MQA   torch scaled_dot_product_attention, bf16, head_dim 128
     MLA einsum               absorbed MLA on the latent cache in plain PyTorch
     FlashMLA                 DeepSeek's kernel (dense bf16), when ``flash_mla`` imports
-    MLA Triton               mlakit.kernels.mla_decode
+    MLA Gluon                mlakit.kernels.mla_decode's pick on Hopper (mla_decode_gluon.py)
+    MLA Triton               mlakit.kernels.mla_decode with backend="triton"
 
 Each row: median microseconds (triton.testing.do_bench: CUDA events, L2 flushed
 between runs), cache bytes read / time (GB/s), ratio to the copy bandwidth, and
@@ -246,15 +247,26 @@ def run_attention_bench(
         q4_latent, q4_rope = q_latent[:, None], q_rope[:, None]  # [b, 1, h, *]
         out = torch.empty_like(q4_latent)
 
-        def triton_fn():
-            return mla_decode(q4_latent, q4_rope, cache, lengths, softmax_scale, rank, out=out, config=mla_config)
+        # mlakit's kernels: the one mla_decode picks by itself (Gluon on Hopper), and Triton beside it.
+        from mlakit.kernels import mla_decode_gluon
 
-        triton_fn()
-        err = _rel_err(out[:, 0], ref) if ref is not None else None
-        group_rows.append(add(batch, context, "MLA Triton (mlakit)", nbytes, _do_bench(triton_fn, warmup_ms, rep_ms), flops, rel_err=err))
-        if cuda_graphs:
-            group_rows.append(add(batch, context, "MLA Triton (CUDA graph)", nbytes,
-                                  _do_bench(cuda_graph_replay(triton_fn), warmup_ms, rep_ms), flops))
+        backends = ["triton"]
+        if mla_config is None and mla_decode_gluon.applies(q4_latent, cache, rope):
+            backends.insert(0, "gluon")
+        for backend in backends:
+            name = {"gluon": "MLA Gluon", "triton": "MLA Triton"}[backend]
+
+            def kernel_fn(backend=backend):
+                return mla_decode(q4_latent, q4_rope, cache, lengths, softmax_scale, rank, out=out,
+                                  config=mla_config if backend == "triton" else None, backend=backend)
+
+            kernel_fn()
+            err = _rel_err(out[:, 0], ref) if ref is not None else None
+            group_rows.append(add(batch, context, f"{name} (mlakit)", nbytes, _do_bench(kernel_fn, warmup_ms, rep_ms),
+                                  flops, rel_err=err))
+            if cuda_graphs:
+                group_rows.append(add(batch, context, f"{name} (CUDA graph)", nbytes,
+                                      _do_bench(cuda_graph_replay(kernel_fn), warmup_ms, rep_ms), flops))
         del cache, q_latent, q_rope, out, ref, latent, k_rope
         torch.cuda.empty_cache()
 

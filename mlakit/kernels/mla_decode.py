@@ -29,11 +29,12 @@ This file holds:
 from __future__ import annotations
 
 import functools
-import math
 import os
 from typing import Optional
 
 import torch
+
+from mlakit.kernels import mla_decode_gluon as _gluon  # Hopper kernel; imports this module's helpers lazily
 
 try:  # Triton is optional: without it everything falls back to the reference.
     import triton
@@ -322,9 +323,12 @@ if HAS_TRITON:
         RANK: tl.constexpr,
         BLOCK_SPLITS: tl.constexpr,  # next_pow2(num_splits)
         BLOCK_RC: tl.constexpr,  # slice of the rank handled by one program
+        WAIT_PRIOR: tl.constexpr,  # launched early (programmatic dependent launch): wait for the split kernel
     ):
         # Grid: (rank slices, rows, batch).  out = sum_s w_s * part_out_s with
         # w_s = exp2(lse_s - max) / sum(...): the usual flash-decoding merge.
+        if WAIT_PRIOR:
+            tl.extra.cuda.gdc_wait()  # the partials are complete and visible past this point
         pid_rc = tl.program_id(0)
         row = tl.program_id(1)
         pid_b = tl.program_id(2).to(tl.int64)
@@ -420,6 +424,7 @@ def mla_decode(
     *,
     out: Optional[torch.Tensor] = None,
     config: Optional[dict] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Absorbed MLA decode over the packed latent cache.
 
@@ -429,22 +434,30 @@ def mla_decode(
     lengths:  [batch] int32/int64, valid slots per sequence *including* the s_q new tokens
     returns   [batch, s_q, heads, kv_lora_rank] in q's dtype (fp32 accumulation)
 
-    Runs the Triton kernel for CUDA tensors (and for CPU tensors when
-    TRITON_INTERPRET=1 was set before import), the reference otherwise.
-    ``out`` (optional) receives the result; ``config`` overrides the launch
-    configuration (keys of ``default_config``) for tuning.
+    Runs a kernel for CUDA tensors (and the Triton kernel for CPU tensors when
+    TRITON_INTERPRET=1 was set before import), the reference otherwise. On CUDA,
+    ``backend`` picks the kernel: ``"auto"`` takes the Gluon kernel (``mla_decode_gluon.py``) on a
+    Hopper GPU where it applies (bf16/fp16, power-of-two rank 64-512 and rope 16-64, a
+    contiguous cache) and the Triton kernel elsewhere;
+    ``"triton"`` or ``"gluon"`` force one. ``out`` (optional) receives the result;
+    ``config`` overrides the Triton kernel's launch configuration (keys of
+    ``default_config``) for tuning, and so implies it.
 
     Inside ``torch.compile`` the call is the custom op ``torch.ops.mlakit.mla_decode``
     (opaque to the compiler, so the wrapper's launch logic is not traced).
     """
-    if torch.compiler.is_compiling() and out is None and config is None:
+    if backend not in ("auto", "triton", "gluon"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'gluon', got {backend!r}")
+    if torch.compiler.is_compiling() and out is None and config is None and backend == "auto":
         # fixed, contiguous layouts in and out (the compiler may lay intermediates out otherwise)
         return torch.ops.mlakit.mla_decode(q_latent.contiguous(), q_rope.contiguous(), kv_cache, lengths,
                                            softmax_scale, kv_lora_rank)
-    return _mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank, out=out, config=config)
+    return _mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank, out=out, config=config,
+                       backend=backend)
 
 
-def _mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank, *, out=None, config=None):
+def _mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank, *, out=None, config=None,
+                backend="auto"):
     rope_dim = _check_decode_args(q_latent, q_rope, kv_cache, lengths, kv_lora_rank, allow_fp64=True)
     if not _use_triton(q_latent) or q_latent.dtype == torch.float64:  # float64: tests, reference only
         result = mla_decode_reference(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank)
@@ -470,6 +483,12 @@ def _mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank
         )
     if batch == 0 or s_q == 0 or heads == 0:
         return out
+    if backend == "gluon":
+        why = _gluon.unsupported(q_latent, kv_cache, rope_dim)
+        if why:
+            raise ValueError(f"backend='gluon': {why}")
+    if backend == "gluon" or (backend == "auto" and config is None and _gluon.applies(q_latent, kv_cache, rope_dim)):
+        return _gluon.run(q_latent, q_rope, kv_cache, lengths, softmax_scale, out)
 
     cfg = dict(default_config(batch, s_q, heads, rank, rope_dim, kv_cache.shape[1], q_latent.device, q_latent.dtype))
     if config:
@@ -524,8 +543,12 @@ def split_partials(batch: int, rows: int, num_splits: int, rank: int, device) ->
             torch.empty((batch, rows, num_splits), dtype=torch.float32, device=device))
 
 
-def merge_partials(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor) -> None:
-    """``out [batch, s_q, heads, rank]`` from the splits' partials (``split_partials``' layout)."""
+def merge_partials(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, early_launch: bool = False) -> None:
+    """``out [batch, s_q, heads, rank]`` from the splits' partials (``split_partials``' layout).
+
+    ``early_launch``: programmatic dependent launch (Hopper): the merge grid is set up while
+    the split kernel still runs (from its ``griddepcontrol.launch_dependents`` on) and waits
+    in ``gdc_wait`` for its results, which hides this launch's latency."""
     batch, rows, num_splits, rank = part_out.shape
     block_splits = max(2, triton.next_power_of_2(num_splits))
     # Keep one program's tile at <= 4096 fp32 values (no register spills).
@@ -536,8 +559,8 @@ def merge_partials(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Te
         *part_out.stride()[:3],
         out.stride(0), out.stride(1), out.stride(2),
         RANK=rank,
-        BLOCK_SPLITS=block_splits, BLOCK_RC=block_rc,
-        num_warps=4,
+        BLOCK_SPLITS=block_splits, BLOCK_RC=block_rc, WAIT_PRIOR=early_launch,
+        num_warps=4, **({"launch_pdl": True} if early_launch else {}),
     )
 
 

@@ -76,7 +76,7 @@ def check_correctness(decode_cases=None, rope_cases=None, device="cuda", dtypes=
     results, failures = [], 0
     decode_cases = cases.CUDA_DECODE_CASES if decode_cases is None else decode_cases
     rope_cases = cases.CUDA_ROPE_CASES if rope_cases is None else rope_cases
-    decode_runner = functools.partial(cases.run_decode_case, gluon=gluon)
+    decode_runner = functools.partial(cases.run_decode_case, backend="gluon" if gluon else "triton")
     for kind, table, runner in (("gluon" if gluon else "mla_decode", decode_cases, decode_runner),
                                 ("rope_append", rope_cases, cases.run_rope_case)):
         for case_id, case in table.items():
@@ -192,6 +192,7 @@ HEADS128_CFGS = [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2),
 GLUON_SHAPES = [  # (batch, context, heads, rank, rope): decode-attn-v1, then converted small models
     (1, 32768, 32, 512, 64), (16, 8192, 32, 512, 64), (64, 4096, 32, 512, 64), (128, 8192, 32, 512, 64),
     (16, 8192, 9, 64, 32), (128, 8192, 9, 64, 32), (16, 8192, 9, 128, 32), (128, 8192, 9, 128, 32),
+    (16, 8192, 128, 512, 64), (64, 4096, 128, 512, 64), (128, 8192, 128, 512, 64),  # compute-bound
 ]
 
 
@@ -214,27 +215,129 @@ def gluon_section(num_sms, copy_gbps):
     for batch, context, heads, rank, rope in GLUON_SHAPES:
         x = decode_inputs(batch, context, heads, rank, rope)
         triton_us = bench_ms(cuda_graph_replay(
-            lambda: mla_decode(x.q_latent, x.q_rope, x.cache, x.lengths, x.scale, rank, out=x.out))) * 1e3
-        stage_opts = (2,) if rank == 512 else (2, 3, 4)
-        split_opts = sorted({max(1, min(context // 64, num_sms * occ // batch)) for occ in (1, 2, 4)})
-        for stages in stage_opts:
+            lambda: mla_decode(x.q_latent, x.q_rope, x.cache, x.lengths, x.scale, rank, out=x.out,
+                               backend="triton"))) * 1e3
+        # (stages, warps): one warpgroup reads each cache tile once per dot, two split the heads
+        # (1, 4): one stage in 115 KB of shared memory, so two programs share an SM
+        launch_opts = ([(2, 8)] if heads > 32 else [(2, 4), (2, 8), (1, 4)] if rank == 512 else [(2, 4), (3, 4)])
+        programs = batch * -(-heads // 64)
+        split_opts = sorted({max(1, min(context // 64, num_sms * occ // programs)) for occ in (1, 2, 4)})
+        for stages, warps in launch_opts:
             for splits in split_opts:
                 rec = dict(batch=batch, context=context, heads=heads, rank=rank, rope=rope, stages=stages,
-                           num_splits=splits, triton_us=triton_us)
+                           num_warps=warps, num_splits=splits, triton_us=triton_us)
                 try:
                     fn = lambda: mla_decode_gluon(x.q_latent, x.q_rope, x.cache, x.lengths, x.scale,  # noqa: E731
-                                                  rank, num_splits=splits, stages=stages)
+                                                  rank, num_splits=splits, stages=stages, num_warps=warps)
                     rec.update(rel_err=rel_err(fn()[:1], x.ref), **graph_timing(fn, x.nbytes, copy_gbps))
-                    log(f"  {batch}x{context} h{heads} r{rank}+{rope} st{stages} sp{splits:<4d} gluon "
+                    log(f"  {batch}x{context} h{heads} r{rank}+{rope} st{stages} w{warps} sp{splits:<4d} gluon "
                         f"{rec['us']:8.1f} us ({rec['gbps']:5.0f} GB/s, {rec['pct_copy']:5.1f}% of copy)  "
                         f"triton {triton_us:8.1f} us  err {rec['rel_err']:.1e}")
                 except Exception as exc:
                     rec.update(error=error_text(exc, limit=200))
-                    log(f"  {batch}x{context} h{heads} r{rank}+{rope} st{stages} sp{splits} ERROR {rec['error']}")
+                    log(f"  {batch}x{context} h{heads} r{rank}+{rope} st{stages} w{warps} sp{splits} ERROR {rec['error']}")
                 rows.append(rec)
         del x
         torch.cuda.empty_cache()
     return {"checks": checks, "failures": failures, "rows": rows}
+
+
+def events_us(fn, reps=50) -> float:
+    """Mean GPU time of ``reps`` back-to-back calls between two CUDA events (L2 not flushed)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps * 1e3
+
+
+def gluon_without_early_merge(fn):
+    """``fn()`` with the Gluon path's merge launched the plain way (no programmatic dependent launch)."""
+    from mlakit.kernels import mla_decode_gluon as gluon_mod
+
+    gluon_mod.EARLY_MERGE = False
+    try:
+        return fn()
+    finally:
+        gluon_mod.EARLY_MERGE = True
+
+
+GLUON_PARTS_SPLITS = {(1, 32768): (33, 66, 132), (16, 8192): (4, 8), (64, 4096): (1, 2), (128, 8192): (1, 2)}
+
+
+def gluon_parts(copy_gbps):
+    """Where the Gluon kernel's time goes on decode-attn-v1: the whole call, the decode kernel
+    alone, the merge pass alone, the call on 1-slot sequences (fixed costs: launch, queries,
+    epilogue), FlashMLA on the same cache, and an empty graph (the timing method's floor); each
+    with do_bench (L2 flushed, the protocol's method) and back to back (no flush)."""
+    from mlakit.bench.attention import _flash_mla_runner
+    from mlakit.kernels.mla_decode import merge_partials
+    from mlakit.kernels.mla_decode_gluon import _launch, mla_decode_gluon
+
+    tiny = torch.zeros(1, device="cuda")
+    floor = dict(flushed=bench_ms(cuda_graph_replay(lambda: tiny.add_(1))) * 1e3,
+                 back_to_back=events_us(cuda_graph_replay(lambda: tiny.add_(1))))
+    log(f"  floor (one tiny kernel in a graph): {floor['flushed']:.1f} us flushed, {floor['back_to_back']:.1f} us back to back")
+    rows = []
+    for (batch, context), split_opts in GLUON_PARTS_SPLITS.items():
+        x = decode_inputs(batch, context, 32, 512, 64)
+        ones = torch.ones_like(x.lengths)
+        fm, _ = _flash_mla_runner(x.q_latent[:, 0], x.q_rope[:, 0], x.cache, x.scale, 512)
+        for splits in split_opts:
+            parts = _launch(x.q_latent, x.q_rope, x.cache, x.lengths, x.scale, x.out, splits, 2, 4)
+            calls = {
+                "call": lambda: mla_decode_gluon(x.q_latent, x.q_rope, x.cache, x.lengths, x.scale, 512,  # noqa: E731
+                                                 num_splits=splits),
+                "kernel": lambda: _launch(x.q_latent, x.q_rope, x.cache, x.lengths, x.scale, x.out, splits, 2, 4),  # noqa: E731
+                "merge": (lambda: merge_partials(*parts, x.out)) if parts else None,  # noqa: E731
+                "call, plain merge launch": functools.partial(gluon_without_early_merge, lambda: mla_decode_gluon(
+                    x.q_latent, x.q_rope, x.cache, x.lengths, x.scale, 512, num_splits=splits)),
+                "1-slot": lambda: mla_decode_gluon(x.q_latent, x.q_rope, x.cache, ones, x.scale, 512,  # noqa: E731
+                                                   num_splits=splits),
+                "flash_mla": fm,
+            }
+            rec = dict(batch=batch, context=context, num_splits=splits)
+            for name, fn in calls.items():
+                if fn is None:
+                    continue
+                graph = cuda_graph_replay(fn)
+                rec[name] = dict(flushed=bench_ms(graph) * 1e3, back_to_back=events_us(graph))
+            log(f"  {batch}x{context} sp{splits:<4d} " + "  ".join(
+                f"{k} {v['flushed']:.1f}/{v['back_to_back']:.1f}" for k, v in rec.items() if isinstance(v, dict))
+                + "  (us, flushed/back to back)")
+            rows.append(rec)
+        del x
+        torch.cuda.empty_cache()
+    return {"floor": floor, "rows": rows}
+
+
+def host_profile(calls=300):
+    """Where the host time of eager mla_decode calls goes (cProfile, 16 x 8192, both kernels)."""
+    import cProfile
+    import io
+    import pstats
+
+    x = decode_inputs(16, 8192, 32, 512, 64)
+    for backend in ("auto", "triton"):
+        fn = lambda: mla_decode(x.q_latent, x.q_rope, x.cache, x.lengths, x.scale, 512, out=x.out,  # noqa: E731
+                                backend=backend)
+        fn()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        prof.enable()
+        for _ in range(calls):
+            fn()
+        prof.disable()
+        host_us = (time.perf_counter() - t0) / calls * 1e6
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
+        log(f"  backend={backend}: {host_us:.1f} us per call (under cProfile)")
+        log("\n".join(line for line in text.getvalue().splitlines() if line.strip())[-3000:])
 
 
 def launch_overhead_study():
@@ -309,6 +412,10 @@ def main():
     parser.add_argument("--gluon", action="store_true",
                         help="only the experimental Gluon kernel: its correctness, then its times beside the "
                              "Triton kernel's (gluon.json)")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="with --gluon: also profile the host time of eager calls (host_profile)")
+    parser.add_argument("--gluon-parts", action="store_true",
+                        help="with --gluon: also where its time goes on decode-attn-v1 (gluon_parts)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     t_start = time.time()
@@ -331,6 +438,12 @@ def main():
         log(f"== copy bandwidth {copy_gbps:.0f} GB/s")
         log("== experimental Gluon kernel")
         result = gluon_section(props.multi_processor_count, copy_gbps)
+        if args.gluon_parts and not result.get("failures"):
+            log("== where the Gluon kernel's time goes")
+            result["parts"] = gluon_parts(copy_gbps)
+        if args.host_profile:
+            log("== host time of eager calls")
+            host_profile()
         json.dump({"env": env, "copy_gbps": copy_gbps, **result}, open(os.path.join(args.out, "gluon.json"), "w"),
                   indent=1)
         log(f"== total {time.time() - t_start:.0f} s")

@@ -50,6 +50,8 @@ CUDA_DECODE_CASES.update({
     "bf16-h16-r64-p32-sq3-split4": ("bfloat16", 3, 3, 16, 64, 32, 300, [300, 3, 129], 4),
     "bf16-h9-r96-p24-sq3-nosplit": ("bfloat16", 2, 3, 9, 96, 24, 257, [257, 70], 1),
     "f16-h128-r512-p64-nosplit": ("float16", 2, 1, 128, 512, 64, 513, [513, 200], 1),
+    "bf16-h32-r512-p64-ragged-nosplit": ("bfloat16", 3, 1, 32, 512, 64, 1000, [1000, 1, 130], 1),
+    "bf16-h16-r64-p32-sq3-nosplit": ("bfloat16", 3, 3, 16, 64, 32, 300, [300, 3, 129], 1),
 })
 CUDA_ROPE_CASES = dict(INTERP_ROPE_CASES)
 CUDA_ROPE_CASES.update({
@@ -68,12 +70,14 @@ def gluon_covers(case) -> bool:
     """Whether the experimental Gluon kernel (mlakit.kernels.mla_decode_gluon) takes this case."""
     dtype_name, batch, s_q, heads, rank, rope, max_len, lengths, splits = case
     pow2 = lambda v: v & (v - 1) == 0  # noqa: E731
-    return (dtype_name != "float32" and pow2(rank) and 16 <= rank <= 512 and pow2(rope) and 16 <= rope <= 64
-            and s_q * heads <= 64)
+    return dtype_name != "float32" and pow2(rank) and 64 <= rank <= 512 and pow2(rope) and 16 <= rope <= 64
 
 
-def run_decode_case(case, device="cpu", seed=0, gluon=False) -> dict:
-    """Kernel (through mla_decode's dispatch, or the Gluon kernel) vs reference on fresh random inputs."""
+def run_decode_case(case, device="cpu", seed=0, backend="triton", **gluon_kwargs) -> dict:
+    """One kernel vs reference on fresh random inputs: ``backend`` "triton" (the case's split
+    count as its config), "gluon" (mla_decode_gluon with the split count and ``gluon_kwargs``)
+    or "auto" (mla_decode's own pick). The cache holds NaN past every sequence's length (a
+    kernel must not let unused slots reach the output)."""
     import torch
 
     from mlakit.kernels import mla_decode, mla_decode_reference
@@ -88,16 +92,19 @@ def run_decode_case(case, device="cpu", seed=0, gluon=False) -> dict:
     q_latent, q_rope = rnd(batch, s_q, heads, rank), rnd(batch, s_q, heads, rope)
     kv_cache = rnd(batch + 1, max_len, rank + rope)  # one spare row: the kernel must use row b only
     lens = torch.tensor(lengths, dtype=torch.int64, device=device)
+    unused = torch.arange(max_len, device=device)[None, :] >= torch.cat([lens, lens.new_zeros(1)])[:, None]
+    clean = kv_cache.masked_fill(unused[..., None], 0.0)
+    kv_cache.masked_fill_(unused[..., None], float("nan"))
     scale = 1.0 / math.sqrt(rank + rope)
     out = torch.full((batch, s_q, heads, rank), float("nan"), dtype=dtype, device=device)  # poison
-    config = {"num_splits": splits} if splits else None
-    if gluon:
+    if backend == "gluon":
         from mlakit.kernels.mla_decode_gluon import mla_decode_gluon
 
-        out.copy_(mla_decode_gluon(q_latent, q_rope, kv_cache, lens, scale, rank, num_splits=splits))
+        mla_decode_gluon(q_latent, q_rope, kv_cache, lens, scale, rank, out=out, num_splits=splits, **gluon_kwargs)
     else:
-        mla_decode(q_latent, q_rope, kv_cache, lens, scale, rank, out=out, config=config)
-    ref = mla_decode_reference(q_latent.float(), q_rope.float(), kv_cache.float(), lens, scale, rank)
+        config = {"num_splits": splits} if splits and backend == "triton" else None
+        mla_decode(q_latent, q_rope, kv_cache, lens, scale, rank, out=out, config=config, backend=backend)
+    ref = mla_decode_reference(q_latent.float(), q_rope.float(), clean.float(), lens, scale, rank)
     return {"rel_err": rel_err(out, ref), "finite": bool(torch.isfinite(out).all()), "tol": DTYPE_TOL[dtype_name]}
 
 

@@ -11,11 +11,13 @@ from mlakit import ModelConfig, Transformer
 from mlakit.engine import SamplingParams, generate
 
 
-def run(device: str, dtype: torch.dtype) -> dict:
+def run(device: str, dtype: torch.dtype, kv_lora_rank: int = 24, rope_dim: int = 8) -> dict:
+    """Rank 24 + rope 8 runs the Triton kernel; rank 64 + rope 16 in bf16/fp16 the Gluon one on Hopper."""
     import mlakit.kernels as kernels
+    from mlakit.kernels import mla_decode_gluon
 
     config = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=9, n_kv_heads=9, head_dim=16,
-                         intermediate_size=96, attention="mla", kv_lora_rank=24, qk_rope_head_dim=8,
+                         intermediate_size=96, attention="mla", kv_lora_rank=kv_lora_rank, qk_rope_head_dim=rope_dim,
                          qk_nope_head_dim=16, v_head_dim=16, latent_norm=True, max_seq_len=64)
     model = Transformer(config).init_random(seed=0, std=0.3).to(device, dtype)
     model.set_mla_mode("absorbed")
@@ -34,11 +36,17 @@ def run(device: str, dtype: torch.dtype) -> dict:
         with_kernel, logits_kernel = generate(model, prompts, params), decode_logits()
         model.set_kernels(False)
         plain, logits_plain = generate(model, prompts, params), decode_logits()
-    return {"triton": kernels.HAS_TRITON and (device == "cuda" or kernels.INTERPRET),
+    probe = torch.empty(1, 1, 9, kv_lora_rank, dtype=dtype, device=device)
+    gluon = mla_decode_gluon.applies(probe, torch.empty(1, 1, kv_lora_rank + rope_dim, dtype=dtype, device=device),
+                                     rope_dim)
+    return {"triton": kernels.HAS_TRITON and (device == "cuda" or kernels.INTERPRET), "gluon": gluon,
             "with_kernel": with_kernel, "plain": plain,
             "logits_rel_err": ((logits_kernel - logits_plain).norm() / logits_plain.norm()).item()}
 
 
 if __name__ == "__main__":
     device = sys.argv[1] if len(sys.argv) > 1 else "cpu"
-    print(json.dumps({str(dtype): run(device, dtype) for dtype in (torch.float32, torch.bfloat16)}))
+    results = {str(dtype): run(device, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    if device == "cuda":  # shapes the Gluon kernel takes (on Hopper)
+        results.update({f"{dtype}-rank64": run(device, dtype, 64, 16) for dtype in (torch.bfloat16, torch.float16)})
+    print(json.dumps(results))

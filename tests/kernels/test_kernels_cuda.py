@@ -45,9 +45,35 @@ def _has_gluon_hopper() -> bool:
     return HAS_GLUON
 
 
+@pytest.mark.parametrize("num_warps", [4, 8])
 @pytest.mark.parametrize("case_id", [k for k, c in _cases.CUDA_DECODE_CASES.items() if _cases.gluon_covers(c)])
-def test_mla_decode_gluon_cuda(case_id):
-    """The experimental Gluon kernel (Hopper only) on every CUDA case it covers."""
+def test_mla_decode_gluon_cuda(case_id, num_warps):
+    """The Gluon kernel (Hopper only) on every CUDA case it covers, with one warpgroup and two."""
     if not _has_gluon_hopper():
         pytest.skip("needs a Hopper GPU (sm_90) and triton with Gluon")
-    _check(_cases.run_decode_case(_cases.CUDA_DECODE_CASES[case_id], device="cuda", gluon=True))
+    _check(_cases.run_decode_case(_cases.CUDA_DECODE_CASES[case_id], device="cuda", backend="gluon",
+                                  num_warps=num_warps))
+
+
+def test_mla_decode_auto_backend_cuda():
+    """backend="auto" is the Gluon kernel on Hopper where it applies, the Triton kernel elsewhere."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from mlakit.kernels import mla_decode
+
+    hopper = _has_gluon_hopper()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    # (heads, rank, rope, kernel auto should take): rank 96 is not a power of two
+    for heads, rank, rope, expected in ((32, 512, 64, "gluon" if hopper else "triton"),
+                                        (128, 512, 64, "gluon" if hopper else "triton"),
+                                        (9, 96, 32, "triton")):
+        q_latent = torch.randn(3, 1, heads, rank, generator=gen).to("cuda", torch.bfloat16)
+        q_rope = torch.randn(3, 1, heads, rope, generator=gen).to("cuda", torch.bfloat16)
+        cache = torch.randn(3, 700, rank + rope, generator=gen).to("cuda", torch.bfloat16)
+        lengths = torch.tensor([700, 1, 333], device="cuda")
+        outs = {b: mla_decode(q_latent, q_rope, cache, lengths, 0.05, rank, backend=b) for b in ("auto", "triton")}
+        if expected == "gluon":
+            outs["gluon"] = mla_decode(q_latent, q_rope, cache, lengths, 0.05, rank, backend="gluon")
+            # the two kernels round differently; both are close to each other
+            assert _cases.rel_err(outs["gluon"], outs["triton"]) < 1e-2
+        assert torch.equal(outs["auto"], outs[expected]), (heads, rank, expected)

@@ -41,4 +41,12 @@ def test_greedy_same_with_and_without_kernel_interpreter():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_greedy_same_with_and_without_kernel_cuda():
-    _check(_run("cuda", interpret=False))
+    results = _run("cuda", interpret=False)
+    _check(results)
+    from mlakit.kernels.mla_decode_gluon import HAS_GLUON
+
+    gluon_expected = HAS_GLUON and torch.cuda.get_device_capability()[0] == 9
+    for key in ("torch.bfloat16-rank64", "torch.float16-rank64"):  # the Gluon kernel on Hopper
+        assert results[key]["gluon"] == gluon_expected, key
+        assert results[key]["logits_rel_err"] <= 2e-2, (key, results[key]["logits_rel_err"])
+        assert len(results[key]["with_kernel"][0]) == 10

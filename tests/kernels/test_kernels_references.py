@@ -151,6 +151,12 @@ def test_mla_decode_argument_errors(mutate, message):
         mla_decode(args["q_latent"], args["q_rope"], args["kv_cache"], args["lengths"], 0.3, 16)
 
 
+def test_mla_decode_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be"):
+        mla_decode(torch.randn(1, 1, 2, 16), torch.randn(1, 1, 2, 8), torch.randn(1, 5, 24), torch.tensor([4]),
+                   0.3, 16, backend="cuda")
+
+
 def test_rope_append_argument_errors():
     latent, k_rope = torch.randn(2, 1, 16), torch.randn(2, 1, 8)
     cache, positions = torch.randn(2, 5, 24), torch.tensor([[0], [1]])

@@ -5,8 +5,8 @@ installed, and ``mla_decode`` / ``rope_append`` fall back to their references
 when it is not (or when the tensors are on the CPU and ``TRITON_INTERPRET=1``
 was not set before import).
 
-``mlakit.kernels.mla_decode_gluon`` (imported on its own) is an experimental Hopper
-version of the decode kernel in Gluon; ``mla_decode`` does not use it (docs/kernels.md).
+On a Hopper GPU ``mla_decode`` runs the decode kernel of ``mlakit.kernels.mla_decode_gluon``
+(Gluon: TMA and wgmma) where it applies, the Triton kernel elsewhere (docs/kernels.md).
 """
 
 from mlakit.kernels.mla_decode import (

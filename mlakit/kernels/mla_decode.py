@@ -438,10 +438,11 @@ def mla_decode(
     TRITON_INTERPRET=1 was set before import), the reference otherwise. On CUDA,
     ``backend`` picks the kernel: ``"auto"`` takes the Gluon kernel (``mla_decode_gluon.py``) on a
     Hopper GPU where it applies (bf16/fp16, power-of-two rank 64-512 and rope 16-64, a
-    contiguous cache) and the Triton kernel elsewhere;
-    ``"triton"`` or ``"gluon"`` force one. ``out`` (optional) receives the result;
-    ``config`` overrides the Triton kernel's launch configuration (keys of
-    ``default_config``) for tuning, and so implies it.
+    contiguous cache) and the Triton kernel elsewhere; ``"triton"`` or ``"gluon"`` force
+    one (``"gluon"`` raises ValueError where it cannot run). ``out`` (optional) receives the
+    result; ``config`` overrides the kernel's launch configuration for tuning: keys of
+    ``default_config`` for Triton (under ``"auto"`` a config implies Triton), of
+    ``mla_decode_gluon.gluon_config`` with ``backend="gluon"``.
 
     Inside ``torch.compile`` the call is the custom op ``torch.ops.mlakit.mla_decode``
     (opaque to the compiler, so the wrapper's launch logic is not traced).
@@ -459,6 +460,10 @@ def mla_decode(
 def _mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank, *, out=None, config=None,
                 backend="auto"):
     rope_dim = _check_decode_args(q_latent, q_rope, kv_cache, lengths, kv_lora_rank, allow_fp64=True)
+    if backend == "gluon":  # forced: where the kernel cannot run (a CPU tensor included), say why
+        why = _gluon.unsupported(q_latent, kv_cache, rope_dim)
+        if why:
+            raise ValueError(f"backend='gluon': {why}")
     if not _use_triton(q_latent) or q_latent.dtype == torch.float64:  # float64: tests, reference only
         result = mla_decode_reference(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank)
         if out is not None:
@@ -483,12 +488,8 @@ def _mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank
         )
     if batch == 0 or s_q == 0 or heads == 0:
         return out
-    if backend == "gluon":
-        why = _gluon.unsupported(q_latent, kv_cache, rope_dim)
-        if why:
-            raise ValueError(f"backend='gluon': {why}")
     if backend == "gluon" or (backend == "auto" and config is None and _gluon.applies(q_latent, kv_cache, rope_dim)):
-        return _gluon.run(q_latent, q_rope, kv_cache, lengths, softmax_scale, out)
+        return _gluon.run(q_latent, q_rope, kv_cache, lengths, softmax_scale, out, config)
 
     cfg = dict(default_config(batch, s_q, heads, rank, rope_dim, kv_cache.shape[1], q_latent.device, q_latent.dtype))
     if config:

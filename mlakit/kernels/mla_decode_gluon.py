@@ -296,32 +296,32 @@ def mla_decode_gluon(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: tor
                      softmax_scale: float, kv_lora_rank: int, *, out: torch.Tensor | None = None,
                      num_splits: int | None = None, stages: int | None = None,
                      num_warps: int | None = None) -> torch.Tensor:
-    """``mla_decode`` (same arguments and result) through the Gluon kernel; Hopper only.
-    ``mla_decode`` calls it by itself where it applies; the keywords override ``gluon_config``."""
-    from mlakit.kernels.mla_decode import _check_decode_args
+    """``mla_decode(..., backend="gluon")`` (same arguments, checks and result; ValueError
+    where this kernel cannot run), the keywords overriding ``gluon_config``."""
+    from mlakit.kernels.mla_decode import mla_decode
 
-    rope = _check_decode_args(q_latent, q_rope, kv_cache, lengths, kv_lora_rank)  # shapes, dtypes, devices
-    batch, s_q, heads, rank = q_latent.shape
-    why = unsupported(q_latent, kv_cache, rope)
-    if why:
-        raise ValueError(f"mla_decode_gluon: {why}")
-    q_latent, q_rope = (q if q.stride(3) == 1 else q.contiguous() for q in (q_latent, q_rope))
-    if out is None:
-        out = torch.empty((batch, s_q, heads, rank), dtype=q_latent.dtype, device=q_latent.device)
-    return run(q_latent, q_rope, kv_cache, lengths, softmax_scale, out, num_splits=num_splits, stages=stages,
-               num_warps=num_warps)
+    overrides = {k: v for k, v in dict(num_splits=num_splits, stages=stages, num_warps=num_warps).items()
+                 if v is not None}
+    return mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank, out=out,
+                      config=overrides or None, backend="gluon")
 
 
-def run(q_latent, q_rope, kv_cache, lengths, softmax_scale, out, num_splits=None, stages=None, num_warps=None):
-    """``mla_decode_gluon`` on arguments already checked (``mla_decode`` checks them): fills ``out``."""
+def run(q_latent, q_rope, kv_cache, lengths, softmax_scale, out, config: dict | None = None):
+    """The Gluon path of ``mla_decode`` (arguments already checked there): fills ``out``.
+    ``config`` overrides keys of ``gluon_config``."""
     from mlakit.kernels.mla_decode import _num_sms, merge_partials
 
     batch, s_q, heads, rank = q_latent.shape
     device_index = q_latent.device.index if q_latent.device.index is not None else torch.cuda.current_device()
-    cfg = gluon_config(batch, s_q, heads, rank, kv_cache.shape[1], _num_sms(device_index))
-    num_splits = max(1, int(num_splits or cfg["num_splits"]))
-    partials = _launch(q_latent, q_rope, kv_cache, lengths, softmax_scale, out, num_splits,
-                       stages or cfg["stages"], num_warps or cfg["num_warps"])
+    cfg = dict(gluon_config(batch, s_q, heads, rank, kv_cache.shape[1], _num_sms(device_index)))
+    if config:
+        unknown = set(config) - set(cfg)
+        if unknown:
+            raise ValueError(f"unknown config keys {sorted(unknown)}; known: {sorted(cfg)}")
+        cfg.update(config)
+    num_splits = max(1, int(cfg["num_splits"]))
+    partials = _launch(q_latent, q_rope, kv_cache, lengths, softmax_scale, out, num_splits, cfg["stages"],
+                       cfg["num_warps"])
     if partials is not None:
         merge_partials(*partials, out, early_launch=EARLY_MERGE)
     return out

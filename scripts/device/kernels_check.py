@@ -16,7 +16,7 @@ Sections (each prints as it goes; the decode-attn-v1 table comes last):
      registers / spills / shared memory of the compiled kernel)
   4. decode-attn-v1 (32 heads, rank 512 + rope 64) with the default configuration,
      then the shapes FlashMLA cannot run (9 heads rank 64/128 + rope 32) and 128 heads.
-  --gluon instead: only the experimental Gluon kernel (mlakit/kernels/mla_decode_gluon.py),
+  --gluon instead: only the Gluon kernel for Hopper (mlakit/kernels/mla_decode_gluon.py),
      its correctness on the cases it covers, then its times beside the Triton kernel's.
 Writes check.json, sweep.json, bench.json and tables.md under the output folder.
 """
@@ -72,7 +72,7 @@ def check_correctness(decode_cases=None, rope_cases=None, device="cuda", dtypes=
     """The test suite's CUDA cases (tests/kernels/_kernel_cases.py, one list for both), each
     in every dtype of ``dtypes``: kernel vs reference on fresh random inputs, output
     poisoned with NaN, relative error within the dtype's bound. ``gluon``: the decode cases
-    through the experimental Gluon kernel instead of ``mla_decode``."""
+    through the Gluon kernel instead of the Triton kernel."""
     results, failures = [], 0
     decode_cases = cases.CUDA_DECODE_CASES if decode_cases is None else decode_cases
     rope_cases = cases.CUDA_ROPE_CASES if rope_cases is None else rope_cases
@@ -186,7 +186,7 @@ HEADS128_CFGS = [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2),
 
 
 # ---------------------------------------------------------------------------
-# 5. the experimental Gluon kernel
+# 5. the Gluon kernel (Hopper)
 # ---------------------------------------------------------------------------
 
 GLUON_SHAPES = [  # (batch, context, heads, rank, rope): decode-attn-v1, then converted small models
@@ -197,7 +197,7 @@ GLUON_SHAPES = [  # (batch, context, heads, rank, rope): decode-attn-v1, then co
 
 
 def gluon_section(num_sms, copy_gbps):
-    """mlakit/kernels/mla_decode_gluon.py (compiled offline only until now): its correctness on
+    """mlakit/kernels/mla_decode_gluon.py: its correctness on
     the CUDA cases it covers (bf16 and fp16), then its time beside the default Triton kernel's on
     the same inputs (CUDA-graph replay), for a few split counts and pipeline depths."""
     from mlakit.kernels.mla_decode_gluon import HAS_GLUON, mla_decode_gluon
@@ -410,7 +410,7 @@ def main():
     parser.add_argument("--no-extra", action="store_true", help="skip the small-rank and 128-head tables")
     parser.add_argument("--no-table", action="store_true", help="skip the decode-attn-v1 tables")
     parser.add_argument("--gluon", action="store_true",
-                        help="only the experimental Gluon kernel: its correctness, then its times beside the "
+                        help="only the Gluon kernel: its correctness, then its times beside the "
                              "Triton kernel's (gluon.json)")
     parser.add_argument("--host-profile", action="store_true",
                         help="with --gluon: also profile the host time of eager calls (host_profile)")
@@ -436,7 +436,7 @@ def main():
     if args.gluon:
         copy_gbps = measure_copy_bandwidth(torch.device("cuda"))
         log(f"== copy bandwidth {copy_gbps:.0f} GB/s")
-        log("== experimental Gluon kernel")
+        log("== Gluon kernel")
         result = gluon_section(props.multi_processor_count, copy_gbps)
         if args.gluon_parts and not result.get("failures"):
             log("== where the Gluon kernel's time goes")

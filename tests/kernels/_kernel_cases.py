@@ -67,10 +67,17 @@ def rel_err(out, ref) -> float:
 
 
 def gluon_covers(case) -> bool:
-    """Whether the experimental Gluon kernel (mlakit.kernels.mla_decode_gluon) takes this case."""
+    """Whether the Gluon kernel (mlakit.kernels.mla_decode_gluon) takes this case's shape and dtype."""
+    import torch
+
+    from mlakit.kernels.mla_decode_gluon import check_shape
+
     dtype_name, batch, s_q, heads, rank, rope, max_len, lengths, splits = case
-    pow2 = lambda v: v & (v - 1) == 0  # noqa: E731
-    return dtype_name != "float32" and pow2(rank) and 64 <= rank <= 512 and pow2(rope) and 16 <= rope <= 64
+    try:
+        check_shape(heads, s_q, rank, rope, getattr(torch, dtype_name))
+    except ValueError:
+        return False
+    return True
 
 
 def run_decode_case(case, device="cpu", seed=0, backend="triton", **gluon_kwargs) -> dict:

@@ -157,6 +157,17 @@ def test_mla_decode_unknown_backend():
                    0.3, 16, backend="cuda")
 
 
+def test_mla_decode_forced_gluon_says_why_it_cannot_run():
+    """backend="gluon" (and mla_decode_gluon) on a CPU tensor: an error, not the reference."""
+    from mlakit.kernels.mla_decode_gluon import mla_decode_gluon
+
+    args = (torch.randn(1, 1, 2, 64), torch.randn(1, 1, 2, 16), torch.randn(1, 5, 80), torch.tensor([4]), 0.3, 64)
+    with pytest.raises(ValueError, match="backend='gluon': needs"):
+        mla_decode(*args, backend="gluon")
+    with pytest.raises(ValueError, match="backend='gluon': needs"):
+        mla_decode_gluon(*args)
+
+
 def test_rope_append_argument_errors():
     latent, k_rope = torch.randn(2, 1, 16), torch.randn(2, 1, 8)
     cache, positions = torch.randn(2, 5, 24), torch.tensor([[0], [1]])

@@ -1,4 +1,4 @@
-"""The experimental Gluon decode kernel, checked where no GPU is: it must compile for Hopper.
+"""The Gluon decode kernel for Hopper, checked where no GPU is: it must compile for Hopper.
 
 Gluon has no interpreter, so on a CPU machine the check is the compiler's: the kernel
 builds for sm_90a (triton's bundled ptxas), uses wgmma and TMA, fits the 227 KB of

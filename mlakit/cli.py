@@ -268,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     attention = bench_sub.add_parser(
         "attention", help="decode-attn-v1: one attention layer, MHA/GQA/MQA (SDPA) vs MLA kernels",
         description="decode-attn-v1: decode time of one attention layer per (batch, context), "
-                    "GB/s of cache read and the ratio to the copy bandwidth, on one CUDA GPU.")
+                    "GB/s of cache read and the ratio to the copy bandwidth, on one CUDA GPU. Rows: MHA, "
+                    "GQA and MQA through SDPA, MLA in plain PyTorch, FlashMLA (when importable), and "
+                    "mlakit's MLA kernels (Gluon on Hopper beside Triton), eager and as a CUDA graph.")
     from mlakit.bench import attention as attention_bench
 
     attention_bench.add_arguments(attention)

@@ -7,6 +7,7 @@ Both take the same inputs from the block:
   mask       [b, s, L]        True where a query may attend to a key; None: causal over
                               the new tokens, no cache (lets SDPA use its flash kernels)
   cache      a layer cache or None (then the keys are the new tokens only)
+  options    how to run (mlakit.options.ForwardOptions: MLA path, kernels)
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from mlakit.cache import KVCache, LatentCache
 from mlakit.config import ModelConfig
 from mlakit.fused import FusedLinears
 from mlakit.norm import RMSNorm
+from mlakit.options import DEFAULT, ForwardOptions
 from mlakit.rope import apply_rope
 
-MLA_MODES = ("naive", "absorbed")
+# the parameters of MLAttention that the conversion creates (healing trains these by name)
+MLA_PARAMETERS = ("wq", "wq_a", "wq_b", "q_norm", "wkv_a", "kv_norm", "wkv_b")
 
 
 def _softmax(scores: torch.Tensor) -> torch.Tensor:
@@ -62,10 +65,11 @@ class GQAttention(nn.Module):
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.o_bias)
-        self.fused_input: FusedLinears | None = None  # wq, wk, wv as one matmul (mlakit.engine.fuse_projections)
+        self.fused_input: FusedLinears | None = None  # wq, wk, wv as one matmul (mlakit.speed.fuse_projections)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: KVCache | None = None,
+                options: ForwardOptions = DEFAULT) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.fused_input(x) if self.fused_input is not None else (self.wq(x), self.wk(x), self.wv(x))
         q = q.view(b, s, self.n_heads, self.head_dim)  # [b, s, h, d]
@@ -107,18 +111,14 @@ class MLAttention(nn.Module):
     ``k = [W_uk c_kv, k_rope]`` and ``v = W_uv c_kv`` (``W_uk``, ``W_uv`` are the
     two halves of ``wkv_b``).
 
-    ``mode="naive"`` decompresses per-head keys and values and runs ordinary
-    attention; ``mode="absorbed"`` folds ``W_uk`` into the query and ``W_uv`` into
-    the output, so attention runs over the latent itself: the cache is read
-    once per sequence instead of once per head.
+    The caller's ``options.mla_path`` picks the path: ``"naive"`` decompresses
+    per-head keys and values and runs ordinary attention; ``"absorbed"`` folds
+    ``W_uk`` into the query and ``W_uv`` into the output, so attention runs over
+    the latent itself: the cache is read once per sequence instead of once per head.
     """
 
-    def __init__(self, config: ModelConfig, layer: int, mode: str = "naive") -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        # With a cache, the latent norm + key RoPE + cache write go through
-        # mlakit.kernels.rope_append and absorbed attention through mla_decode (Triton
-        # on CUDA, their PyTorch references elsewhere); False keeps the plain path.
-        self.use_kernels = True
         self.kernel_fits = config.sliding_window is None  # the kernel has no sliding window
         self.n_heads = config.n_heads
         self.kv_lora_rank = config.kv_lora_ranks()[layer]
@@ -126,7 +126,6 @@ class MLAttention(nn.Module):
         self.rope_dim = config.qk_rope_head_dim
         self.v_dim = config.v_head_dim
         self.scale = config.softmax_scale
-        self.mode = mode
         qk_head_dim = self.nope_dim + self.rope_dim
         if config.q_lora_rank:
             self.wq_a = nn.Linear(config.dim, config.q_lora_rank, bias=config.qkv_bias)
@@ -138,18 +137,8 @@ class MLAttention(nn.Module):
         self.kv_norm = RMSNorm(self.kv_lora_rank, config.norm_eps) if config.latent_norm else None
         self.wkv_b = nn.Linear(self.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.wo = nn.Linear(self.n_heads * self.v_dim, config.dim, bias=config.o_bias)
-        # (wq or wq_a) and wkv_a as one matmul (mlakit.engine.fuse_projections)
+        # (wq or wq_a) and wkv_a as one matmul (mlakit.speed.fuse_projections)
         self.fused_input: FusedLinears | None = None
-
-    @property
-    def mode(self) -> str:
-        return self._mode
-
-    @mode.setter
-    def mode(self, value: str) -> None:
-        if value not in MLA_MODES:
-            raise ValueError(f"MLA mode must be one of {MLA_MODES}, got {value!r}")
-        self._mode = value
 
     def project_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The two projections of ``x``: the query's first (``wq``, or ``wq_a`` with a
@@ -172,34 +161,45 @@ class MLAttention(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim:]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                mask: torch.Tensor | None, cache: LatentCache | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None, cache: LatentCache | None = None,
+                options: ForwardOptions = DEFAULT) -> torch.Tensor:
         b, s, _ = x.shape
         q, kv_a = self.project_input(x)
         q_nope, q_rope = self.query(q).split([self.nope_dim, self.rope_dim], dim=-1)  # [b, s, h, *]
         q_rope = apply_rope(q_rope, cos, sin)
         latent, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [b, s, r], [b, s, p]
-        if cache is not None and self.use_kernels:
-            # latent norm + RoPE of the key + cache write: one fused kernel (mlakit.kernels.rope_append)
-            norm = self.kv_norm
-            kv = cache.append_rotated(latent, k_rope, positions, cos, sin,
-                                      None if norm is None else norm.weight, 0.0 if norm is None else norm.eps)
-            if self.mode == "absorbed" and self.kernel_fits:
+        absorbed = options.mla_path == "absorbed"
+        if cache is None:
+            latent, k_rope = self._norm_and_rotate(latent, k_rope, cos, sin)
+        else:
+            kv = self._write_cache(latent, k_rope, positions, cos, sin, cache, options)  # [b, L_max, r + p]
+            if absorbed and options.kernels and self.kernel_fits:
                 out = self._decode_absorbed(q_nope, q_rope, kv, cache)
                 return self.wo(out.reshape(b, s, self.n_heads * self.v_dim))
-        else:
-            if self.kv_norm is not None:
-                latent = self.kv_norm(latent)
-            k_rope = apply_rope(k_rope, cos, sin)
-            if cache is not None:
-                kv = cache.update(latent, k_rope, positions)  # [b, L_max, r + p]
-        if cache is not None:
             kv = kv[:, : mask.shape[-1]].to(x.dtype)  # [b, L, r + p]
             latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        if self.mode == "naive":
-            out = self._attend_naive(q_nope, q_rope, latent, k_rope, mask)
-        else:
+        if absorbed:
             out = self._attend_absorbed(q_nope, q_rope, latent, k_rope, _causal(s, x.device) if mask is None else mask)
+        else:
+            out = self._attend_naive(q_nope, q_rope, latent, k_rope, mask)
         return self.wo(out.reshape(b, s, self.n_heads * self.v_dim))
+
+    def _norm_and_rotate(self, latent, k_rope, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent RMSNorm (where the model has one) and the RoPE of the shared key."""
+        if self.kv_norm is not None:
+            latent = self.kv_norm(latent)
+        return latent, apply_rope(k_rope, cos, sin)
+
+    def _write_cache(self, latent, k_rope, positions, cos, sin, cache: LatentCache,
+                     options: ForwardOptions) -> torch.Tensor:
+        """Norm + RoPE of the new tokens' latent and key, written at ``positions``; returns
+        this batch's packed cache ``[b, L_max, r + p]``. With kernels: one fused kernel
+        (mlakit.kernels.rope_append)."""
+        if options.kernels:
+            norm = self.kv_norm
+            return cache.append_rotated(latent, k_rope, positions, cos, sin,
+                                        None if norm is None else norm.weight, 0.0 if norm is None else norm.eps)
+        return cache.update(*self._norm_and_rotate(latent, k_rope, cos, sin), positions)
 
     def _attend_naive(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
         b, length, _ = latent.shape

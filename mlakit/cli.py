@@ -33,7 +33,7 @@ def _load(args: argparse.Namespace):
     dtype_name = getattr(args, "dtype", None) or ("bfloat16" if device.startswith("cuda") else "float32")
     loaded = load(args.model, dtype=getattr(torch, dtype_name), device=device)
     if getattr(args, "runtime_rank", None) is not None:  # an elastic checkpoint at a smaller cache
-        from mlakit.heal.elastic import truncate_latent_rank
+        from mlakit.elastic import truncate_latent_rank
 
         loaded.model = truncate_latent_rank(loaded.model, args.runtime_rank)
         loaded.source = f"{loaded.source} (runtime rank {args.runtime_rank})"

@@ -9,13 +9,14 @@ CUDA-graph replay (see ``Engine``).
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from mlakit.model import Transformer
+from mlakit.options import DEFAULT, ForwardOptions
+from mlakit.speed import capture_graph, compiled_block_call, fuse_projections
 
 
 @dataclass
@@ -90,76 +91,6 @@ def _pad_right(prompts: Sequence[Sequence[int]], device: torch.device) -> tuple[
     return tokens, lengths
 
 
-def fuse_projections(model: Transformer) -> Transformer:
-    """Run the projections that read the same input as one matmul each (in place, no
-    extra memory; see ``mlakit.fused``): attention ``wq, wk, wv`` (MLA: ``wq`` or
-    ``wq_a`` with ``wkv_a``) and the MLP's ``w1, w3``. Idempotent; fuses again where a
-    move or cast of the model broke the sharing. For inference: the layers' weights
-    become views into the fused ones."""
-    from mlakit.attention import GQAttention
-    from mlakit.fused import FusedLinears
-
-    for block in model.layers:
-        attention, mlp = block.attention, block.feed_forward
-        if isinstance(attention, GQAttention):
-            groups = [(attention, (attention.wq, attention.wk, attention.wv))]
-        else:
-            query = attention.wq_a if hasattr(attention, "wq_a") else attention.wq
-            groups = [(attention, (query, attention.wkv_a))]
-        groups.append((mlp, (mlp.w1, mlp.w3)))
-        for module, linears in groups:
-            if module.fused_input is None or not module.fused_input.is_current():
-                module.fused_input = FusedLinears(*linears)
-    return model
-
-
-def raise_recompile_limit(graphs: int) -> None:
-    """Let one compiled function hold at least ``graphs`` graphs (torch's default, 8, is
-    reached by the variants of a benchmark or the blocks of student and teacher; past it
-    dynamo silently falls back to eager)."""
-    config = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # the name changed across torch versions
-        if hasattr(config, name):
-            setattr(config, name, max(getattr(config, name), graphs))
-            return
-
-
-def _call_block(block, x, cos, sin, positions, mask, cache):
-    return block(x, cos, sin, positions, mask, cache)
-
-
-@functools.lru_cache(maxsize=None)
-def compiled_block_call(backend: str = "inductor") -> Callable:
-    """``block(x, ...)`` through ``torch.compile``: regional compilation of one block.
-
-    Every block of a model has the same code, so one compiled graph serves them all
-    (parameters are graph inputs) and compiling costs one block, not the whole model.
-    Shapes are symbolic (batch, cache length, weights), so engines of other sizes reuse
-    the graph (batch 1 is specialised: one more graph), and positions are tensors, so
-    advancing them never recompiles.
-    Inside, the element-wise work of a block (norms, RoPE, SiLU, residuals, casts) fuses
-    into a few kernels instead of dozens of one-op launches; the MLA kernels run as custom
-    ops (``torch.ops.mlakit.*``).
-    """
-    raise_recompile_limit(64)  # variants with other head counts or ranks (a benchmark builds several)
-    import torch.fx.experimental._config as fx_config
-
-    import mlakit.kernels  # noqa: F401  (registers the custom ops before tracing)
-
-    compiled = torch.compile(_call_block, backend=backend, dynamic=True)
-
-    def call(block, x, cos, sin, positions, mask, cache):
-        # Dynamo keeps module tensors (the cache buffers, the weights) static-shaped and
-        # equates dims of equal size ("duck shaping", e.g. a length that equals the rank):
-        # both would make an engine of another batch or length recompile.
-        with torch._dynamo.config.patch(force_parameter_static_shapes=False,
-                                        force_nn_module_property_static_shapes=False), \
-                fx_config.patch(use_duck_shape=False):
-            return compiled(block, x, cos, sin, positions, mask, cache)
-
-    return call
-
-
 SPAN_BUCKET_MIN = 128  # the smallest number of cache slots a CUDA-graph step attends over
 
 
@@ -194,11 +125,15 @@ class Engine:
 
     def __init__(self, model: Transformer, batch: int, max_len: int, cuda_graph: bool | None = None,
                  cache_dtype: torch.dtype | None = None, compile: bool = False,
-                 compile_backend: str = "inductor", prefill_mode: str = "naive") -> None:
+                 compile_backend: str = "inductor", prefill_mode: str = "naive",
+                 options: ForwardOptions = DEFAULT) -> None:
         if max_len > model.config.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
         self.model = model
-        self.prefill_mode = prefill_mode  # MLA: "naive" (decompressed, the default) or "absorbed"
+        # MLA: prefill decompressed ("naive", the default) or "absorbed"; decode is absorbed.
+        # ``options`` carries the rest (kernels on/off) into both.
+        self.prefill_options = options.replace(mla_path=prefill_mode)
+        self.decode_options = options.replace(mla_path="absorbed")
         self.batch = batch
         self.max_len = max_len
         self.device = model.device
@@ -225,8 +160,7 @@ class Engine:
         if int(lengths.max()) > self.max_len:
             raise ValueError(f"prompt of {int(lengths.max())} tokens exceeds the engine's max_len {self.max_len}")
         self.cache.reset()
-        self.model.set_mla_mode(self.prefill_mode)
-        return self.model(tokens, cache=self.cache, logits_at=lengths - 1)[:, -1]
+        return self.model(tokens, cache=self.cache, options=self.prefill_options, logits_at=lengths - 1)[:, -1]
 
     def span_bucket(self, span: int | None) -> int:
         """The cache slots a CUDA-graph step attends over for ``span``: the smallest of
@@ -257,24 +191,16 @@ class Engine:
         return logits
 
     def _step(self, kv_len: int | None) -> torch.Tensor:
-        self.model.set_mla_mode("absorbed")
-        return self.model(self._tokens, self._positions, self.cache, kv_len=kv_len, block_fn=self._block_fn)[:, -1]
+        return self.model(self._tokens, self._positions, self.cache, self.decode_options, kv_len=kv_len,
+                          block_fn=self._block_fn)[:, -1]
 
     def _capture(self, kv_len: int) -> None:
-        # Warm-up runs compile the kernels and settle the allocator. They write this
-        # step's own tokens at this step's own positions, exactly what the replay that
-        # follows writes again, so they leave the cache as the step will.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step(kv_len)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        # A shared pool may hand one graph's scratch memory to another graph's output:
-        # harmless, since a step's logits are read before the next step replays any graph.
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._step(kv_len)
+        # The warm-up runs write this step's own tokens at this step's own positions,
+        # exactly what the replay that follows writes again, so they leave the cache as
+        # the step will. A shared pool may hand one graph's scratch memory to another
+        # graph's output: harmless, since a step's logits are read before the next step
+        # replays any graph.
+        graph, logits = capture_graph(lambda: self._step(kv_len), pool=self._pool)
         self._pool = self._pool or graph.pool()
         self._graphs[kv_len] = (graph, logits)
 

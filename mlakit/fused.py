@@ -10,7 +10,7 @@ products (measured in docs/e2e.md).
 ``bias``) a view into the concatenation, so nothing is stored twice, the state dict
 is unchanged, and in-place updates (``load_state_dict``, ``copy_``) reach the fused
 matmul. Moving or casting the model afterwards (``.to``) breaks the sharing: fuse
-again after that (``mlakit.engine.fuse_projections`` is idempotent and checks).
+again after that (``mlakit.speed.fuse_projections`` is idempotent and checks).
 """
 
 from __future__ import annotations

@@ -7,17 +7,24 @@ attention + SwiGLU MLP, final norm, output head (tied or not).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mlakit.attention import GQAttention, MLAttention
 from mlakit.cache import ModelCache
 from mlakit.config import ModelConfig
 from mlakit.fused import FusedLinears
 from mlakit.norm import RMSNorm
+from mlakit.options import DEFAULT, ForwardOptions
 from mlakit.rope import mla_rope_inv_freq, rope_cos_sin, rope_inv_freq
+
+
+def _call_block(block, x, cos, sin, positions, mask, cache, options):
+    return block(x, cos, sin, positions, mask, cache, options)
 
 
 class MLP(nn.Module):
@@ -28,7 +35,7 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
         self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=config.mlp_bias)
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=config.mlp_bias)
-        self.fused_input: FusedLinears | None = None  # w1, w3 as one matmul (mlakit.engine.fuse_projections)
+        self.fused_input: FusedLinears | None = None  # w1, w3 as one matmul (mlakit.speed.fuse_projections)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.fused_input(x) if self.fused_input is not None else (self.w1(x), self.w3(x))
@@ -43,9 +50,23 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = MLP(config)
 
-    def forward(self, x, cos, sin, positions, mask, cache=None) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache)
+    def forward(self, x, cos, sin, positions, mask, cache=None, options: ForwardOptions = DEFAULT) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, positions, mask, cache, options)
         return x + self.feed_forward(self.ffn_norm(x))
+
+
+class LayerInputs(NamedTuple):
+    """What every block of one forward pass shares (``Transformer.layer_inputs``)."""
+
+    cos: torch.Tensor  # [b, s, rot/2] float32 RoPE angles of the new tokens
+    sin: torch.Tensor
+    positions: torch.Tensor  # [b, s]
+    mask: torch.Tensor | None  # [b, s, L]; None: causal over the new tokens, no cache
+
+
+# ``block_fn(block, x, cos, sin, positions, mask, cache, options)`` runs a block in place of
+# ``block(...)``: mlakit.speed.compiled_block_call gives a torch.compile'd one.
+BlockFn = Callable[..., torch.Tensor]
 
 
 class Transformer(nn.Module):
@@ -71,34 +92,56 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: ModelCache | None = None, logits_at: torch.Tensor | None = None,
-                kv_len: int | None = None, block_fn: Callable | None = None) -> torch.Tensor:
+                cache: ModelCache | None = None, options: ForwardOptions = DEFAULT,
+                logits_at: torch.Tensor | None = None, kv_len: int | None = None,
+                block_fn: BlockFn | None = None) -> torch.Tensor:
         """Logits ``[b, s, vocab]`` for ``tokens [b, s]`` at ``positions [b, s]``
         (default ``0..s-1``). With a cache, the new tokens attend to everything the
-        cache holds for their sequence up to their own position. ``logits_at [b]``
-        picks one position per sequence (``[b, 1, vocab]``): the prefill of
-        generation needs only the last prompt token's logits. ``kv_len`` (with a
-        cache) fixes how many cache slots attention spans; by default the furthest
-        position + 1, which reads ``positions`` on the host — a CUDA-graph step
-        passes the cache's ``max_len`` instead. ``block_fn(block, x, cos, sin,
-        positions, mask, layer_cache)`` runs each block in place of ``block(...)``:
-        the engine passes a ``torch.compile``d one."""
+        cache holds for their sequence up to their own position. ``options`` says how
+        to run (MLA path, kernels; ``mlakit.options``). ``logits_at [b]`` picks one
+        position per sequence (``[b, 1, vocab]``): the prefill of generation needs only
+        the last prompt token's logits. ``kv_len`` (with a cache) fixes how many cache
+        slots attention spans; by default the furthest position + 1, which reads
+        ``positions`` on the host — a CUDA-graph step passes a fixed span instead.
+        ``block_fn`` runs each block (the engine passes a compiled one)."""
+        inputs = self.layer_inputs(tokens, positions, cache, kv_len)
+        x = self.run_layers(self.tok_embeddings(tokens), inputs, cache, options, block_fn=block_fn)
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]  # [b, 1, dim]
+        return self.head(self.norm(x))
+
+    def layer_inputs(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                     cache: ModelCache | None = None, kv_len: int | None = None) -> LayerInputs:
+        """Positions, RoPE angles and mask of a forward over ``tokens [b, s]``: the one
+        place that prepares them, for the forward, calibration, distillation and the
+        layer-wise fit alike."""
         b, s = tokens.shape
         window = positions is None and cache is None
         if positions is None:
             positions = torch.arange(s, device=tokens.device).expand(b, s)
         cos, sin = rope_cos_sin(self.rope_frequencies(tokens.device), positions)  # [b, s, rot/2]
         mask = self.window_mask(positions) if window else self.attention_mask(positions, cache, kv_len)
-        x = self.tok_embeddings(tokens)  # [b, s, dim]
-        for i, layer in enumerate(self.layers):
+        return LayerInputs(cos, sin, positions, mask)
+
+    def run_layers(self, x: torch.Tensor, inputs: LayerInputs, cache: ModelCache | None = None,
+                   options: ForwardOptions = DEFAULT, *, layers: range | None = None,
+                   block_fn: BlockFn | None = None, grad_checkpoint: bool = False,
+                   collect: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The layer loop: hidden states ``x [b, s, dim]`` through the blocks in ``layers``
+        (default all). ``grad_checkpoint`` recomputes each block in backward (when grad
+        is on); ``collect`` receives each block's output."""
+        cos, sin, positions, mask = inputs
+        call = block_fn or _call_block
+        for i in layers if layers is not None else range(len(self.layers)):
             layer_cache = None if cache is None else cache.layers[i]
-            if block_fn is None:
-                x = layer(x, cos, sin, positions, mask, layer_cache)
+            args = (self.layers[i], x, cos, sin, positions, mask, layer_cache, options)
+            if grad_checkpoint and torch.is_grad_enabled():
+                x = checkpoint(call, *args, use_reentrant=False)
             else:
-                x = block_fn(layer, x, cos, sin, positions, mask, layer_cache)
-        if logits_at is not None:
-            x = x[torch.arange(b, device=x.device), logits_at][:, None]  # [b, 1, dim]
-        return self.head(self.norm(x))
+                x = call(*args)
+            if collect is not None:
+                collect.append(x)
+        return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if self.output is None:
@@ -133,19 +176,6 @@ class Transformer(nn.Module):
         """A cache for ``max_batch`` sequences of up to ``max_len`` tokens, on the model's device."""
         weight = self.tok_embeddings.weight
         return ModelCache(self.config, max_batch, max_len, dtype=dtype or weight.dtype, device=weight.device)
-
-    def set_mla_mode(self, mode: str) -> None:
-        """Select the MLA execution path ("naive" or "absorbed") of every layer."""
-        for layer in self.layers:
-            if isinstance(layer.attention, MLAttention):
-                layer.attention.mode = mode
-
-    def set_kernels(self, enabled: bool) -> None:
-        """Route cached absorbed MLA attention through ``mlakit.kernels`` (the default)
-        or through the plain einsum path."""
-        for layer in self.layers:
-            if isinstance(layer.attention, MLAttention):
-                layer.attention.use_kernels = enabled
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

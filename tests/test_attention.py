@@ -8,6 +8,7 @@ import torch
 import mlakit.loading as loading
 from mlakit import ModelConfig, Transformer
 from mlakit.attention import MLAttention
+from mlakit.options import ABSORBED, NAIVE, ForwardOptions
 
 
 def mla_config(n_heads=9, rank=16, rope=8, nope=12, v=10, q_lora=None, latent_norm=False, bias=False,
@@ -41,16 +42,13 @@ def test_naive_and_absorbed_agree(case, dtype, tol, rel_err, device):
     model = Transformer(mla_config(**case)).init_random(seed=1, std=0.2).to(device, dtype)
     tokens = torch.randint(0, 97, (3, 13), generator=torch.Generator().manual_seed(2)).to(device)
     with torch.no_grad():
-        model.set_mla_mode("naive")
-        naive = model(tokens)
-        model.set_mla_mode("absorbed")
-        absorbed = model(tokens)
+        naive = model(tokens, options=NAIVE)
+        absorbed = model(tokens, options=ABSORBED)
         # absorbed decoding from the latent cache, after a naive prefill
         cache = model.new_cache(3, 16)
-        model.set_mla_mode("naive")
-        prefill = model(tokens[:, :6], cache=cache)
-        model.set_mla_mode("absorbed")
-        steps = [model(tokens[:, i:i + 1], torch.full((3, 1), i, device=device), cache) for i in range(6, 13)]
+        prefill = model(tokens[:, :6], cache=cache, options=NAIVE)
+        steps = [model(tokens[:, i:i + 1], torch.full((3, 1), i, device=device), cache, ABSORBED)
+                 for i in range(6, 13)]
     assert torch.isfinite(naive).all()
     assert rel_err(absorbed, naive) <= tol
     assert rel_err(torch.cat([prefill, *steps], 1), naive) <= tol
@@ -67,10 +65,9 @@ def test_latent_cache_holds_nothing_per_head():
     assert config.kv_values_per_token(0) == 24
 
 
-def test_mode_is_checked():
-    attn = MLAttention(mla_config(), 0)
+def test_mla_path_is_checked():
     with pytest.raises(ValueError, match="naive"):
-        attn.mode = "fast"
+        ForwardOptions(mla_path="fast")
 
 
 def tiny_deepseek(tmp_path, q_lora_rank, rope_interleave, seed=0):
@@ -102,13 +99,14 @@ def test_mla_matches_transformers_deepseek_v3(tmp_path, rel_err, device, q_lora_
     hf_model = hf_model.to(device)
     model = loading.load(path, device=device).model
     assert model.config.is_mla and model.config.latent_norm
-    model.set_mla_mode(mode)
+    options = ForwardOptions(mla_path=mode)
     tokens = torch.randint(0, 97, (2, 21), generator=torch.Generator().manual_seed(3)).to(device)
     with torch.no_grad():
         ref = hf_model(tokens).logits
-        out = model(tokens)
+        out = model(tokens, options=options)
         cache = model.new_cache(2, 32)
-        steps = [model(tokens[:, i:i + 1], torch.full((2, 1), i, device=device), cache) for i in range(21)]
+        steps = [model(tokens[:, i:i + 1], torch.full((2, 1), i, device=device), cache, options)
+                 for i in range(21)]
     assert rel_err(out, ref) <= 1e-5
     assert rel_err(torch.cat(steps, 1), ref) <= 1e-5
 

@@ -7,6 +7,7 @@ import torch
 
 from mlakit import ModelConfig, Transformer
 from mlakit.engine import Engine
+from mlakit.options import ABSORBED
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -99,8 +100,7 @@ def test_decode_over_a_span_equals_the_whole_cache(attention, cuda_graph, rel_er
     for step in range(25):  # furthest position 9 .. 33: spans 10 .. 34
         step_tokens = tokens[torch.arange(3, device=device), positions]
         got = spanned.decode(step_tokens, positions, span=9 + step + 1).clone()
-        whole.model.set_mla_mode("absorbed")
-        ref = whole.model(step_tokens[:, None], positions[:, None], whole.cache, kv_len=64)[:, -1]
+        ref = whole.model(step_tokens[:, None], positions[:, None], whole.cache, ABSORBED, kv_len=64)[:, -1]
         assert rel_err(got, ref) <= 1e-5
         positions += 1
     if cuda_graph:
@@ -159,7 +159,7 @@ def test_inductor_compiled_mla_decode_equals_eager(rel_err):
 def test_fuse_projections_keeps_logits_and_state_dict(attention, rel_err):
     """Fused input projections give the same logits, share the weights (no copy, same
     state dict), follow in-place weight updates, and are rebuilt after a cast."""
-    from mlakit.engine import fuse_projections
+    from mlakit.speed import fuse_projections
 
     if attention == "mla-qlora-bias":
         shape = dict(vocab_size=101, dim=64, n_layers=2, n_heads=8, n_kv_heads=8, head_dim=16, intermediate_size=96,
@@ -199,7 +199,8 @@ def test_generate_fast_mode_gives_the_same_greedy_tokens(monkeypatch):
     from mlakit.engine import SamplingParams, generate
 
     compiled = engine_module.compiled_block_call
-    monkeypatch.setattr(engine_module, "compiled_block_call", lambda backend="inductor": compiled("aot_eager"))
+    monkeypatch.setattr(engine_module, "compiled_block_call",
+                        lambda backend="inductor", dynamic=True: compiled("aot_eager", dynamic))
     model = tiny("mla")
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
     params = SamplingParams(max_new_tokens=12, greedy=True, stop_token_ids=[])

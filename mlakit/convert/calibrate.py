@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mlakit.model import Transformer
-from mlakit.rope import apply_rope, rope_cos_sin
+from mlakit.rope import apply_rope
 
 
 @dataclass
@@ -110,13 +110,13 @@ def calibrate(model: Transformer, tokens: torch.Tensor, seq_len: int = 512, batc
     if n_seq == 0:
         seq_len, n_seq = tokens.numel(), 1
     seqs = tokens[: n_seq * seq_len].view(n_seq, seq_len).to(device)
-    hidden = [model.tok_embeddings(seqs[i:i + batch_size]) for i in range(0, n_seq, batch_size)]
-    positions = torch.arange(seq_len, device=device)[None]
-    cos, sin = rope_cos_sin(model.rope_frequencies(device), positions)
-    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None]
+    chunks = [seqs[i:i + batch_size] for i in range(0, n_seq, batch_size)]
+    hidden = [model.tok_embeddings(chunk) for chunk in chunks]
+    layer_inputs = [model.layer_inputs(chunk) for chunk in chunks]  # positions, RoPE angles, mask
+    cos, sin = layer_inputs[0].cos[:1], layer_inputs[0].sin[:1]  # [1, s, rot/2]: the same for every window
     stats = store if store is not None else LayerStore()
     bar = tqdm(total=config.n_layers * len(hidden), desc="calibrate", unit="chunk", disable=not progress)
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         sigma = torch.zeros(config.dim + 1, config.dim + 1, dtype=torch.float64, device=device)
         dist = torch.zeros(config.n_heads, seq_len, dtype=torch.float64, device=device)
         sigma_attn = torch.zeros(config.n_kv_heads, config.dim + 1, config.dim + 1, dtype=torch.float64, device=device)
@@ -127,7 +127,7 @@ def calibrate(model: Transformer, tokens: torch.Tensor, seq_len: int = 512, batc
             d_hist, s_attn = _attention_stats(layer.attention, x, xa, cos, sin)
             dist += d_hist
             sigma_attn += s_attn
-            hidden[j] = layer(h, cos, sin, positions.expand(h.shape[0], -1), mask.expand(h.shape[0], -1, -1))
+            hidden[j] = model.run_layers(h, layer_inputs[j], layers=range(i, i + 1))  # the model's own layer loop
             bar.update(1)
         n = n_seq * seq_len
         stats.append(LayerStats(sigma=(sigma / n).cpu(), dist=(dist / dist.sum(-1, keepdim=True)).cpu(), tokens=n,

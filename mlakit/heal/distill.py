@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from mlakit.attention import MLA_PARAMETERS
 from mlakit.errors import MlakitError
-from mlakit.model import Transformer
-from mlakit.rope import rope_cos_sin
+from mlakit.model import BlockFn, Transformer
+from mlakit.speed import compiled_block_call
 
 TRAIN_SETS = ("mla", "attention", "all")
-MLA_PARAMETERS = ("wq", "wq_a", "wq_b", "q_norm", "wkv_a", "kv_norm", "wkv_b")  # inside MLAttention
 # "all": 1e-4 gave ppl 37.43 from 14.4M tokens where 5e-5 gave 38.06 from 18.6M (75% saving,
 # H200, docs/heal.md); the whole model moving needs a smaller step than the attention alone.
 DEFAULT_LR = {"mla": 3e-4, "attention": 3e-4, "all": 1e-4}
@@ -136,22 +136,13 @@ def select_trainable(model: Transformer, train: str) -> list[torch.nn.Parameter]
 
 # ------------------------------------------------------------------ forward + loss
 def forward_hidden(model: Transformer, tokens: torch.Tensor, grad_checkpoint: bool = False,
-                   collect: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   collect: bool = False, block_fn: BlockFn | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Final normed hidden states ``[b, s, dim]`` of ``tokens [b, s]`` (each window from
-    position 0, as ``model(tokens)`` computes them), and each block's output when ``collect``."""
-    b, s = tokens.shape
-    positions = torch.arange(s, device=tokens.device).expand(b, s)
-    cos, sin = rope_cos_sin(model.rope_frequencies(tokens.device), positions)  # [b, s, rot/2]
-    mask = model.window_mask(positions)  # None (plain causal) unless the model has a sliding window
-    x = model.tok_embeddings(tokens)
-    hidden = []
-    for layer in model.layers:
-        if grad_checkpoint and torch.is_grad_enabled():
-            x = checkpoint(layer, x, cos, sin, positions, mask, use_reentrant=False)
-        else:
-            x = layer(x, cos, sin, positions, mask)
-        if collect:
-            hidden.append(x)
+    position 0, as ``model(tokens)`` computes them), and each block's output when ``collect``.
+    ``block_fn``: a compiled block call (``mlakit.speed.compiled_block_call``)."""
+    hidden: list[torch.Tensor] = []
+    x = model.run_layers(model.tok_embeddings(tokens), model.layer_inputs(tokens), block_fn=block_fn,
+                         grad_checkpoint=grad_checkpoint, collect=hidden if collect else None)
     return model.norm(x), hidden
 
 
@@ -196,28 +187,6 @@ def hidden_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.T
     return torch.stack(losses).mean()
 
 
-# ------------------------------------------------------------------ torch.compile
-RECOMPILE_LIMIT = 64  # graphs per compiled function: blocks of student and teacher, grad on/off,
-#                       elastic mask on/off, a short last validation batch, per-layer latent ranks
-
-
-def compile_blocks(model: Transformer, backend: str = "inductor") -> None:
-    """Regional compilation: ``torch.compile`` each transformer block (not the whole model).
-    Identical blocks share one compiled graph (parameters are its inputs), so compiling costs
-    one block, not the whole model; other model instances of the same shapes reuse it.
-    ``uncompile_blocks`` undoes it."""
-    from mlakit.engine import raise_recompile_limit
-
-    raise_recompile_limit(RECOMPILE_LIMIT)
-    for layer in model.layers:
-        layer.compile(backend=backend)
-
-
-def uncompile_blocks(model: Transformer) -> None:
-    for layer in model.layers:
-        layer._compiled_call_impl = None  # what nn.Module.compile sets
-
-
 class Distiller:
     """Loss of one batch; owns the autocast setting."""
 
@@ -227,18 +196,17 @@ class Distiller:
         use_amp = device.type == "cuda" if options.autocast is None else options.autocast
         self.amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp)
         self.kl_fn = kl_sum
+        self.block_fn: BlockFn | None = None
 
     def compile(self) -> None:
-        """Compile the blocks of both models and the KL of a chunk (``options.compile_backend``)."""
+        """Run the blocks of both models and the KL of a chunk through ``torch.compile``
+        (``options.compile_backend``): regional compilation, fixed window shapes."""
         backend = self.options.compile_backend
-        compile_blocks(self.student, backend)
-        compile_blocks(self.teacher, backend)
+        self.block_fn = compiled_block_call(backend, dynamic=None)
         self.kl_fn = torch.compile(kl_sum, backend=backend)
 
     def uncompile(self) -> None:
-        uncompile_blocks(self.student)
-        uncompile_blocks(self.teacher)
-        self.kl_fn = kl_sum
+        self.block_fn, self.kl_fn = None, kl_sum
 
     def loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss, KL) of ``tokens [b, s]``."""
@@ -246,8 +214,8 @@ class Distiller:
         collect = opts.hidden_weight > 0
         with torch.autocast(**self.amp):
             with torch.no_grad():
-                ht, ht_layers = forward_hidden(self.teacher, tokens, collect=collect)
-            hs, hs_layers = forward_hidden(self.student, tokens, opts.gradient_checkpointing, collect)
+                ht, ht_layers = forward_hidden(self.teacher, tokens, collect=collect, block_fn=self.block_fn)
+            hs, hs_layers = forward_hidden(self.student, tokens, opts.gradient_checkpointing, collect, self.block_fn)
             kl = kl_loss(self.student, self.teacher, hs, ht, opts.kl_chunk, self.kl_fn)
             total = kl + opts.hidden_weight * hidden_loss(hs_layers, ht_layers) if collect else kl
         return total, kl.detach()
@@ -261,8 +229,8 @@ class Distiller:
         for i in range(0, windows.shape[0], self.options.batch_size):
             batch = windows[i:i + self.options.batch_size].to(self.student.device)
             with torch.autocast(**self.amp):
-                hs, _ = forward_hidden(self.student, batch)
-                ht, _ = forward_hidden(self.teacher, batch)
+                hs, _ = forward_hidden(self.student, batch, block_fn=self.block_fn)
+                ht, _ = forward_hidden(self.teacher, batch, block_fn=self.block_fn)
                 total += float(kl_loss(self.student, self.teacher, hs, ht, self.options.kl_chunk,
                                        self.kl_fn)) * batch.numel()
             n += batch.numel()
@@ -376,8 +344,7 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
         raise MlakitError("no training windows")
     choices = elastic_choices(student, options.elastic_ranks, options.elastic_min_fraction)
     teacher.eval().requires_grad_(False)
-    student.train()
-    student.set_mla_mode("naive")
+    student.train()  # trained on the naive path (the default options)
     params = select_trainable(student, options.train)
     names = trainable_names(student, options.train)
     data_id = data_fingerprint(windows)

@@ -23,52 +23,9 @@ from collections.abc import Sequence
 import torch
 
 from mlakit.attention import MLAttention
+from mlakit.elastic import check_elastic_model, truncated_ranks
 from mlakit.errors import MlakitError
 from mlakit.model import Transformer
-
-
-def _check_mla(model: Transformer, what: str) -> None:
-    config = model.config
-    if not config.is_mla:
-        raise MlakitError(f"{what} needs an MLA model (convert it first: mlakit convert)")
-    if config.latent_norm:
-        # the RMSNorm of the latent divides by the RMS of all r channels: dropping some
-        # changes the scale of the ones kept, so truncation is no longer a prefix of the model
-        raise MlakitError(f"{what} is not possible for models with a latent norm (latent_norm=true, e.g. native "
-                          "DeepSeek checkpoints): the norm spans all latent channels, so dropping some changes "
-                          "the others")
-
-
-def truncated_ranks(model: Transformer, rank: int) -> list[int]:
-    """``min(rank, r_l)`` for every layer ``l``."""
-    if rank < 1:
-        raise MlakitError(f"the runtime rank must be >= 1, got {rank}")
-    return [min(rank, r) for r in model.config.kv_lora_ranks()]
-
-
-def truncate_latent_rank(model: Transformer, rank: int) -> Transformer:
-    """A new MLA model keeping the first ``min(rank, r_l)`` latent channels of every
-    layer (same dtype and device; ``model`` is left as it is)."""
-    from mlakit.loading import build_model
-
-    _check_mla(model, "truncating the latent rank")
-    ranks = truncated_ranks(model, rank)
-    config = model.config
-    state = dict(model.state_dict())
-    for l, (layer, new) in enumerate(zip(model.layers, ranks)):
-        attn = layer.attention
-        r, p = attn.kv_lora_rank, attn.rope_dim
-        keep = torch.cat([torch.arange(new), torch.arange(r, r + p)]).to(attn.wkv_a.weight.device)  # latent + RoPE rows
-        prefix = f"layers.{l}.attention."
-        state[prefix + "wkv_a.weight"] = attn.wkv_a.weight.detach()[keep]
-        if attn.wkv_a.bias is not None:
-            state[prefix + "wkv_a.bias"] = attn.wkv_a.bias.detach()[keep]
-        state[prefix + "wkv_b.weight"] = attn.wkv_b.weight.detach()[:, :new]
-    new_config = config.replace(kv_lora_rank=ranks[0] if len(set(ranks)) == 1 else ranks)
-    truncated = build_model(new_config, {k: v.contiguous() for k, v in state.items()}, device=model.device)
-    for src, dst in zip(model.layers, truncated.layers):  # keep the execution settings
-        dst.attention.mode, dst.attention.use_kernels = src.attention.mode, src.attention.use_kernels
-    return truncated
 
 
 class LatentMask:
@@ -85,7 +42,7 @@ class LatentMask:
     BUFFER = "latent_drop"
 
     def __init__(self, model: Transformer) -> None:
-        _check_mla(model, "elastic-rank training")
+        check_elastic_model(model, "elastic-rank training")
         self._rank: int | None = None
         self._active = False  # what the hook reads (a bool: compiled graphs guard on it, never on the rank)
         self._modules: list[tuple[torch.nn.Module, int]] = []
@@ -155,7 +112,7 @@ def elastic_choices(model: Transformer, ranks: Sequence[int] | None = None,
         return None
     if ranks is not None and min_fraction is not None:
         raise MlakitError("give --elastic-ranks or --elastic-min-fraction, not both")
-    _check_mla(model, "elastic-rank training")
+    check_elastic_model(model, "elastic-rank training")
     r_max = max(model.config.kv_lora_ranks())
     if min_fraction is not None:
         if not 0 < min_fraction <= 1:

@@ -22,11 +22,16 @@ import time
 
 import torch
 
-from mlakit.rope import rope_cos_sin
+from mlakit.attention import MLA_PARAMETERS
 
 
 def _relative_mse(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (out.float() - ref.float()).pow(2).mean() / ref.float().pow(2).mean().clamp(min=1e-12)
+
+
+def _first(inputs, k: int):
+    """The first ``k`` rows of a batch's ``LayerInputs`` (a short last batch)."""
+    return type(inputs)(*(None if t is None else t[:k] for t in inputs))
 
 
 def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) -> dict:
@@ -37,18 +42,14 @@ def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) 
     fit made it worse keeps its old weights and is listed in ``restored``)."""
     from tqdm.auto import tqdm
 
-    from mlakit.heal.distill import MLA_PARAMETERS
-
     device = student.device
     use_amp = device.type == "cuda" if options.autocast is None else options.autocast
     amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp)
     tokens = windows[: options.layerwise_windows].to(device)  # [N, s]
     n, s = tokens.shape
     batch = min(options.batch_size, n)
-    positions = torch.arange(s, device=device).expand(batch, s)
-    cos, sin = rope_cos_sin(teacher.rope_frequencies(device), positions)
-    s_cos, s_sin = rope_cos_sin(student.rope_frequencies(device), positions)  # the student's RoPE frequencies
-    mask = teacher.window_mask(positions)  # None (plain causal) unless the model has a sliding window
+    t_inputs = teacher.layer_inputs(tokens[:batch])  # positions, RoPE angles and mask of a batch
+    s_inputs = student.layer_inputs(tokens[:batch])  # the same with the student's RoPE frequencies
     names = MLA_PARAMETERS if options.train == "mla" else (*MLA_PARAMETERS, "wo")
     result = {"before": [], "after": [], "restored": [], "steps": options.layerwise_steps, "windows": n}
     start_time = time.perf_counter()
@@ -56,24 +57,23 @@ def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) 
         hidden = teacher.tok_embeddings(tokens)  # [N, s, dim]: the teacher's states, layer by layer
     bar = tqdm(total=len(student.layers) * options.layerwise_steps, desc="layer-wise init", unit="step",
                disable=not options.progress)
-    def batched(module, inputs: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """``module`` over ``inputs [N, s, dim]`` in batches (the last one may be short)."""
+    def batched(fn, inputs: torch.Tensor, layer_inputs) -> torch.Tensor:
+        """``fn(chunk, layer_inputs)`` over ``inputs [N, s, dim]`` in batches (the last one may be short)."""
         outs = []
         for i in range(0, n, batch):
             chunk = inputs[i:i + batch]
-            k = chunk.shape[0]
-            outs.append(module(chunk, rope[0][:k], rope[1][:k], positions[:k], None if mask is None else mask[:k]))
+            outs.append(fn(chunk, _first(layer_inputs, chunk.shape[0])))
         return torch.cat(outs)
 
     for l, (s_layer, t_layer) in enumerate(zip(student.layers, teacher.layers)):
         attn = s_layer.attention
         with torch.no_grad(), torch.autocast(**amp):
             x = t_layer.attention_norm(hidden)  # [N, s, dim]: this layer's attention input
-            target = batched(t_layer.attention, x, (cos, sin))
+            target = batched(lambda chunk, inputs: t_layer.attention(chunk, *inputs), x, t_inputs)
 
         def error() -> float:
             with torch.no_grad(), torch.autocast(**amp):
-                return float(_relative_mse(batched(attn, x, (s_cos, s_sin)), target))
+                return float(_relative_mse(batched(lambda chunk, inputs: attn(chunk, *inputs), x, s_inputs), target))
 
         params = [p for name, p in attn.named_parameters() if name.split(".")[0] in names]
         for p in attn.parameters():
@@ -90,7 +90,7 @@ def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) 
                 group["lr"] = lr
             idx = torch.arange(k * batch, (k + 1) * batch, device=device) % n  # a fixed round-robin order
             with torch.autocast(**amp):
-                loss = _relative_mse(attn(x[idx], s_cos, s_sin, positions, mask), target[idx])
+                loss = _relative_mse(attn(x[idx], *s_inputs), target[idx])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -106,7 +106,9 @@ def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) 
         result["after"].append(after)
         bar.set_postfix(layer=l, before=f"{result['before'][-1]:.4f}", after=f"{result['after'][-1]:.4f}")
         with torch.no_grad(), torch.autocast(**amp):
-            hidden = batched(t_layer, hidden, (cos, sin))  # the next layer's input, from the teacher
+            # the next layer's input, from the teacher (its one layer loop, this layer only)
+            hidden = batched(lambda chunk, inputs: teacher.run_layers(chunk, inputs, layers=range(l, l + 1)),
+                             hidden, t_inputs)
     bar.close()
     result["seconds"] = time.perf_counter() - start_time
     mean_before = sum(result["before"]) / len(result["before"])

@@ -20,6 +20,7 @@ from hf_models import save_tiny  # noqa: E402
 
 from mlakit import MlakitError, Transformer  # noqa: E402
 from mlakit.engine import SamplingParams, generate  # noqa: E402
+from mlakit.options import ForwardOptions  # noqa: E402
 from mlakit.loading import default_model_path, load  # noqa: E402
 
 
@@ -65,8 +66,7 @@ def mla_rows(device: str) -> list[tuple]:
                 model = model.to(dtype)
                 out = {}
                 for mode in ("naive", "absorbed"):
-                    model.set_mla_mode(mode)
-                    out[mode] = model(tokens.to(device)).float().cpu()
+                    out[mode] = model(tokens.to(device), options=ForwardOptions(mla_path=mode)).float().cpu()
                 rows.append((f"MLA h={case['n_heads']} r={case['rank']}", str(dtype).replace("torch.", ""),
                              rel(out["naive"], ref), rel(out["absorbed"], ref)))
     return rows

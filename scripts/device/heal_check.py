@@ -170,7 +170,7 @@ def load_eval(path, device: str, rank: int | None = None):
         _TOKENIZER.append(loaded.tokenizer)
     loaded.tokenizer = _TOKENIZER[0]  # all checkpoints carry the teacher's tokenizer
     if rank is not None:
-        from mlakit.heal import truncate_latent_rank
+        from mlakit.elastic import truncate_latent_rank
 
         loaded.model = truncate_latent_rank(loaded.model, rank)
     return loaded

@@ -69,8 +69,7 @@ def profile(student, teacher, batch_size: int, seq_len: int, compile: bool, kl_c
 
     options = HealOptions(train="all", batch_size=batch_size, seq_len=seq_len, compile=compile, kl_chunk=kl_chunk)
     params = select_trainable(student, "all")
-    student.train()
-    student.set_mla_mode("naive")
+    student.train()  # the naive MLA path: the default forward options
     distiller = Distiller(student, teacher, options)
     if compile:
         distiller.compile()

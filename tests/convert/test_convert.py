@@ -11,6 +11,7 @@ from hf_models import save_tiny  # noqa: E402
 from mlakit.convert import ConvertOptions, analyse, convert, convert_model  # noqa: E402
 from mlakit.errors import MlakitError  # noqa: E402
 from mlakit.loading import load, save_checkpoint  # noqa: E402
+from mlakit.options import ForwardOptions  # noqa: E402
 
 CASES = [("llama", 2), ("llama", 6), ("qwen2", 2), ("qwen2", 1), ("mistral", 3)]
 
@@ -42,8 +43,7 @@ def test_full_budget_reproduces_transformers(tmp_path, arch, kv, tokens, rel_err
     with torch.no_grad():
         ref = hf(tokens).logits
         for mode in ("naive", "absorbed"):
-            mla.set_mla_mode(mode)
-            assert rel_err(mla(tokens), ref) <= 1e-5, mode
+            assert rel_err(mla(tokens, options=ForwardOptions(mla_path=mode)), ref) <= 1e-5, mode
         # decoding token by token from the latent cache (absorbed) as well
         cache = mla.new_cache(2, 48)
         steps = [mla(tokens[:, i:i + 1], torch.full((2, 1), i), cache) for i in range(tokens.shape[1])]
@@ -67,15 +67,13 @@ def test_smaller_budgets_are_finite_and_sized(tmp_path, arch, kv, budget, tokens
     assert summary.values_per_token_layer == expected
     with torch.no_grad():
         for mode in ("naive", "absorbed"):
-            mla.set_mla_mode(mode)
-            out = mla(tokens)
+            out = mla(tokens, options=ForwardOptions(mla_path=mode))
             assert torch.isfinite(out).all()
     # the result is a valid checkpoint that loads back to the same function
     saved = save_checkpoint(mla, tmp_path / "out")
     again = load(saved).model
     with torch.no_grad():
-        again.set_mla_mode("absorbed")
-        assert torch.equal(again(tokens), out)
+        assert torch.equal(again(tokens, options=ForwardOptions(mla_path="absorbed")), out)
 
 
 def test_error_shrinks_with_the_budget(tmp_path, tokens, rel_err):

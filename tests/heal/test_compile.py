@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from heal.helpers import VOCAB, gqa_config, mla_config, random_model, random_windows
-from mlakit.heal.distill import HealOptions, compile_blocks, forward_hidden, heal_model, uncompile_blocks
-from mlakit.heal.elastic import LatentMask, truncate_latent_rank
+from mlakit.heal.distill import HealOptions, forward_hidden, heal_model
+from mlakit.speed import compiled_block_call
+from mlakit.elastic import truncate_latent_rank
+from mlakit.heal.elastic import LatentMask
 
 pytest.importorskip("torch._dynamo")
 
@@ -40,7 +42,7 @@ def test_compiled_training_matches_eager():
                               progress=False, compile=compiled, compile_backend="aot_eager")
         result = heal_model(student, teacher, windows, options, log=lambda *_: None)
         losses[compiled], weights[compiled] = result.log["loss"], student.state_dict()
-        # handed back uncompiled
+        # compiling changes no module: the models come back as plain modules
         assert all(layer._compiled_call_impl is None for layer in [*student.layers, *teacher.layers])
     assert len(losses[True]) == 2
     assert losses[True] == pytest.approx(losses[False], rel=1e-5, abs=1e-6)
@@ -53,15 +55,14 @@ def test_elastic_mask_under_compile_needs_no_recompile_per_rank():
     tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(5))
     backend = CountingBackend()
     with torch.no_grad(), LatentMask(model) as mask:
-        compile_blocks(model, backend)
+        block_fn = compiled_block_call(backend, dynamic=None)
         for rank in (4, 7, 12, 3):
             mask.rank = rank
-            hidden, _ = forward_hidden(model, tokens)
+            hidden, _ = forward_hidden(model, tokens, block_fn=block_fn)
             torch.testing.assert_close(model.head(hidden), truncate_latent_rank(model, rank)(tokens),
                                        rtol=1e-5, atol=1e-5)
         graphs_masked = backend.graphs
         mask.rank = None
-        hidden, _ = forward_hidden(model, tokens)
-        uncompile_blocks(model)
+        hidden, _ = forward_hidden(model, tokens, block_fn=block_fn)
     assert graphs_masked == 1 and backend.graphs == 2  # one graph for every rank (both blocks), one unmasked
     torch.testing.assert_close(model.head(hidden), model(tokens), rtol=1e-5, atol=1e-5)

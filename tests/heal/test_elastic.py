@@ -6,7 +6,9 @@ import torch
 
 from heal.helpers import VOCAB, mla_config, random_model
 from mlakit import MlakitError, Transformer
-from mlakit.heal.elastic import LatentMask, elastic_choices, parse_ranks, sample_rank, truncate_latent_rank
+from mlakit.elastic import truncate_latent_rank
+from mlakit.heal.elastic import LatentMask, elastic_choices, parse_ranks, sample_rank
+from mlakit.options import ForwardOptions
 
 CASES = [
     dict(rank=12, rope=4, nope=8, v=8),
@@ -37,10 +39,11 @@ def test_truncation_equals_zeroed_latent_columns(case, mode):
         assert small.config.kv_lora_ranks() == expected
         assert [layer.attention.wkv_a.out_features for layer in small.layers] == [
             r + model.config.qk_rope_head_dim for r in expected]
-        small.set_mla_mode(mode)
         reference = zeroed_columns(model, rank)
+        options = ForwardOptions(mla_path=mode)
         with torch.no_grad():
-            torch.testing.assert_close(small(tokens), reference(tokens), rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(small(tokens, options=options), reference(tokens, options=options),
+                                       rtol=1e-12, atol=1e-12)
 
 
 def test_truncation_keeps_the_rope_rows_and_the_cache_shrinks():

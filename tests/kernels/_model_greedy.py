@@ -8,7 +8,8 @@ import sys
 import torch
 
 from mlakit import ModelConfig, Transformer
-from mlakit.engine import SamplingParams, generate
+from mlakit.engine import Engine, SamplingParams, generate_batch
+from mlakit.options import ForwardOptions
 
 
 def run(device: str, dtype: torch.dtype, kv_lora_rank: int = 24, rope_dim: int = 8) -> dict:
@@ -20,22 +21,24 @@ def run(device: str, dtype: torch.dtype, kv_lora_rank: int = 24, rope_dim: int =
                          intermediate_size=96, attention="mla", kv_lora_rank=kv_lora_rank, qk_rope_head_dim=rope_dim,
                          qk_nope_head_dim=16, v_head_dim=16, latent_norm=True, max_seq_len=64)
     model = Transformer(config).init_random(seed=0, std=0.3).to(device, dtype)
-    model.set_mla_mode("absorbed")
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14]]  # ragged: the prefill is right-padded
     params = SamplingParams(max_new_tokens=10, greedy=True, stop_token_ids=[])
     tokens = torch.tensor([prompts[1]], device=device)
 
-    def decode_logits() -> torch.Tensor:  # prefill 4 tokens, then 3 single-token steps
+    def run_with(kernels: bool) -> tuple[list[list[int]], torch.Tensor]:
+        options = ForwardOptions(mla_path="absorbed", kernels=kernels)
+        engine = Engine(model, len(prompts), 3 + 7 + params.max_new_tokens, options=options)
+        out, counts = generate_batch(model, prompts, params, engine=engine)
+        generated = [row[:n] for row, n in zip(out.tolist(), counts.tolist())]
+        # absorbed logits: prefill 4 tokens, then 3 single-token steps
         cache = model.new_cache(1, 16)
-        out = [model(tokens[:, :4], cache=cache)]
-        out += [model(tokens[:, i:i + 1], torch.tensor([[i]], device=device), cache) for i in range(4, 7)]
-        return torch.cat(out, 1).double()
+        logits = [model(tokens[:, :4], cache=cache, options=options)]
+        logits += [model(tokens[:, i:i + 1], torch.tensor([[i]], device=device), cache, options) for i in range(4, 7)]
+        return generated, torch.cat(logits, 1).double()
 
     with torch.no_grad():
-        model.set_kernels(True)
-        with_kernel, logits_kernel = generate(model, prompts, params), decode_logits()
-        model.set_kernels(False)
-        plain, logits_plain = generate(model, prompts, params), decode_logits()
+        with_kernel, logits_kernel = run_with(kernels=True)
+        plain, logits_plain = run_with(kernels=False)
     probe = torch.empty(1, 1, 9, kv_lora_rank, dtype=dtype, device=device)
     gluon = mla_decode_gluon.applies(probe, torch.empty(1, 1, kv_lora_rank + rope_dim, dtype=dtype, device=device),
                                      rope_dim)

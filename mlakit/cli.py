@@ -14,22 +14,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 MODEL_HELP = "a Hugging Face directory, an mlakit checkpoint directory, a .gguf file, or 'default' (SmolLM2-135M)"
 
 
-def _resolve_device(name: str | None) -> str:
-    import torch
-
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MlakitError("--device cuda was asked for, but no CUDA GPU is available")
-    return name
-
-
 def _load(args: argparse.Namespace):
     import torch
 
-    from mlakit.loading import load
+    from mlakit.loading import load, resolve_device
 
-    device = _resolve_device(getattr(args, "device", None))
+    device = resolve_device(getattr(args, "device", None))
     dtype_name = getattr(args, "dtype", None) or ("bfloat16" if device.startswith("cuda") else "float32")
     loaded = load(args.model, dtype=getattr(torch, dtype_name), device=device)
     if getattr(args, "runtime_rank", None) is not None:  # an elastic checkpoint at a smaller cache
@@ -156,7 +146,9 @@ def _savings(text: str) -> list[float]:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    device = _resolve_device(args.device or "cpu")
+    from mlakit.loading import resolve_device
+
+    device = resolve_device(args.device or "cpu")
     options = _convert_options(args, sweep=args.sweep is not None)
     if args.sweep is not None:
         from mlakit.loading import load

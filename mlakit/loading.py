@@ -47,6 +47,15 @@ class LoadedModel:
 
 
 # ------------------------------------------------------------------ HF config
+def resolve_device(name: str | None) -> str:
+    """The device to run on: ``name``, or CUDA when there is a GPU and ``name`` is None."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MlakitError("--device cuda was asked for, but no CUDA GPU is available")
+    return name
+
+
 def _supported_list() -> str:
     return ", ".join(sorted(SUPPORTED_ARCHITECTURES))
 

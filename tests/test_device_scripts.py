@@ -76,3 +76,8 @@ def test_heal_check_smoke(tmp_path):
     first, second = (json.loads((tmp_path / d / "heal.json").read_text()) for d in ("heal", "shift"))
     assert second["rows"]["0.75"]["free"] == first["rows"]["0.75"]["free"]
     assert second["rows"]["0.75"]["heal"]["tokens"] == first["rows"]["0.75"]["heal"]["tokens"]
+
+
+def test_decode_profile_smoke():
+    out = run_script("decode_profile.py", "--smoke")
+    assert "decode-e2e-v1: where a decode step goes" in out and "| GQA-2 | 1x64 |" in out and "| MLA 16+8 | 1x64 |" in out

@@ -136,13 +136,13 @@ def cmd_heal(args: argparse.Namespace) -> int:
 
     import torch
 
-    from mlakit.cli import _resolve_device
     from mlakit.errors import MlakitError
     from mlakit.heal.api import heal
     from mlakit.heal.distill import HELD_OUT_EVERY
+    from mlakit.loading import resolve_device
 
     options, data_options = options_from_args(args)
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)

@@ -120,3 +120,19 @@ def test_deepseek_with_moe_layers_is_refused(tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(loading.MlakitError, match="MoE"):
         loading.load(path)
+
+
+@pytest.mark.parametrize("length,lengths", [(1024, [1, 300, 1024]), (96, [5, 96, 40]), (512, [256, 257, 511])])
+def test_split_decode_math_equals_sdpa(length, lengths, rel_err):
+    """The compiled decode step's split-KV attention equals SDPA with the same mask (float64),
+    for caches cut into several splits, one split, and sequences ending on a split's edge."""
+    from mlakit.attention import _decode_attention_math
+
+    gen = torch.Generator().manual_seed(0)
+    b, kv_h, g, d = len(lengths), 2, 3, 16
+    q = torch.randn(b, kv_h, g, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, kv_h, length, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, kv_h, length, d, generator=gen, dtype=torch.float64)
+    mask = (torch.arange(length)[None, :] < torch.tensor(lengths)[:, None])[:, None, None]  # [b, 1, 1, L]
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3)
+    assert rel_err(_decode_attention_math(q, k, v, mask, 0.3), ref) <= 1e-12

@@ -81,3 +81,16 @@ def test_heal_check_smoke(tmp_path):
 def test_decode_profile_smoke():
     out = run_script("decode_profile.py", "--smoke")
     assert "decode-e2e-v1: where a decode step goes" in out and "| GQA-2 | 1x64 |" in out and "| MLA 16+8 | 1x64 |" in out
+
+
+def test_longctx_method_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    from mlakit import MlakitError
+    from mlakit.evaluate import data_path
+
+    try:
+        data_path()
+    except MlakitError:
+        pytest.skip("the protocol text is not here")
+    out = run_script("longctx_method.py", "--smoke", "--out", str(tmp_path / "lc"), "--heal-variant", "long")
+    assert "| original |" in out and "calibration long |" in out and "healed (long calibration" in out

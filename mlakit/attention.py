@@ -21,6 +21,7 @@ from mlakit.config import ModelConfig
 from mlakit.fused import FusedLinears
 from mlakit.norm import RMSNorm
 from mlakit.options import DEFAULT, ForwardOptions
+from mlakit.quant import fake_quantize
 from mlakit.rope import apply_rope
 
 # the parameters of MLAttention that the conversion creates (healing trains these by name)
@@ -76,6 +77,12 @@ def _decode_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return out.to(q.dtype)
 
 
+def _sixteen_bit(kv_cache_dtype: str) -> str | None:
+    """The format of the MLA RoPE key beside a latent in ``kv_cache_dtype``: kept 16-bit
+    (bf16 beside a quantised latent; the latent's own format when that is 16-bit)."""
+    return kv_cache_dtype if kv_cache_dtype in ("bf16", "fp16", "auto") else "bf16"
+
+
 class GQAttention(nn.Module):
     """Multi-head attention with ``n_kv_heads`` key/value heads: MHA, GQA or MQA."""
 
@@ -101,6 +108,8 @@ class GQAttention(nn.Module):
         v = v.view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, kv_h, d]
         q = apply_rope(q, cos, sin).transpose(1, 2)  # [b, h, s, d]
         k = apply_rope(k, cos, sin)
+        if cache is None and options.kv_cache_dtype is not None:  # keys and values as a cache would store them
+            k, v = fake_quantize(k, options.kv_cache_dtype), fake_quantize(v, options.kv_cache_dtype)
         if cache is not None:
             k, v = cache.update(k, v, positions)  # [b, kv_h, L_max, d]
             kv_len = mask.shape[-1]
@@ -195,6 +204,10 @@ class MLAttention(nn.Module):
         absorbed = options.mla_path == "absorbed"
         if cache is None:
             latent, k_rope = self._norm_and_rotate(latent, k_rope, cos, sin)
+            if options.kv_cache_dtype is not None:  # the latent (and RoPE key) as a cache would store them
+                latent = fake_quantize(latent, options.kv_cache_dtype)
+                k_rope = fake_quantize(k_rope, options.kv_cache_dtype if options.quantize_rope else
+                                       _sixteen_bit(options.kv_cache_dtype))
         else:
             kv = self._write_cache(latent, k_rope, positions, cos, sin, cache, options)  # [b, L_max, r + p]
             if absorbed and options.kernels and self.kernel_fits:

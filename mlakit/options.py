@@ -23,10 +23,21 @@ class ForwardOptions:
     # runs mla_decode (Triton/Gluon on CUDA, their PyTorch references elsewhere); False
     # keeps the plain PyTorch path (a reference for the kernels).
     kernels: bool = True
+    # The KV cache's format (mlakit.quant: bf16 | fp16 | fp8 | int8 | int4; None: the model's
+    # dtype). A forward without a cache (evaluation windows, healing) then attends over the
+    # keys and values exactly as that cache would store them, the window's own tokens
+    # included, with gradients passed straight through the rounding; with a cache, the cache
+    # itself holds that format (Transformer.new_cache(..., kv_cache_dtype=)).
+    kv_cache_dtype: str | None = None
+    quantize_rope: bool = False  # MLA: quantise the shared RoPE key too (default: kept 16-bit)
 
     def __post_init__(self) -> None:
         if self.mla_path not in MLA_PATHS:
             raise ValueError(f"mla_path must be one of {MLA_PATHS}, got {self.mla_path!r}")
+        if self.kv_cache_dtype is not None:
+            from mlakit.quant import cache_format
+
+            cache_format(self.kv_cache_dtype)  # an unknown name fails here, with the choices
 
     def replace(self, **changes) -> "ForwardOptions":
         from dataclasses import replace

@@ -145,3 +145,18 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor, fmt: CacheFormat,
     g = _grouped(q.to(wide), fmt.group_size)  # [..., G, group]
     x = (g * scales.to(wide)[..., None]).flatten(-2)[..., :channels]
     return x.to(dtype)
+
+
+def fake_quantize(x: torch.Tensor, name: str | CacheFormat | None) -> torch.Tensor:
+    """``x`` as a cache of format ``name`` would give it back (same dtype), with the gradient
+    passed straight through the rounding: what a forward without a cache sees of a quantised
+    one (evaluation through the cache, quantisation-aware healing). None / "auto": ``x``."""
+    fmt = cache_format(name, x.dtype)
+    if fmt.name == "auto":
+        return x
+    if fmt.quantized:
+        values, scales = quantize(x.detach(), fmt)
+        stored = dequantize(values, scales, fmt, x.dtype)
+    else:
+        stored = x.detach().to(fmt.storage_dtype).to(x.dtype)
+    return x + (stored - x).detach() if x.requires_grad else stored

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from mlakit.attention import MLA_PARAMETERS
 from mlakit.errors import MlakitError
 from mlakit.model import BlockFn, Transformer
+from mlakit.options import DEFAULT, ForwardOptions
 from mlakit.speed import compiled_block_call
 
 TRAIN_SETS = ("mla", "attention", "all")
@@ -66,6 +67,9 @@ class HealOptions:
     compile: bool = False  # torch.compile every transformer block (regional) and the KL of a chunk
     compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" in CPU tests)
     progress: bool = True
+    # train through the cache the model will run with (mlakit.quant): the student attends over
+    # its latent as that cache stores it, gradients passed straight through the rounding
+    kv_cache_dtype: str | None = None
 
     # options that do not change the math: a resumed run may set them differently (compiling
     # may round differently, so only runs with the same compile setting are bit for bit equal)
@@ -87,6 +91,10 @@ class HealOptions:
             raise MlakitError("--layerwise-init steps must be >= 0")
         if not 0 <= self.elastic_full_share <= 1:
             raise MlakitError(f"--elastic-full-share must be in [0, 1], got {self.elastic_full_share}")
+        if self.kv_cache_dtype is not None:
+            from mlakit.quant import cache_format
+
+            cache_format(self.kv_cache_dtype)
 
     @property
     def learning_rate(self) -> float:
@@ -136,13 +144,14 @@ def select_trainable(model: Transformer, train: str) -> list[torch.nn.Parameter]
 
 # ------------------------------------------------------------------ forward + loss
 def forward_hidden(model: Transformer, tokens: torch.Tensor, grad_checkpoint: bool = False,
-                   collect: bool = False, block_fn: BlockFn | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                   collect: bool = False, block_fn: BlockFn | None = None,
+                   options: ForwardOptions = DEFAULT) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Final normed hidden states ``[b, s, dim]`` of ``tokens [b, s]`` (each window from
-    position 0, as ``model(tokens)`` computes them), and each block's output when ``collect``.
-    ``block_fn``: a compiled block call (``mlakit.speed.compiled_block_call``)."""
+    position 0, as ``model(tokens, options=options)`` computes them), and each block's output
+    when ``collect``. ``block_fn``: a compiled block call (``mlakit.speed.compiled_block_call``)."""
     hidden: list[torch.Tensor] = []
-    x = model.run_layers(model.tok_embeddings(tokens), model.layer_inputs(tokens), block_fn=block_fn,
-                         grad_checkpoint=grad_checkpoint, collect=hidden if collect else None)
+    x = model.run_layers(model.tok_embeddings(tokens), model.layer_inputs(tokens), options=options,
+                         block_fn=block_fn, grad_checkpoint=grad_checkpoint, collect=hidden if collect else None)
     return model.norm(x), hidden
 
 
@@ -197,6 +206,7 @@ class Distiller:
         self.amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp)
         self.kl_fn = kl_sum
         self.block_fn: BlockFn | None = None
+        self.student_options = ForwardOptions(kv_cache_dtype=options.kv_cache_dtype)  # the teacher runs as it is
 
     def compile(self) -> None:
         """Run the blocks of both models and the KL of a chunk through ``torch.compile``
@@ -215,7 +225,8 @@ class Distiller:
         with torch.autocast(**self.amp):
             with torch.no_grad():
                 ht, ht_layers = forward_hidden(self.teacher, tokens, collect=collect, block_fn=self.block_fn)
-            hs, hs_layers = forward_hidden(self.student, tokens, opts.gradient_checkpointing, collect, self.block_fn)
+            hs, hs_layers = forward_hidden(self.student, tokens, opts.gradient_checkpointing, collect, self.block_fn,
+                                           self.student_options)
             kl = kl_loss(self.student, self.teacher, hs, ht, opts.kl_chunk, self.kl_fn)
             total = kl + opts.hidden_weight * hidden_loss(hs_layers, ht_layers) if collect else kl
         return total, kl.detach()
@@ -229,7 +240,7 @@ class Distiller:
         for i in range(0, windows.shape[0], self.options.batch_size):
             batch = windows[i:i + self.options.batch_size].to(self.student.device)
             with torch.autocast(**self.amp):
-                hs, _ = forward_hidden(self.student, batch, block_fn=self.block_fn)
+                hs, _ = forward_hidden(self.student, batch, block_fn=self.block_fn, options=self.student_options)
                 ht, _ = forward_hidden(self.teacher, batch, block_fn=self.block_fn)
                 total += float(kl_loss(self.student, self.teacher, hs, ht, self.options.kl_chunk,
                                        self.kl_fn)) * batch.numel()

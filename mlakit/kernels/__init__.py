@@ -17,7 +17,7 @@ from mlakit.kernels.mla_decode import (
     mla_decode,
     mla_decode_reference,
 )
-from mlakit.kernels.rope_append import rope_append, rope_append_reference
+from mlakit.kernels.rope_append import rope_append, rope_append_quant, rope_append_quant_reference, rope_append_reference
 
 __all__ = [
     "HAS_TRITON",
@@ -27,5 +27,7 @@ __all__ = [
     "mla_decode",
     "mla_decode_reference",
     "rope_append",
+    "rope_append_quant",
+    "rope_append_quant_reference",
     "rope_append_reference",
 ]

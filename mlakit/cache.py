@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from mlakit.config import ModelConfig
+from mlakit.quant import CacheFormat, cache_format, dequantize, quantize
 
 
 class _Cache(nn.Module):
@@ -76,6 +77,10 @@ class KVCache(_Cache):
         self._advance(positions)
         return self.k[:batch], self.v[:batch]
 
+    def dequantized(self, batch: int, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[batch, kv_heads, kv_len, head_dim]`` as attention sees them (views)."""
+        return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
+
     def bytes_per_token(self) -> int:
         return 2 * self.k.shape[1] * self.k.shape[3] * self.k.element_size()
 
@@ -128,12 +133,157 @@ class LatentCache(_Cache):
         self._advance(positions)
         return self.kv[: latent.shape[0]]
 
+    def dequantized(self, batch: int, kv_len: int | None = None) -> torch.Tensor:
+        """The packed rows ``[batch, kv_len, r + rope_dim]`` as attention sees them (a view)."""
+        return self.kv[:batch, :kv_len]
+
     def bytes_per_token(self) -> int:
         return self.kv.shape[-1] * self.kv.element_size()
 
 
+class QuantKVCache(_Cache):
+    """``KVCache`` in a quantised format (``mlakit.quant``): keys and values quantised on write,
+    per token, head and group of channels; ``dtype`` is what ``dequantized`` returns.
+
+    Buffers ``k_values / v_values [B, kv_heads, L, stored]`` and ``k_scales / v_scales
+    [B, kv_heads, L, groups]`` (float32), head-major like ``KVCache``.
+    """
+
+    def __init__(self, max_batch: int, max_len: int, n_kv_heads: int, head_dim: int, fmt: CacheFormat | str,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__(max_batch, max_len, device)
+        self.format = cache_format(fmt)
+        if not self.format.quantized:
+            raise ValueError(f"QuantKVCache needs a quantised format, got {self.format.name} (use KVCache)")
+        self.dtype = dtype
+        self.head_dim = head_dim
+        fmt = self.format
+        for name in ("k", "v"):
+            self.register_buffer(f"{name}_values", torch.zeros(
+                max_batch, n_kv_heads, max_len, fmt.stored_channels(head_dim), dtype=fmt.storage_dtype,
+                device=device), persistent=False)
+            self.register_buffer(f"{name}_scales", torch.zeros(
+                max_batch, n_kv_heads, max_len, fmt.groups(head_dim), dtype=fmt.scale_dtype, device=device),
+                persistent=False)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``KVCache.update``: write k, v ``[b, s, kv_heads, head_dim]`` (quantised) at ``positions [b, s]``;
+        return this batch's whole buffers dequantised, ``[b, kv_heads, L, head_dim]``."""
+        self._check(positions)
+        batch = k.shape[0]
+        rows = torch.arange(batch, device=positions.device)[:, None]  # [b, 1]
+        for name, x in (("k", k), ("v", v)):
+            values, scales = quantize(x, self.format)  # [b, s, kv_heads, stored], [b, s, kv_heads, groups]
+            getattr(self, f"{name}_values")[rows, :, positions] = values
+            getattr(self, f"{name}_scales")[rows, :, positions] = scales
+        self._advance(positions)
+        return self.dequantized(batch)
+
+    def dequantized(self, batch: int, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[batch, kv_heads, kv_len, head_dim]`` as attention sees them (a new tensor)."""
+        return tuple(dequantize(getattr(self, f"{n}_values")[:batch, :, :kv_len],
+                                getattr(self, f"{n}_scales")[:batch, :, :kv_len], self.format, self.dtype)
+                     for n in ("k", "v"))
+
+    def bytes_per_token(self) -> int:
+        return 2 * self.k_values.shape[1] * self.format.bytes_per_token(self.head_dim)
+
+
+class QuantLatentCache(_Cache):
+    """``LatentCache`` in a quantised format (``mlakit.quant``): the latent quantised on write,
+    per token and group of channels; the RoPE key in ``dtype`` (16-bit for a 16-bit model), or
+    quantised too with ``quantize_rope``. ``dtype`` is also what ``dequantized`` returns.
+
+    Buffers: ``values [B, L, stored(r)]`` and ``scales [B, L, groups(r)]`` (float32); ``k_rope
+    [B, L, rope_dim]``, or with ``quantize_rope`` ``k_rope [B, L, stored(rope_dim)]`` in the format
+    and ``rope_scales [B, L, groups(rope_dim)]`` (else None). The absorbed decode kernel reads
+    them as they are: ``mlakit.kernels.mla_decode_quant(q_latent, q_rope, *cache.kernel_operands(b),
+    lengths, scale, r, cache.format)``; other paths read ``cache.dequantized(b, kv_len)``.
+    """
+
+    def __init__(self, max_batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, fmt: CacheFormat | str,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 quantize_rope: bool = False) -> None:
+        super().__init__(max_batch, max_len, device)
+        self.format = cache_format(fmt)
+        if not self.format.quantized:
+            raise ValueError(f"QuantLatentCache needs a quantised format, got {self.format.name} (use LatentCache)")
+        fmt = self.format
+        self.kv_lora_rank = kv_lora_rank
+        self.rope_dim = rope_dim
+        self.dtype = dtype
+        self.quantize_rope = quantize_rope
+        self.register_buffer("values", torch.zeros(max_batch, max_len, fmt.stored_channels(kv_lora_rank),
+                                                   dtype=fmt.storage_dtype, device=device), persistent=False)
+        self.register_buffer("scales", torch.zeros(max_batch, max_len, fmt.groups(kv_lora_rank),
+                                                   dtype=fmt.scale_dtype, device=device), persistent=False)
+        rope_shape = (max_batch, max_len, fmt.stored_channels(rope_dim) if quantize_rope else rope_dim)
+        self.register_buffer("k_rope", torch.zeros(rope_shape, dtype=fmt.storage_dtype if quantize_rope else dtype,
+                                                   device=device), persistent=False)
+        rope_scales = (torch.zeros(max_batch, max_len, fmt.groups(rope_dim), dtype=fmt.scale_dtype, device=device)
+                       if quantize_rope else None)
+        self.register_buffer("rope_scales", rope_scales, persistent=False)
+
+    def update(self, latent: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``LatentCache.update``: write latent ``[b, s, r]`` and rotated k_rope ``[b, s, rope_dim]``
+        (quantised) at ``positions [b, s]``; return this batch's rows dequantised, ``[b, L, r + rope_dim]``."""
+        self._check(positions)
+        batch = latent.shape[0]
+        rows = torch.arange(batch, device=positions.device)[:, None]  # [b, 1]
+        self.values[rows, positions], self.scales[rows, positions] = quantize(latent, self.format)
+        if self.quantize_rope:
+            self.k_rope[rows, positions], self.rope_scales[rows, positions] = quantize(k_rope, self.format)
+        else:
+            self.k_rope[rows, positions] = k_rope.to(self.k_rope.dtype)
+        self._advance(positions)
+        return self.dequantized(batch)
+
+    def append_rotated(self, latent: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor, norm_weight: torch.Tensor | None,
+                       norm_eps: float) -> torch.Tensor:
+        """``LatentCache.append_rotated``, quantising on write in the same fused kernel
+        (``mlakit.kernels.rope_append_quant``); returns this batch's rows dequantised. Attention
+        that runs the quantised decode kernel reads ``kernel_operands`` instead of the result."""
+        from mlakit.kernels import rope_append_quant
+
+        self._check(positions)
+        rope_append_quant(latent, k_rope, self.values, self.scales, self.k_rope, positions, cos, sin, self.format,
+                          norm_weight, norm_eps, rope_scales=self.rope_scales)
+        self._advance(positions)
+        return self.dequantized(latent.shape[0])
+
+    def kernel_operands(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(values, scales, k_rope, rope_scales)`` of this batch's rows, as stored (views)."""
+        rope_scales = None if self.rope_scales is None else self.rope_scales[:batch]
+        return self.values[:batch], self.scales[:batch], self.k_rope[:batch], rope_scales
+
+    def dequantized(self, batch: int, kv_len: int | None = None) -> torch.Tensor:
+        """The packed rows ``[batch, kv_len, r + rope_dim]`` as attention sees them, in ``dtype`` (a new tensor)."""
+        latent = dequantize(self.values[:batch, :kv_len], self.scales[:batch, :kv_len], self.format, self.dtype)
+        k_rope = self.k_rope[:batch, :kv_len]
+        if self.quantize_rope:
+            k_rope = dequantize(k_rope, self.rope_scales[:batch, :kv_len], self.format, self.dtype)
+        return torch.cat([latent, k_rope.to(self.dtype)], dim=-1)
+
+    def bytes_per_token(self) -> int:
+        rope = (self.format.bytes_per_token(self.rope_dim) if self.quantize_rope
+                else self.rope_dim * self.k_rope.element_size())
+        return self.format.bytes_per_token(self.kv_lora_rank) + rope
+
+
 def make_layer_cache(config: ModelConfig, layer: int, max_batch: int, max_len: int,
-                     dtype: torch.dtype, device: torch.device | str | None) -> _Cache:
+                     dtype: torch.dtype, device: torch.device | str | None,
+                     kv_cache_dtype: str | None = None, quantize_rope: bool = False) -> _Cache:
+    """The cache of one layer. ``kv_cache_dtype`` (``mlakit.quant.KV_CACHE_DTYPES``; None or "auto":
+    ``dtype``): "bf16" / "fp16" store in that dtype, "fp8" / "int8" / "int4" quantise (``dtype`` is
+    then what attention reads back, and the 16-bit RoPE key's dtype unless ``quantize_rope``)."""
+    fmt = cache_format(kv_cache_dtype, dtype)
+    if fmt.quantized:
+        if config.is_mla:
+            return QuantLatentCache(max_batch, max_len, config.kv_lora_ranks()[layer], config.qk_rope_head_dim, fmt,
+                                    dtype=dtype, device=device, quantize_rope=quantize_rope)
+        return QuantKVCache(max_batch, max_len, config.n_kv_heads, config.head_dim, fmt, dtype=dtype, device=device)
+    dtype = fmt.storage_dtype
     if config.is_mla:
         return LatentCache(max_batch, max_len, config.kv_lora_ranks()[layer], config.qk_rope_head_dim,
                            dtype=dtype, device=device)
@@ -141,17 +291,21 @@ def make_layer_cache(config: ModelConfig, layer: int, max_batch: int, max_len: i
 
 
 class ModelCache(nn.Module):
-    """One cache per layer, sized up front: ``max_batch`` sequences of ``max_len`` tokens."""
+    """One cache per layer, sized up front: ``max_batch`` sequences of ``max_len`` tokens, in the
+    format ``kv_cache_dtype`` (default: unquantised in ``dtype``; see ``make_layer_cache``)."""
 
     def __init__(self, config: ModelConfig, max_batch: int, max_len: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 kv_cache_dtype: str | None = None, quantize_rope: bool = False) -> None:
         super().__init__()
+        self.format = cache_format(kv_cache_dtype, dtype)  # see make_layer_cache
         if max_len > config.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's max_seq_len {config.max_seq_len}")
         self.max_batch = max_batch
         self.max_len = max_len
         self.layers = nn.ModuleList(
-            make_layer_cache(config, i, max_batch, max_len, dtype, device) for i in range(config.n_layers)
+            make_layer_cache(config, i, max_batch, max_len, dtype, device, kv_cache_dtype, quantize_rope)
+            for i in range(config.n_layers)
         )
 
     def reset(self) -> None:

@@ -17,7 +17,8 @@ from mlakit.kernels.mla_decode import (
     mla_decode,
     mla_decode_reference,
 )
-from mlakit.kernels.rope_append import rope_append, rope_append_reference
+from mlakit.kernels.mla_decode_quant import mla_decode_quant, mla_decode_quant_reference
+from mlakit.kernels.rope_append import rope_append, rope_append_quant, rope_append_quant_reference, rope_append_reference
 
 __all__ = [
     "HAS_TRITON",
@@ -25,7 +26,11 @@ __all__ = [
     "absorb_output",
     "absorb_query",
     "mla_decode",
+    "mla_decode_quant",
+    "mla_decode_quant_reference",
     "mla_decode_reference",
     "rope_append",
+    "rope_append_quant",
+    "rope_append_quant_reference",
     "rope_append_reference",
 ]

@@ -425,8 +425,17 @@ def mla_decode(
     out: Optional[torch.Tensor] = None,
     config: Optional[dict] = None,
     backend: str = "auto",
+    kv_scales: Optional[torch.Tensor] = None,
+    k_rope: Optional[torch.Tensor] = None,
+    kv_format=None,
+    rope_scales: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Absorbed MLA decode over the packed latent cache.
+
+    A quantised cache (``mlakit.cache.QuantLatentCache``): ``kv_cache`` its values, ``kv_scales``
+    its scales, ``k_rope`` (and ``rope_scales``) its RoPE key, ``kv_format`` its format; the call
+    is then ``mla_decode_quant.mla_decode_quant`` (the Triton kernel; ``backend`` must be "auto"
+    or "triton").
 
     q_latent: [batch, s_q, heads, kv_lora_rank]   (already absorbed: q_nope @ w_uk)
     q_rope:   [batch, s_q, heads, rope_dim]       (rope_dim may be 0)
@@ -449,6 +458,13 @@ def mla_decode(
     """
     if backend not in ("auto", "triton", "gluon"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'gluon', got {backend!r}")
+    if kv_scales is not None:
+        from mlakit.kernels.mla_decode_quant import mla_decode_quant
+
+        if backend == "gluon" or k_rope is None or kv_format is None:
+            raise ValueError("a quantised cache needs k_rope and kv_format, and runs the Triton kernel")
+        return mla_decode_quant(q_latent, q_rope, kv_cache, kv_scales, k_rope, lengths, softmax_scale, kv_lora_rank,
+                                kv_format, rope_scales=rope_scales, out=out, config=config)
     if torch.compiler.is_compiling() and out is None and config is None and backend == "auto":
         # fixed, contiguous layouts in and out (the compiler may lay intermediates out otherwise)
         return torch.ops.mlakit.mla_decode(q_latent.contiguous(), q_rope.contiguous(), kv_cache, lengths,

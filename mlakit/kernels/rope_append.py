@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from mlakit.kernels.mla_decode import HAS_TRITON, INTERPRET
+from mlakit.quant import cache_format, quantize
 
 if HAS_TRITON:
     import triton
@@ -34,14 +35,25 @@ if HAS_TRITON:
 
 
 def _check_rope_append_args(latent, k_rope, kv_cache, positions, cos, sin, norm_weight):
-    if latent.dim() != 3:
-        raise ValueError(f"latent must be [batch, s, kv_lora_rank], got shape {tuple(latent.shape)}")
-    if k_rope.dim() != 3:
-        raise ValueError(f"k_rope must be [batch, s, rope_dim], got shape {tuple(k_rope.shape)}")
     if kv_cache.dim() != 3:
         raise ValueError(
             f"kv_cache must be [max_batch, max_len, kv_lora_rank + rope_dim], got shape {tuple(kv_cache.shape)}"
         )
+    rank, rope_dim = latent.shape[-1], k_rope.shape[-1]
+    if kv_cache.shape[2] != rank + rope_dim:
+        raise ValueError(f"kv_cache last dim {kv_cache.shape[2]} != kv_lora_rank {rank} + rope_dim {rope_dim}")
+    if not kv_cache.is_floating_point():
+        raise TypeError(f"kv_cache must be floating point, got {kv_cache.dtype}")
+    _check_inputs(latent, k_rope, kv_cache, positions, cos, sin, norm_weight, [kv_cache])
+
+
+def _check_inputs(latent, k_rope, kv_cache, positions, cos, sin, norm_weight, caches):
+    """The checks shared by both ``rope_append`` flavours; ``kv_cache``: any buffer ``[max_batch,
+    max_len, ...]``, ``caches``: all the buffers written (one device with the inputs)."""
+    if latent.dim() != 3:
+        raise ValueError(f"latent must be [batch, s, kv_lora_rank], got shape {tuple(latent.shape)}")
+    if k_rope.dim() != 3:
+        raise ValueError(f"k_rope must be [batch, s, rope_dim], got shape {tuple(k_rope.shape)}")
     if positions.dim() != 2:
         raise ValueError(f"positions must be [batch, s], got shape {tuple(positions.shape)}")
     batch, seq, rank = latent.shape
@@ -51,8 +63,6 @@ def _check_rope_append_args(latent, k_rope, kv_cache, positions, cos, sin, norm_
             f"latent {tuple(latent.shape)}, k_rope {tuple(k_rope.shape)} and positions {tuple(positions.shape)} "
             "must share [batch, s]"
         )
-    if kv_cache.shape[2] != rank + rope_dim:
-        raise ValueError(f"kv_cache last dim {kv_cache.shape[2]} != kv_lora_rank {rank} + rope_dim {rope_dim}")
     if kv_cache.shape[0] < batch:
         raise ValueError(f"kv_cache holds {kv_cache.shape[0]} sequences, fewer than batch {batch}")
     if rope_dim % 2:
@@ -68,11 +78,11 @@ def _check_rope_append_args(latent, k_rope, kv_cache, positions, cos, sin, norm_
         )
     if norm_weight is not None and tuple(norm_weight.shape) != (rank,):
         raise ValueError(f"norm_weight must be [kv_lora_rank = {rank}], got {tuple(norm_weight.shape)}")
-    tensors = [latent, k_rope, kv_cache, positions, cos, sin] + ([norm_weight] if norm_weight is not None else [])
+    tensors = [latent, k_rope, positions, cos, sin, *caches] + ([norm_weight] if norm_weight is not None else [])
     devices = {t.device for t in tensors}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    for name, t in (("latent", latent), ("k_rope", k_rope), ("kv_cache", kv_cache)):
+    for name, t in (("latent", latent), ("k_rope", k_rope)):
         if not t.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {t.dtype}")
 
@@ -89,6 +99,13 @@ def rope_append_reference(
 ) -> None:
     """Plain PyTorch version of ``rope_append`` (fp32 math, fp64 for fp64 inputs; in place into kv_cache)."""
     _check_rope_append_args(latent, k_rope, kv_cache, positions, cos, sin, norm_weight)
+    rows, seq_idx, pos, keep = _new_rows(latent, k_rope, kv_cache.shape[1], positions, cos, sin, norm_weight, norm_eps)
+    kv_cache[seq_idx[keep], pos[keep]] = rows[keep].to(kv_cache.dtype)
+
+
+def _new_rows(latent, k_rope, max_len, positions, cos, sin, norm_weight, norm_eps):
+    """The cache rows of the new tokens, ``[b, s, r + p]`` in fp32 (fp64 for fp64 inputs), with
+    where they go: sequence and position ``[b, s]`` and which are written ``keep [b, s]``."""
     batch, seq, rank = latent.shape
     half = k_rope.shape[2] // 2
     wide = torch.float64 if latent.dtype == torch.float64 else torch.float32
@@ -99,7 +116,7 @@ def rope_append_reference(
 
     pos = positions.long()  # [b, s]
     per_token = cos.dim() == 3
-    limit = kv_cache.shape[1] if per_token else min(kv_cache.shape[1], cos.shape[0])
+    limit = max_len if per_token else min(max_len, cos.shape[0])
     keep = (pos >= 0) & (pos < limit)  # [b, s]
     safe_pos = pos.clamp(0, max(limit - 1, 0))
     k = k_rope.to(wide)
@@ -109,22 +126,62 @@ def rope_append_reference(
     else:
         c, s = cos.to(wide)[safe_pos], sin.to(wide)[safe_pos]  # [b, s, half]
     rotated = torch.cat([k1 * c - k2 * s, k2 * c + k1 * s], dim=-1)  # [b, s, p]
-
-    new_rows = torch.cat([x, rotated], dim=-1).to(kv_cache.dtype)  # [b, s, r + p]
     seq_idx = torch.arange(batch, device=latent.device)[:, None].expand(batch, seq)
-    kv_cache[seq_idx[keep], pos[keep]] = new_rows[keep]
+    return torch.cat([x, rotated], dim=-1), seq_idx, pos, keep  # [b, s, r + p]
 
 
 if HAS_TRITON:
 
     @triton.jit
+    def _round_to_e4m3(y):
+        """fp32 ``y`` (|y| <= 448) rounded to the nearest float8 e4m3 value, ties to even, in fp32
+        arithmetic: the cast of the result is then exact (the triton 3.9 interpreter's own cast
+        does not carry a rounded-up mantissa into the exponent: 127 -> 64)."""
+        bits = y.to(tl.int32, bitcast=True)
+        # keep 3 of the 23 mantissa bits, round to nearest even (a carry moves into the exponent)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+        subnormal = (y + 24576.0) - 24576.0  # below 2^-6: multiples of 2^-9 (24576 = 1.5 * 2^14)
+        return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
+
+    @triton.jit
+    def _quantize_store(x, values_row, scales_row, valid, BLOCK: tl.constexpr, CHANNELS: tl.constexpr,
+                        GROUP: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr):
+        """Quantise one row ``x [BLOCK]`` (fp32, zero past CHANNELS) as mlakit.quant.quantize does
+        and store values and per-group scales; ``valid``: [BLOCK] write mask (position in range)."""
+        groups = tl.reshape(x, [BLOCK // GROUP, GROUP])
+        scale = tl.math.div_rn(tl.max(tl.abs(groups), 1), QMAX)  # [BLOCK // GROUP]
+        y = tl.math.div_rn(groups, tl.where(scale > 0, scale, 1.0)[:, None])
+        y = tl.reshape(tl.where(scale[:, None] > 0, y, 0.0), [BLOCK])
+        offs = tl.arange(0, BLOCK)
+        offs_g = tl.arange(0, BLOCK // GROUP)
+        valid_g = tl.reshape(valid, [BLOCK // GROUP, GROUP])
+        valid_g = tl.max(valid_g.to(tl.int32), 1) > 0  # any channel of the group valid: all are written
+        tl.store(scales_row + offs_g, scale, mask=valid_g & (offs_g * GROUP < CHANNELS))
+        if QUANT == 2:  # fp8 e4m3
+            y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+            tl.store(values_row + offs, _round_to_e4m3(y).to(values_row.dtype.element_ty), mask=valid)
+        else:
+            q = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))  # round half away from zero
+            q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+            if QUANT == 1:  # int8
+                tl.store(values_row + offs, q.to(tl.int8), mask=valid)
+            else:  # int4: channel 2j in the low nibble, 2j + 1 in the high one, each + 8
+                lo, hi = tl.split(tl.reshape(q.to(tl.int32) + 8, [BLOCK // 2, 2]))
+                lo_valid, hi_valid = tl.split(tl.reshape(valid, [BLOCK // 2, 2]))
+                offs_b = tl.arange(0, BLOCK // 2)
+                tl.store(values_row + offs_b, (lo | (hi << 4)).to(tl.uint8), mask=lo_valid & hi_valid)
+
+    @triton.jit
     def _rope_append_kernel(
-        latent_ptr, k_rope_ptr, kv_ptr, positions_ptr, cos_ptr, sin_ptr, norm_weight_ptr,
+        latent_ptr, k_rope_ptr, lat_dst_ptr, rope_dst_ptr, scales_ptr, positions_ptr, cos_ptr, sin_ptr,
+        norm_weight_ptr,
         seq, pos_limit, norm_eps,
         stride_lb, stride_ls,
         stride_kb, stride_ks,
         stride_pb, stride_ps,
-        stride_kvb, stride_kvn,
+        stride_db, stride_dn,  # latent destination: the packed cache, or the quantised values
+        stride_rb, stride_rn,  # RoPE key destination: the packed cache past RANK, or the 16-bit key buffer
+        stride_sb, stride_sn,  # scales (QUANT only)
         stride_cb, stride_cs, stride_cn,  # cos/sin: [b, s, half] (per token) or [max_pos, half] (table)
         RANK: tl.constexpr,
         HALF: tl.constexpr,  # rope_dim // 2
@@ -132,6 +189,9 @@ if HAS_TRITON:
         BLOCK_HALF: tl.constexpr,
         HAS_NORM: tl.constexpr,
         PER_TOKEN: tl.constexpr,  # cos/sin rows per token instead of a table indexed by position
+        QUANT: tl.constexpr = 0,  # 0: store as is; 1 int8, 2 fp8, 3 int4 (mlakit.quant formats)
+        GROUP: tl.constexpr = 1,
+        QMAX: tl.constexpr = 1.0,
     ):
         # One program per new token.
         pid = tl.program_id(0)
@@ -144,7 +204,6 @@ if HAS_TRITON:
         pos_r = tl.zeros([BLOCK_R], tl.int64) + raw_pos
         r_mask = (offs_r < RANK) & (pos_r >= 0) & (pos_r < pos_limit)
         pos = tl.minimum(tl.maximum(raw_pos, 0), pos_limit - 1)  # a safe address when skipped
-        cache_row = kv_ptr + b.to(tl.int64) * stride_kvb + pos * stride_kvn
 
         # Latent (+ RMSNorm in fp32).
         x = tl.load(latent_ptr + b * stride_lb + t * stride_ls + offs_r, mask=offs_r < RANK, other=0.0)
@@ -153,7 +212,12 @@ if HAS_TRITON:
             mean_sq = tl.sum(x * x, 0) / RANK
             w = tl.load(norm_weight_ptr + offs_r, mask=offs_r < RANK, other=0.0).to(tl.float32)
             x = x * tl.rsqrt(mean_sq + norm_eps) * w
-        tl.store(cache_row + offs_r, x.to(kv_ptr.dtype.element_ty), mask=r_mask)
+        lat_row = lat_dst_ptr + b.to(tl.int64) * stride_db + pos * stride_dn
+        if QUANT == 0:
+            tl.store(lat_row + offs_r, x.to(lat_dst_ptr.dtype.element_ty), mask=r_mask)
+        else:
+            _quantize_store(x, lat_row, scales_ptr + b.to(tl.int64) * stride_sb + pos * stride_sn, r_mask,
+                            BLOCK_R, RANK, GROUP, QUANT, QMAX)
 
         # RoPE key, rotate_half convention.
         if HALF > 0:
@@ -169,9 +233,10 @@ if HAS_TRITON:
                 angle_row = pos * stride_cn
             c = tl.load(cos_ptr + angle_row + offs_h, mask=offs_h < HALF, other=0.0).to(tl.float32)
             s = tl.load(sin_ptr + angle_row + offs_h, mask=offs_h < HALF, other=0.0).to(tl.float32)
-            out_dtype = kv_ptr.dtype.element_ty
-            tl.store(cache_row + RANK + offs_h, (k1 * c - k2 * s).to(out_dtype), mask=h_mask)
-            tl.store(cache_row + RANK + HALF + offs_h, (k2 * c + k1 * s).to(out_dtype), mask=h_mask)
+            out_dtype = rope_dst_ptr.dtype.element_ty
+            rope_row = rope_dst_ptr + b.to(tl.int64) * stride_rb + pos * stride_rn
+            tl.store(rope_row + offs_h, (k1 * c - k2 * s).to(out_dtype), mask=h_mask)
+            tl.store(rope_row + HALF + offs_h, (k2 * c + k1 * s).to(out_dtype), mask=h_mask)
 
 
 def rope_append(
@@ -229,13 +294,15 @@ def _rope_append(latent, k_rope, kv_cache, positions, cos, sin, norm_weight, nor
         stride_cb, stride_cs, stride_cn = 0, 0, cos.stride(0)
     block_r = triton.next_power_of_2(rank)
     _rope_append_kernel[(batch * seq,)](
-        latent, k_rope, kv_cache, positions, cos, sin,
+        latent, k_rope, kv_cache, kv_cache[..., rank:], kv_cache, positions, cos, sin,  # kv_cache: no scales
         norm_weight if norm_weight is not None else latent,  # dummy pointer when HAS_NORM is False
         seq, pos_limit, norm_eps,
         latent.stride(0), latent.stride(1),
         k_rope.stride(0), k_rope.stride(1),
         positions.stride(0), positions.stride(1),
         kv_cache.stride(0), kv_cache.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1),
+        0, 0,
         stride_cb, stride_cs, stride_cn,
         RANK=rank, HALF=half,
         BLOCK_R=block_r, BLOCK_HALF=max(1, triton.next_power_of_2(max(half, 1))),
@@ -255,4 +322,148 @@ def _rope_append_op(latent: torch.Tensor, k_rope: torch.Tensor, kv_cache: torch.
 
 @_rope_append_op.register_fake
 def _rope_append_fake(latent, k_rope, kv_cache, positions, cos, sin, norm_weight, norm_eps) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Quantise on write: the same fused kernel writing a quantised latent (mlakit.quant)
+# ---------------------------------------------------------------------------
+
+_QUANT_CODES = {"int8": 1, "fp8": 2, "int4": 3}  # the kernel's QUANT constexpr
+
+
+def _check_quant_buffers(latent, k_rope, values, scales, rope_cache, rope_scales, fmt) -> None:
+    rank, rope_dim = latent.shape[-1], k_rope.shape[-1]
+    if not fmt.quantized:
+        raise ValueError(f"rope_append_quant needs a quantised format, got {fmt.name} (use rope_append)")
+    expect = [("values", values, fmt.stored_channels(rank), fmt.storage_dtype),
+              ("scales", scales, fmt.groups(rank), fmt.scale_dtype)]
+    if rope_scales is None:
+        expect.append(("rope_cache", rope_cache, rope_dim, None))
+    else:
+        expect += [("rope_cache", rope_cache, fmt.stored_channels(rope_dim), fmt.storage_dtype),
+                   ("rope_scales", rope_scales, fmt.groups(rope_dim), fmt.scale_dtype)]
+    for name, t, channels, dtype in expect:
+        if t.dim() != 3 or t.shape[:2] != values.shape[:2] or t.shape[2] != channels:
+            raise ValueError(f"{name} must be [max_batch, max_len, {channels}] like values "
+                             f"{tuple(values.shape[:2])}, got {tuple(t.shape)}")
+        if (t.dtype != dtype) if dtype is not None else not t.is_floating_point():
+            raise TypeError(f"{name} must be {dtype or 'floating point'}, got {t.dtype}")
+
+
+def rope_append_quant_reference(latent, k_rope, values, scales, rope_cache, positions, cos, sin, fmt,
+                                norm_weight=None, norm_eps=1e-6, *, rope_scales=None) -> None:
+    """Plain PyTorch version of ``rope_append_quant``: ``rope_append_reference``'s rows, quantised
+    by ``mlakit.quant.quantize`` (in place)."""
+    fmt = cache_format(fmt)
+    _check_quant_buffers(latent, k_rope, values, scales, rope_cache, rope_scales, fmt)
+    caches = [values, scales, rope_cache] + ([rope_scales] if rope_scales is not None else [])
+    _check_inputs(latent, k_rope, values, positions, cos, sin, norm_weight, caches)
+    rows, seq_idx, pos, keep = _new_rows(latent, k_rope, values.shape[1], positions, cos, sin, norm_weight, norm_eps)
+    rows = rows[keep].float()  # [n, r + p]
+    rank = latent.shape[-1]
+    where = (seq_idx[keep], pos[keep])
+    values[where], scales[where] = quantize(rows[:, :rank], fmt)
+    if rope_scales is None:
+        rope_cache[where] = rows[:, rank:].to(rope_cache.dtype)
+    else:
+        rope_cache[where], rope_scales[where] = quantize(rows[:, rank:], fmt)
+
+
+def rope_append_quant(
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    values: torch.Tensor,
+    scales: torch.Tensor,
+    rope_cache: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    fmt,
+    norm_weight: Optional[torch.Tensor] = None,
+    norm_eps: float = 1e-6,
+    *,
+    rope_scales: Optional[torch.Tensor] = None,
+) -> None:
+    """``rope_append`` into a quantised latent cache (``mlakit.cache.QuantLatentCache``'s buffers), in place:
+    the normalised latent quantised on write in the same kernel (``mlakit.quant`` format ``fmt``, a
+    name or CacheFormat) into ``values [>= batch, max_len, stored(r)]`` and ``scales [.., groups(r)]``,
+    the rotated key into ``rope_cache [.., rope_dim]`` (16-bit). With ``rope_scales`` the key is
+    quantised too (``rope_cache [.., stored(rope_dim)]``); that case runs the reference.
+
+    One launch on CUDA (fp8 needs sm_89+) and under TRITON_INTERPRET=1, the reference elsewhere.
+    Stores the same bytes as the reference (a value within float32 rounding of a rounding tie may
+    land one step apart on the GPU)."""
+    fmt = cache_format(fmt)
+    if torch.compiler.is_compiling():
+        torch.ops.mlakit.rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, cos, sin,
+                                           fmt.name, norm_weight, norm_eps, rope_scales)
+        return None
+    _rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, cos, sin, fmt, norm_weight, norm_eps,
+                       rope_scales)
+    return None
+
+
+def _rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, cos, sin, fmt, norm_weight, norm_eps,
+                       rope_scales) -> None:
+    use_triton = HAS_TRITON and (latent.is_cuda or (INTERPRET and latent.device.type == "cpu"))
+    if fmt.name == "fp8" and latent.is_cuda and torch.cuda.get_device_capability(latent.device) < (8, 9):
+        use_triton = False  # no e4m3 conversion before Ada / Hopper
+    if not use_triton or rope_scales is not None or latent.dtype == torch.float64:
+        rope_append_quant_reference(latent, k_rope, values, scales, rope_cache, positions, cos, sin, fmt,
+                                    norm_weight, norm_eps, rope_scales=rope_scales)
+        return None
+    _check_quant_buffers(latent, k_rope, values, scales, rope_cache, rope_scales, fmt)
+    _check_inputs(latent, k_rope, values, positions, cos, sin, norm_weight, [values, scales, rope_cache])
+    batch, seq, rank = latent.shape
+    half = k_rope.shape[2] // 2
+    if batch * seq == 0:
+        return None
+    if values.stride(2) != 1 or scales.stride(2) != 1 or (half and rope_cache.stride(2) != 1):
+        raise ValueError("values, scales and rope_cache must be contiguous in their last dim")
+    latent = latent if latent.stride(2) == 1 else latent.contiguous()
+    k_rope = k_rope if (half == 0 or k_rope.stride(2) == 1) else k_rope.contiguous()
+    per_token = cos.dim() == 3
+    cos, sin = cos.contiguous(), sin.contiguous()
+    if norm_weight is not None and norm_weight.stride(0) != 1:
+        norm_weight = norm_weight.contiguous()
+    pos_limit = values.shape[1] if per_token else min(values.shape[1], cos.shape[0])
+    angle_strides = (cos.stride(0), cos.stride(1), 0) if per_token else (0, 0, cos.stride(0))
+    group = fmt.group_size
+    if group & (group - 1):
+        raise ValueError(f"the kernel needs a power-of-two group size, got {group}")
+    block_r = max(triton.next_power_of_2(rank), group)
+    _rope_append_kernel[(batch * seq,)](
+        latent, k_rope, values, rope_cache, scales, positions, cos, sin,
+        norm_weight if norm_weight is not None else latent,
+        seq, pos_limit, norm_eps,
+        latent.stride(0), latent.stride(1),
+        k_rope.stride(0), k_rope.stride(1),
+        positions.stride(0), positions.stride(1),
+        values.stride(0), values.stride(1),
+        rope_cache.stride(0), rope_cache.stride(1),
+        scales.stride(0), scales.stride(1),
+        *angle_strides,
+        RANK=rank, HALF=half,
+        BLOCK_R=block_r, BLOCK_HALF=max(1, triton.next_power_of_2(max(half, 1))),
+        HAS_NORM=norm_weight is not None,
+        PER_TOKEN=per_token,
+        QUANT=_QUANT_CODES[fmt.name], GROUP=group, QMAX=float(fmt.qmax),
+        num_warps=4 if block_r >= 512 else (2 if block_r >= 128 else 1),
+    )
+    return None
+
+
+@torch.library.custom_op("mlakit::rope_append_quant", mutates_args=("values", "scales", "rope_cache", "rope_scales"))
+def _rope_append_quant_op(latent: torch.Tensor, k_rope: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
+                          rope_cache: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          fmt: str, norm_weight: Optional[torch.Tensor], norm_eps: float,
+                          rope_scales: Optional[torch.Tensor]) -> None:
+    _rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, cos, sin, cache_format(fmt),
+                       norm_weight, norm_eps, rope_scales)
+
+
+@_rope_append_quant_op.register_fake
+def _rope_append_quant_fake(latent, k_rope, values, scales, rope_cache, positions, cos, sin, fmt, norm_weight,
+                            norm_eps, rope_scales) -> None:
     return None

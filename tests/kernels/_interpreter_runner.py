@@ -24,7 +24,9 @@ def main():
         return 1
     results = {}
     for kind, cases, runner in (("decode", _cases.INTERP_DECODE_CASES, _cases.run_decode_case),
-                                ("rope", _cases.INTERP_ROPE_CASES, _cases.run_rope_case)):
+                                ("rope", _cases.INTERP_ROPE_CASES, _cases.run_rope_case),
+                                ("rope_quant", _cases.INTERP_ROPE_QUANT_CASES, _cases.run_rope_quant_case),
+                                ("decode_quant", _cases.INTERP_DECODE_QUANT_CASES, _cases.run_decode_quant_case)):
         for case_id, case in cases.items():
             t0 = time.time()
             try:

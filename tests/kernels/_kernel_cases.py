@@ -144,3 +144,136 @@ def run_rope_case(case, device="cpu", seed=0) -> dict:
         "finite": bool((torch.isnan(cache) == ~written).all()),  # wrote exactly the reference's slots
         "tol": DTYPE_TOL[dtype_name],
     }
+
+
+# Quantise on write (rope_append_quant). id: (format, dtype, batch, s, rank, rope, max_len, norm, per_token)
+INTERP_ROPE_QUANT_CASES = {
+    "int8-f32-r48-p24-norm": ("int8", "float32", 2, 3, 48, 24, 10, True, False),  # a partial group
+    "int8-bf16-r128-p32-per-token": ("int8", "bfloat16", 3, 1, 128, 32, 7, False, True),
+    "fp8-f32-r64-p32-norm": ("fp8", "float32", 2, 2, 64, 32, 8, True, True),
+    "fp8-f16-r96-p0": ("fp8", "float16", 2, 2, 96, 0, 6, False, False),
+    "int4-bf16-r64-p32-norm": ("int4", "bfloat16", 2, 3, 64, 32, 9, True, True),
+    "int4-f32-r48-p16": ("int4", "float32", 1, 4, 48, 16, 12, False, False),
+}
+CUDA_ROPE_QUANT_CASES = dict(INTERP_ROPE_QUANT_CASES)
+CUDA_ROPE_QUANT_CASES.update({
+    "int8-bf16-r512-p64-norm-b128": ("int8", "bfloat16", 128, 1, 512, 64, 256, True, True),
+    "fp8-bf16-r512-p64-norm-b4": ("fp8", "bfloat16", 4, 1, 512, 64, 64, True, True),
+    "int4-bf16-r512-p64-norm-b16": ("int4", "bfloat16", 16, 2, 512, 64, 64, True, True),
+})
+
+# a value no quantiser writes: int8 never stores -128, int4 never the byte 0 (nibble -8), fp8 NaN
+_UNWRITTEN = {"int8": -128, "int4": 0}
+
+
+def run_rope_quant_case(case, device="cpu", seed=0) -> dict:
+    """rope_append_quant vs its reference on fresh inputs, into poisoned buffers: the same slots
+    written, dequantised rows within float32 rounding (no value more than one step apart)."""
+    import torch
+
+    from mlakit.kernels import rope_append_quant, rope_append_quant_reference
+    from mlakit.quant import FORMATS, dequantize
+
+    fmt_name, dtype_name, batch, seq, rank, rope, max_len, norm, per_token = case
+    fmt, dtype = FORMATS[fmt_name], getattr(torch, dtype_name)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    latent = (torch.randn(batch, seq, rank, generator=gen) * 3).to(device=device, dtype=dtype)
+    k_rope = torch.randn(batch, seq, rope, generator=gen).to(device=device, dtype=dtype)
+    positions = torch.stack([torch.randperm(max_len, generator=gen)[:seq] for _ in range(batch)]).to(device)
+    positions[0, 0] = -1  # padding: skipped
+    angles = (batch, seq) if per_token else (max_len,)
+    cos = torch.randn(*angles, rope // 2, generator=gen).to(device)
+    sin = torch.randn(*angles, rope // 2, generator=gen).to(device)
+    weight = torch.randn(rank, generator=gen).to(device) if norm else None
+
+    def buffers():
+        values = torch.empty(batch + 1, max_len, fmt.stored_channels(rank), device=device, dtype=fmt.storage_dtype)
+        if fmt_name == "fp8":
+            values.view(torch.uint8).fill_(0x7F)  # NaN
+        else:
+            values.fill_(_UNWRITTEN[fmt_name])
+        scales = torch.full((batch + 1, max_len, fmt.groups(rank)), float("nan"), device=device)
+        rope_cache = torch.full((batch + 1, max_len, rope), float("nan"), device=device, dtype=dtype)
+        return values, scales, rope_cache
+
+    out, ref = buffers(), buffers()
+    rope_append_quant(latent, k_rope, *out, positions, cos, sin, fmt_name, weight)
+    rope_append_quant_reference(latent, k_rope, *ref, positions, cos, sin, fmt_name, weight)
+
+    def poisoned(values):
+        return torch.isnan(values.float()) if fmt_name == "fp8" else values == _UNWRITTEN[fmt_name]
+
+    same_slots = all(bool(torch.equal(a, b)) for a, b in (
+        (poisoned(out[0]), poisoned(ref[0])), (torch.isnan(out[1]), torch.isnan(ref[1])),
+        (torch.isnan(out[2]), torch.isnan(ref[2]))))
+    written = ~torch.isnan(ref[1][..., 0])  # [B, L]
+    got = dequantize(out[0][written], out[1][written], fmt, torch.float64)
+    want = dequantize(ref[0][written], ref[1][written], fmt, torch.float64)
+    step = ref[1][written].double().repeat_interleave(fmt.group_size, -1)[:, :rank]
+    steps_apart = float(((got - want).abs() / step.clamp_min(1e-30)).max())
+    err = rel_err(got, want) if steps_apart <= 1.0 + 1e-6 else float("inf")
+    if rope:
+        err = max(err, rel_err(out[2][written], ref[2][written]))
+    return {"rel_err": err, "finite": same_slots, "tol": 1e-2, "steps_apart": steps_apart}
+
+
+# Decode over a quantised latent. id: (format, dtype, batch, s_q, heads, rank, rope, max_len, lengths, splits,
+# quantise the RoPE key too)
+INTERP_DECODE_QUANT_CASES = {
+    "int8-f32-h9-r48-p24-ragged": ("int8", "float32", 2, 1, 9, 48, 24, 40, [37, 1], None, False),
+    "int8-bf16-h16-r64-p32-sq3-split2": ("int8", "bfloat16", 3, 3, 16, 64, 32, 70, [70, 3, 45], 2, False),
+    "fp8-f16-h9-r64-p32": ("fp8", "float16", 2, 1, 9, 64, 32, 40, [40, 23], None, False),
+    "fp8-bf16-h1-r128-p0-split3": ("fp8", "bfloat16", 2, 1, 1, 128, 0, 33, [33, 17], 3, False),
+    "int4-f32-h16-r64-p32-split2": ("int4", "float32", 2, 2, 16, 64, 32, 50, [50, 2], 2, False),
+    "int4-bf16-h9-r64-p32-nosplit": ("int4", "bfloat16", 2, 1, 9, 64, 32, 40, [40, 9], 1, False),
+    "int8-f32-h4-r64-p64-quant-rope": ("int8", "float32", 2, 1, 4, 64, 64, 30, [30, 11], None, True),
+}
+CUDA_DECODE_QUANT_CASES = dict(INTERP_DECODE_QUANT_CASES)
+CUDA_DECODE_QUANT_CASES.update({
+    "int8-bf16-h32-r512-p64-ragged": ("int8", "bfloat16", 4, 1, 32, 512, 64, 1000, [1000, 999, 64, 5], None, False),
+    "fp8-bf16-h32-r512-p64-ragged": ("fp8", "bfloat16", 4, 1, 32, 512, 64, 1000, [1000, 999, 64, 5], None, False),
+    "int4-bf16-h32-r512-p64-ragged": ("int4", "bfloat16", 4, 1, 32, 512, 64, 1000, [1000, 999, 64, 5], None, False),
+    "int8-f16-h128-r512-p64": ("int8", "float16", 2, 1, 128, 512, 64, 513, [513, 200], None, False),
+    "fp8-bf16-h32-r512-p64-long": ("fp8", "bfloat16", 1, 1, 32, 512, 64, 32768, [32768], None, False),
+    "int8-bf16-h32-r512-p64-sq2-split3": ("int8", "bfloat16", 2, 2, 32, 512, 64, 700, [700, 333], 3, False),
+    "fp8-bf16-h16-r512-p64-quant-rope": ("fp8", "bfloat16", 2, 1, 16, 512, 64, 300, [300, 129], None, True),
+})
+
+
+def run_decode_quant_case(case, device="cpu", seed=0) -> dict:
+    """mla_decode (quantised cache) vs the quantised reference on fresh inputs; the cache holds NaN
+    scales (and NaN fp8 values) past every sequence's length, the output starts as NaN."""
+    import torch
+
+    from mlakit.kernels import mla_decode, mla_decode_quant_reference
+    from mlakit.quant import FORMATS, quantize
+
+    fmt_name, dtype_name, batch, s_q, heads, rank, rope, max_len, lengths, splits, quant_rope = case
+    fmt, dtype = FORMATS[fmt_name], getattr(torch, dtype_name)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    q_latent, q_rope = rnd(batch, s_q, heads, rank), rnd(batch, s_q, heads, rope)
+    values, scales = quantize(rnd(batch + 1, max_len, rank), fmt)  # one spare row: only rows < batch are read
+    k_rope = rnd(batch + 1, max_len, rope)
+    rope_scales = None
+    if quant_rope:
+        k_rope, rope_scales = quantize(k_rope, fmt)
+    lens = torch.tensor(lengths, dtype=torch.int64, device=device)
+    unused = torch.arange(max_len, device=device)[None, :] >= torch.cat([lens, lens.new_zeros(1)])[:, None]
+    ref = mla_decode_quant_reference(q_latent.float(), q_rope.float(), values, scales, k_rope, lens,
+                                     1.0 / math.sqrt(rank + rope), rank, fmt, rope_scales=rope_scales)
+    scales.masked_fill_(unused[..., None], float("nan"))  # poison: a kernel must not read them
+    if rope_scales is not None:
+        rope_scales.masked_fill_(unused[..., None], float("nan"))
+    if fmt_name == "fp8":
+        values.view(torch.uint8).masked_fill_(unused[..., None], 0x7F)
+    if not quant_rope and rope:
+        k_rope.masked_fill_(unused[..., None], float("nan"))
+    out = torch.full((batch, s_q, heads, rank), float("nan"), dtype=dtype, device=device)
+    mla_decode(q_latent, q_rope, values, lens, 1.0 / math.sqrt(rank + rope), rank, out=out,
+               config={"num_splits": splits} if splits else None, kv_scales=scales, k_rope=k_rope,
+               kv_format=fmt_name, rope_scales=rope_scales)
+    return {"rel_err": rel_err(out, ref), "finite": bool(torch.isfinite(out).all()), "tol": DTYPE_TOL[dtype_name]}

@@ -29,6 +29,22 @@ def test_rope_append_cuda(case_id):
     _check(_cases.run_rope_case(_cases.CUDA_ROPE_CASES[case_id], device="cuda"))
 
 
+@pytest.mark.parametrize("case_id", list(_cases.CUDA_ROPE_QUANT_CASES))
+def test_rope_append_quant_cuda(case_id):
+    pytest.importorskip("triton")
+    result = _cases.run_rope_quant_case(_cases.CUDA_ROPE_QUANT_CASES[case_id], device="cuda")
+    _check(result)
+    assert result["steps_apart"] <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("case_id", list(_cases.CUDA_DECODE_QUANT_CASES))
+def test_mla_decode_quant_cuda(case_id, seed):
+    """The quantised-latent kernel on fresh inputs (fp8 runs the reference before sm_89)."""
+    pytest.importorskip("triton")
+    _check(_cases.run_decode_quant_case(_cases.CUDA_DECODE_QUANT_CASES[case_id], device="cuda", seed=seed))
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_mla_decode_cuda_deterministic_inputs_fresh(seed):
     """Same function on any valid input: fresh seeds, a split count that leaves empty splits."""

@@ -54,3 +54,13 @@ def test_mla_decode_interpreter(interpreter_results, case_id):
 @pytest.mark.parametrize("case_id", list(_cases.INTERP_ROPE_CASES))
 def test_rope_append_interpreter(interpreter_results, case_id):
     _check(interpreter_results[f"rope:{case_id}"])
+
+
+@pytest.mark.parametrize("case_id", list(_cases.INTERP_ROPE_QUANT_CASES))
+def test_rope_append_quant_interpreter(interpreter_results, case_id):
+    _check(interpreter_results[f"rope_quant:{case_id}"])
+
+
+@pytest.mark.parametrize("case_id", list(_cases.INTERP_DECODE_QUANT_CASES))
+def test_mla_decode_quant_interpreter(interpreter_results, case_id):
+    _check(interpreter_results[f"decode_quant:{case_id}"])

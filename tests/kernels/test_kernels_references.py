@@ -178,3 +178,26 @@ def test_rope_append_argument_errors():
         rope_append(latent, k_rope, torch.randn(2, 5, 25), positions, cos, sin)
     with pytest.raises(ValueError, match="norm_weight"):
         rope_append(latent, k_rope, cache, positions, cos, sin, norm_weight=torch.randn(15))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
+def test_quant_reference_is_fp64_attention_over_the_dequantised_cache(fmt):
+    """mla_decode_quant_reference == float64 attention over dequantize(values, scales); NaN past
+    each length (unwritten slots) never reaches the output."""
+    from mlakit.kernels import mla_decode_quant_reference
+    from mlakit.quant import FORMATS, dequantize, quantize
+
+    gen = torch.Generator().manual_seed(11)
+    batch, s_q, heads, rank, rope, max_len, lengths = 2, 2, 4, 64, 32, 20, [20, 7]
+    q_latent, q_rope = torch.randn(batch, s_q, heads, rank, generator=gen), torch.randn(batch, s_q, heads, rope,
+                                                                                        generator=gen)
+    values, scales = quantize(torch.randn(batch, max_len, rank, generator=gen), FORMATS[fmt])
+    k_rope = torch.randn(batch, max_len, rope, generator=gen)
+    lens = torch.tensor(lengths)
+    exact = torch.cat([dequantize(values, scales, FORMATS[fmt], torch.float64), k_rope.double()], -1)
+    naive = naive_attention_fp64(q_latent, q_rope, exact, lens, 0.1, rank)
+    scales[1, 7:] = float("nan")
+    k_rope[1, 7:] = float("nan")
+    out = mla_decode_quant_reference(q_latent, q_rope, values, scales, k_rope, lens, 0.1, rank, fmt)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert float((out.double() - naive).norm() / naive.norm()) < 1e-5

@@ -1,0 +1,99 @@
+"""Quantised caches (mlakit.cache.QuantLatentCache / QuantKVCache) against mlakit.quant's reference."""
+
+import pytest
+import torch
+
+from mlakit.cache import KVCache, LatentCache, ModelCache, QuantKVCache, QuantLatentCache, make_layer_cache
+from mlakit.config import ModelConfig
+from mlakit.quant import FORMATS, dequantize, quantize
+
+QUANTISED = ("fp8", "int8", "int4")
+
+
+def _mla_config(rank=64, rope=16, layers=2):
+    return ModelConfig(dim=64, n_layers=layers, n_heads=4, n_kv_heads=4, head_dim=16, vocab_size=32,
+                       intermediate_size=128, max_seq_len=64, attention="mla", kv_lora_rank=rank, qk_rope_head_dim=rope,
+                       qk_nope_head_dim=16, v_head_dim=16)
+
+
+@pytest.mark.parametrize("name", QUANTISED)
+@pytest.mark.parametrize("quantize_rope", [False, True])
+def test_latent_cache_update_reads_back_the_quantised_rows(name, quantize_rope):
+    fmt = FORMATS[name]
+    cache = QuantLatentCache(3, 12, 64, 16, name, dtype=torch.float32, quantize_rope=quantize_rope)
+    plain = LatentCache(3, 12, 64, 16)
+    gen = torch.Generator().manual_seed(0)
+    for positions in (torch.arange(5)[None].repeat(2, 1), torch.tensor([[5], [5]])):  # prefill, then one step
+        latent, k_rope = torch.randn(2, positions.shape[1], 64, generator=gen), torch.randn(2, positions.shape[1], 16,
+                                                                                            generator=gen)
+        rows = cache.update(latent, k_rope, positions)
+        plain.update(latent, k_rope, positions)
+    assert rows.shape == (2, 12, 80) and rows.dtype == torch.float32
+    assert cache.lengths.tolist() == [6, 6, 0]
+    exact = plain.kv[:2, :6]  # what an unquantised cache holds
+    want_latent = dequantize(*quantize(exact[..., :64], fmt), fmt)
+    want_rope = dequantize(*quantize(exact[..., 64:], fmt), fmt) if quantize_rope else exact[..., 64:]
+    got = cache.dequantized(2, 6)
+    torch.testing.assert_close(got, torch.cat([want_latent, want_rope], -1), rtol=0, atol=0)
+    torch.testing.assert_close(rows[:, :6], got, rtol=0, atol=0)
+    values, scales, k_rope_buf, rope_scales = cache.kernel_operands(2)
+    assert values.dtype == fmt.storage_dtype and scales.shape == (2, 12, fmt.groups(64))
+    assert (rope_scales is not None) == quantize_rope
+
+
+@pytest.mark.parametrize("name", QUANTISED)
+def test_latent_cache_append_rotated_matches_update_of_the_reference_rows(name):
+    from mlakit.kernels import rope_append_reference
+
+    gen = torch.Generator().manual_seed(1)
+    latent, k_rope = torch.randn(2, 3, 64, generator=gen), torch.randn(2, 3, 16, generator=gen)
+    positions = torch.tensor([[0, 1, 2], [4, 5, 6]])
+    cos, sin = torch.randn(2, 3, 8, generator=gen), torch.randn(2, 3, 8, generator=gen)
+    weight = torch.randn(64, generator=gen)
+    exact = torch.zeros(2, 10, 80)
+    rope_append_reference(latent, k_rope, exact, positions, cos, sin, weight, 1e-6)
+    cache = QuantLatentCache(2, 10, 64, 16, name)
+    rows = cache.append_rotated(latent, k_rope, positions, cos, sin, weight, 1e-6)
+    fmt = FORMATS[name]
+    want = torch.cat([dequantize(*quantize(exact[..., :64], fmt), fmt), exact[..., 64:]], -1)
+    written = torch.zeros(2, 10, dtype=torch.bool)
+    written[0, :3] = written[1, 4:7] = True
+    torch.testing.assert_close(rows[written], want[written], rtol=1e-6, atol=1e-6)
+    assert cache.lengths.tolist() == [3, 7]
+
+
+@pytest.mark.parametrize("name", QUANTISED)
+def test_kv_cache_update_reads_back_the_quantised_heads(name):
+    fmt = FORMATS[name]
+    cache, plain = QuantKVCache(2, 8, 3, 32, name, dtype=torch.bfloat16), KVCache(2, 8, 3, 32)
+    gen = torch.Generator().manual_seed(2)
+    k, v = torch.randn(2, 4, 3, 32, generator=gen), torch.randn(2, 4, 3, 32, generator=gen)
+    positions = torch.arange(4)[None].repeat(2, 1)
+    k_out, v_out = cache.update(k, v, positions)
+    plain.update(k, v, positions)
+    assert k_out.shape == (2, 3, 8, 32) and k_out.dtype == torch.bfloat16
+    for got, exact in zip(cache.dequantized(2, 4), (plain.k[:, :, :4], plain.v[:, :, :4])):
+        torch.testing.assert_close(got, dequantize(*quantize(exact, fmt), fmt, torch.bfloat16), rtol=0, atol=0)
+    assert cache.bytes_per_token() == 2 * 3 * fmt.bytes_per_token(32)
+
+
+def test_bytes_per_token_count_scales():
+    config = _mla_config(rank=512, rope=64, layers=1)
+    assert ModelCache(config, 1, 1, dtype=torch.bfloat16).bytes_per_token() == 1152
+    assert ModelCache(config, 1, 1, dtype=torch.bfloat16, kv_cache_dtype="int8").bytes_per_token() == 672
+    assert ModelCache(config, 1, 1, dtype=torch.bfloat16, kv_cache_dtype="fp8").bytes_per_token() == 672
+    assert ModelCache(config, 1, 1, dtype=torch.bfloat16, kv_cache_dtype="int4").bytes_per_token() == 448
+    quant_rope = ModelCache(config, 1, 1, dtype=torch.bfloat16, kv_cache_dtype="int8", quantize_rope=True)
+    assert quant_rope.bytes_per_token() == 512 + 32 + 64 + 4
+    assert ModelCache(config, 1, 1, dtype=torch.float32, kv_cache_dtype="fp16").bytes_per_token() == 1152
+
+
+def test_make_layer_cache_formats_and_default():
+    mla, gqa = _mla_config(), ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, head_dim=16,
+                                          vocab_size=32, intermediate_size=128, max_seq_len=64)
+    assert isinstance(make_layer_cache(mla, 0, 1, 4, torch.float32, None), LatentCache)  # today's call
+    assert make_layer_cache(mla, 0, 1, 4, torch.float32, None, "bf16").kv.dtype == torch.bfloat16
+    assert isinstance(make_layer_cache(mla, 0, 1, 4, torch.float32, None, "int4"), QuantLatentCache)
+    assert isinstance(make_layer_cache(gqa, 0, 1, 4, torch.float32, None, "fp8"), QuantKVCache)
+    assert make_layer_cache(gqa, 0, 1, 4, torch.bfloat16, None, "auto").k.dtype == torch.bfloat16
+    assert ModelCache(mla, 1, 4).format.name == "auto"

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mlakit.cache import KVCache, LatentCache
+from mlakit.cache import KVCache, LatentCache, QuantLatentCache
 from mlakit.config import ModelConfig
 from mlakit.fused import FusedLinears
 from mlakit.norm import RMSNorm
@@ -75,12 +75,6 @@ def _decode_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     weight = (top - top.amax(2, keepdim=True)).exp()  # [b, kv_h, n, g, 1]: rescale each split
     out = (partial * weight).sum(2) / (total * weight).sum(2)  # [b, kv_h, g, d]
     return out.to(q.dtype)
-
-
-def _sixteen_bit(kv_cache_dtype: str) -> str | None:
-    """The format of the MLA RoPE key beside a latent in ``kv_cache_dtype``: kept 16-bit
-    (bf16 beside a quantised latent; the latent's own format when that is 16-bit)."""
-    return kv_cache_dtype if kv_cache_dtype in ("bf16", "fp16", "auto") else "bf16"
 
 
 class GQAttention(nn.Module):
@@ -206,8 +200,8 @@ class MLAttention(nn.Module):
             latent, k_rope = self._norm_and_rotate(latent, k_rope, cos, sin)
             if options.kv_cache_dtype is not None:  # the latent (and RoPE key) as a cache would store them
                 latent = fake_quantize(latent, options.kv_cache_dtype)
-                k_rope = fake_quantize(k_rope, options.kv_cache_dtype if options.quantize_rope else
-                                       _sixteen_bit(options.kv_cache_dtype))
+                if options.quantize_rope:  # else kept in the model's dtype, as QuantLatentCache keeps it
+                    k_rope = fake_quantize(k_rope, options.kv_cache_dtype)
         else:
             kv = self._write_cache(latent, k_rope, positions, cos, sin, cache, options)  # [b, L_max, r + p]
             if absorbed and options.kernels and self.kernel_fits:
@@ -259,6 +253,13 @@ class MLAttention(nn.Module):
 
         b = q_nope.shape[0]
         w_uk, w_uv = self.up_projections()
+        if isinstance(cache, QuantLatentCache):  # the kernel reads values and scales as stored
+            values, scales, k_rope, rope_scales = cache.kernel_operands(b)
+            q_latent = absorb_query(q_nope, w_uk).to(cache.dtype)  # [b, s, h, r]
+            out_latent = mla_decode(q_latent, q_rope.to(cache.dtype), values, cache.lengths[:b], self.scale,
+                                    self.kv_lora_rank, kv_scales=scales, k_rope=k_rope, kv_format=cache.format,
+                                    rope_scales=rope_scales)  # [b, s, h, r]
+            return absorb_output(out_latent.to(q_nope.dtype), w_uv.transpose(1, 2))
         q_latent = absorb_query(q_nope, w_uk).to(kv.dtype)  # [b, s, h, r]
         out_latent = mla_decode(q_latent, q_rope.to(kv.dtype), kv, cache.lengths[:b], self.scale,
                                 self.kv_lora_rank)  # [b, s, h, r]

@@ -137,7 +137,8 @@ class Engine:
         self.batch = batch
         self.max_len = max_len
         self.device = model.device
-        self.cache = model.new_cache(batch, max_len, dtype=cache_dtype)
+        self.cache = model.new_cache(batch, max_len, dtype=cache_dtype, kv_cache_dtype=options.kv_cache_dtype,
+                                     quantize_rope=options.quantize_rope)
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")

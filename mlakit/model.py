@@ -172,10 +172,14 @@ class Transformer(nn.Module):
         return mask
 
     # ---------------------------------------------------------------- helpers
-    def new_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None) -> ModelCache:
-        """A cache for ``max_batch`` sequences of up to ``max_len`` tokens, on the model's device."""
+    def new_cache(self, max_batch: int, max_len: int, dtype: torch.dtype | None = None,
+                  kv_cache_dtype: str | None = None, quantize_rope: bool = False) -> ModelCache:
+        """A cache for ``max_batch`` sequences of up to ``max_len`` tokens, on the model's device,
+        in the format ``kv_cache_dtype`` (``mlakit.quant``; None: unquantised in ``dtype``, by
+        default the model's)."""
         weight = self.tok_embeddings.weight
-        return ModelCache(self.config, max_batch, max_len, dtype=dtype or weight.dtype, device=weight.device)
+        return ModelCache(self.config, max_batch, max_len, dtype=dtype or weight.dtype, device=weight.device,
+                          kv_cache_dtype=kv_cache_dtype, quantize_rope=quantize_rope)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -48,3 +48,26 @@ def test_quantised_cache_forward_stays_close_and_orders_by_bits(attention, rel_e
 def test_unknown_cache_dtype_is_refused():
     with pytest.raises(Exception, match="int8"):
         ForwardOptions(kv_cache_dtype="int3")
+
+
+@pytest.mark.parametrize("attention", ["gqa", "mla"])
+@pytest.mark.parametrize("name", ["int8", "int4", "fp8"])
+@pytest.mark.parametrize("quantize_rope", [False, True])
+def test_cacheless_forward_equals_decoding_through_the_quantised_cache(attention, name, quantize_rope, rel_err):
+    """What evaluation sees (a window through ``ForwardOptions(kv_cache_dtype=...)``, no cache) is
+    what generation computes: a naive prefill into the quantised cache and absorbed decode
+    steps reading it (the quantised decode kernel's reference on the CPU)."""
+    if attention == "gqa" and quantize_rope:
+        pytest.skip("the RoPE-key option is MLA's")
+    model = tiny(attention).double()
+    tokens = torch.randint(0, 101, (2, 14), generator=torch.Generator().manual_seed(2))
+    window = ForwardOptions(kv_cache_dtype=name, quantize_rope=quantize_rope)
+    with torch.no_grad():
+        ref = model(tokens, options=window)
+        cache = model.new_cache(2, 16, kv_cache_dtype=name, quantize_rope=quantize_rope)
+        out = [model(tokens[:, :5], cache=cache, options=window)]
+        decode = window.replace(mla_path="absorbed")
+        out += [model(tokens[:, i:i + 1], torch.full((2, 1), i), cache, decode) for i in range(5, 14)]
+    # not bit-equal: the cache rounds its inputs as computed by the fused write (RMSNorm, RoPE), and a
+    # value on a rounding edge can land one step apart (1e-7 here, against ~1e-2 of quantisation)
+    assert rel_err(torch.cat(out, 1), ref) <= 1e-6

@@ -33,6 +33,7 @@ def _load(args: argparse.Namespace):
 # ------------------------------------------------------------------ generate
 def cmd_generate(args: argparse.Namespace) -> int:
     from mlakit.engine import SamplingParams, generate
+    from mlakit.options import ForwardOptions
 
     loaded = _load(args)
     if loaded.tokenizer is None:
@@ -64,7 +65,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.json:
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-    generate(loaded.model, [prompt_ids], params, on_step=stream, compile=fast)
+    options = ForwardOptions(kv_cache_dtype=args.kv_cache_dtype)
+    generate(loaded.model, [prompt_ids], params, on_step=stream, compile=fast, options=options)
     text = tokenizer.decode(generated, skip_special_tokens=True)
     if args.json:
         print(json.dumps({"model": loaded.source, "prompt_ids": prompt_ids, "output_ids": generated,
@@ -100,6 +102,9 @@ def model_info(model) -> dict:
     for dtype in (model.dtype, torch.bfloat16):
         cache = model.new_cache(1, 1, dtype=dtype)
         info[f"kv_bytes_per_token_{str(dtype).replace('torch.', '')}"] = cache.bytes_per_token()
+    for name in ("fp8", "int8", "int4"):  # values + float32 scales (+ the MLA RoPE key in bf16)
+        cache = model.new_cache(1, 1, dtype=torch.bfloat16, kv_cache_dtype=name)
+        info[f"kv_bytes_per_token_{name}"] = cache.bytes_per_token()
     return info
 
 
@@ -186,6 +191,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ parser
+def _kv_cache_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    from mlakit.quant import KV_CACHE_DTYPES
+
+    parser.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
+                        help="store the KV cache (MLA: the latent; the RoPE key stays 16-bit) in this format: "
+                             "bf16/fp16 as they are, fp8/int8/int4 quantised per token in groups of channels with "
+                             "float32 scales (default: the model's dtype)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlakit",
@@ -209,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "step (compiling takes ~20 s first); ignored on the CPU, where it is slower")
     _device_args(gen)
     _runtime_rank_arg(gen)
+    _kv_cache_dtype_arg(gen)
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="describe a model: architecture, size, attention kind, KV bytes per token")

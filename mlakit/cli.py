@@ -270,25 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
 
-    bench = sub.add_parser("bench", help="benchmarks on the protocol of ../shared/PROTOCOL.md (GPU)")
-    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
-    attention = bench_sub.add_parser(
-        "attention", help="decode-attn-v1: one attention layer, MHA/GQA/MQA (SDPA) vs MLA kernels",
-        description="decode-attn-v1: decode time of one attention layer per (batch, context), "
-                    "GB/s of cache read and the ratio to the copy bandwidth, on one CUDA GPU. Rows: MHA, "
-                    "GQA and MQA through SDPA, MLA in plain PyTorch, FlashMLA (when importable), and "
-                    "mlakit's MLA kernels (Gluon on Hopper beside Triton), eager and as a CUDA graph.")
-    from mlakit.bench import attention as attention_bench
+    from mlakit.bench.cli import register as add_bench_parser
 
-    attention_bench.add_arguments(attention)
-    attention.set_defaults(func=attention_bench.run_from_args)
-    e2e = bench_sub.add_parser("e2e", help="decode-e2e-v1: whole model, MHA/GQA/MQA/MLA decode and prefill",
-                               description="decode-e2e-v1: decode tokens/s, memory and largest batch of a model's "
-                                           "GQA/MHA/MQA/MLA variants, and transformers' generate, on one CUDA GPU.")
-    from mlakit.bench import e2e as e2e_bench
-
-    e2e_bench.add_arguments(e2e)
-    e2e.set_defaults(func=e2e_bench.run_from_args)
+    add_bench_parser(sub)
     return parser
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlakit.bench import e2e
+from mlakit.bench import e2e, hf_baseline, memory, report, timing, variants
 from mlakit.config import preset
 
 pytest.importorskip("matplotlib")
@@ -27,59 +27,59 @@ def tiny_options(**overrides) -> e2e.E2EOptions:
 
 # ---------------------------------------------------------------- pure functions
 def test_variants_of_llama3_8b():
-    variants = e2e.make_variants(preset("llama3-8b"), 512, 64)
-    assert [v.name for v in variants] == ["GQA-8 (original)", "MLA 512+64", "MQA", "MHA"]
-    mla = variants[1].config
+    built = variants.make_variants(preset("llama3-8b"), 512, 64)
+    assert [v.name for v in built] == ["GQA-8 (original)", "MLA 512+64", "MQA", "MHA"]
+    mla = built[1].config
     assert (mla.kv_lora_rank, mla.qk_rope_head_dim, mla.qk_nope_head_dim, mla.v_head_dim, mla.q_lora_rank) == \
         (512, 64, 128, 128, None)
     assert mla.kv_values_per_token_total() == 32 * 576
-    assert variants[2].config.n_kv_heads == 1 and variants[3].config.n_kv_heads == 32
+    assert built[2].config.n_kv_heads == 1 and built[3].config.n_kv_heads == 32
     # an MHA original has no separate MHA sibling
     mha = preset("llama3-8b").replace(n_kv_heads=32)
-    assert [v.key for v in e2e.make_variants(mha, 512, 64)] == ["original", "mla", "mqa"]
+    assert [v.key for v in variants.make_variants(mha, 512, 64)] == ["original", "mla", "mqa"]
 
 
 def test_bytes_and_bandwidth_arithmetic():
-    model = e2e.build_random_model(e2e.SHAPES["tiny"]["config"], torch.device("cpu"), torch.bfloat16)
+    model = variants.build_random_model(variants.SHAPES["tiny"]["config"], torch.device("cpu"), torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
     emb = model.tok_embeddings.weight
-    assert e2e.weight_bytes_per_step(model, 3) == 2 * (params - emb.numel() + 3 * emb.shape[1])
+    assert variants.weight_bytes_per_step(model, 3) == 2 * (params - emb.numel() + 3 * emb.shape[1])
     assert all(bool((p != 0).any()) for p in model.parameters())  # random, never zeros
     # 16 GB at 3000 GB/s is 5.33 ms: a 6.67 ms step is at 80% of the limit
-    assert e2e.bandwidth_fraction(16e9, 3000.0, 16e9 / 3000e9 * 1e3 / 0.8) == pytest.approx(0.8)
-    assert e2e.bandwidth_fraction(16e9, None, 5.0) is None
-    assert e2e.hf_decode_rate(1.0, 3.0, batch=4, steps=20) == pytest.approx(40.0)
-    assert e2e.hf_decode_rate(2.0, 1.0, batch=4, steps=20) is None
+    assert timing.bandwidth_fraction(16e9, 3000.0, 16e9 / 3000e9 * 1e3 / 0.8) == pytest.approx(0.8)
+    assert timing.bandwidth_fraction(16e9, None, 5.0) is None
+    assert hf_baseline.hf_decode_rate(1.0, 3.0, batch=4, steps=20) == pytest.approx(40.0)
+    assert hf_baseline.hf_decode_rate(2.0, 1.0, batch=4, steps=20) is None
 
 
 def test_max_batch_search_on_fake_memory():
     # a device with 80 GiB free, 1.5 GiB kept back, 1.2 GiB per sequence: estimate 65
-    per_seq = int(1.2 * e2e.GIB)
-    estimate = e2e.estimate_max_batch(80 * e2e.GIB, per_seq, int(1.5 * e2e.GIB))
+    per_seq = int(1.2 * memory.GIB)
+    estimate = memory.estimate_max_batch(80 * memory.GIB, per_seq, int(1.5 * memory.GIB))
     assert estimate == 65
     # the real limit is lower (fragmentation, activations): the search shrinks to it
     calls = []
 
     def fits(batch):
         calls.append(batch)
-        return batch * per_seq + 3 * e2e.GIB <= 80 * e2e.GIB
+        return batch * per_seq + 3 * memory.GIB <= 80 * memory.GIB
 
-    best, tries = e2e.search_max_batch(estimate, fits)
+    best, tries = memory.search_max_batch(estimate, fits)
     assert best == 64 and tries == [(65, False), (64, True)]
     # large batches shrink by ~3% per try; nothing fits -> 0 after max_tries
-    best, tries = e2e.search_max_batch(1000, lambda b: b <= 900, max_tries=8)
+    best, tries = memory.search_max_batch(1000, lambda b: b <= 900, max_tries=8)
     assert best == 900 or tries[-1][0] < 900
     assert best <= 900 and len(tries) <= 8
-    assert e2e.search_max_batch(0, lambda b: True) == (0, [])
-    assert e2e.search_max_batch(5, lambda b: False, max_tries=3) == (0, [(5, False), (4, False), (3, False)])
+    assert memory.search_max_batch(0, lambda b: True) == (0, [])
+    assert memory.search_max_batch(5, lambda b: False, max_tries=3) == (0, [(5, False), (4, False), (3, False)])
 
 
 def test_hf_memory_estimate_flags_the_big_rows():
     config = preset("llama3-8b")
-    weights = e2e.hf_memory_estimate(config, 0, 0, 0, 2)
+    weights = hf_baseline.hf_memory_estimate(config, 0, 0, 0, 2)
     assert 15.5e9 < weights < 16.5e9  # 8.03 B parameters in bf16
-    assert e2e.hf_memory_estimate(config, 64, 8192, 21, 2) > 80 * e2e.GIB  # cannot fit an H100
-    assert e2e.hf_memory_estimate(config, 1, 8192, 21, 2) < 20 * e2e.GIB
+    assert hf_baseline.hf_memory_estimate(config, 64, 8192, 21, 2) > 80 * memory.GIB  # cannot fit an H100
+    assert hf_baseline.hf_memory_estimate(config, 1, 8192, 21, 2) < 20 * memory.GIB
 
 
 # ---------------------------------------------------------------- the whole pipeline (CPU)
@@ -119,7 +119,7 @@ def test_cpu_pipeline_table_json_plots(tmp_path):
     for name in names:
         m = by_variant[name]
         assert m["max_batch"] == m["estimate"] > 0
-        assert m["max_batch"] * m["bytes_per_sequence"] <= m["free_gib"] * e2e.GIB
+        assert m["max_batch"] * m["bytes_per_sequence"] <= m["free_gib"] * memory.GIB
     assert by_variant["MLA 32+8"]["max_batch"] > by_variant["GQA-2 (original)"]["max_batch"]
     at_max = [r for r in rows if r["phase"] == "decode@max-batch"]
     assert {r["variant"] for r in at_max} == set(names)
@@ -129,7 +129,7 @@ def test_cpu_pipeline_table_json_plots(tmp_path):
                                                           / by_variant["GQA-2 (original)"]["max_batch"])
     assert set(s["batch1_bandwidth_fraction"]) == set(names)
 
-    table = e2e.write_outputs(result, json_path=str(tmp_path / "e2e.json"), markdown_path=str(tmp_path / "e2e.md"),
+    table = report.write_outputs(result, json_path=str(tmp_path / "e2e.json"), markdown_path=str(tmp_path / "e2e.md"),
                               plot_dir=str(tmp_path / "plots"))
     assert table.splitlines()[0].startswith("decode-e2e-v1 on CPU")
     assert "| phase | variant | batch | context | tok/s | ms/step | KV bytes/token | peak GiB | % of BW limit" in table
@@ -167,7 +167,7 @@ def test_oom_rows_are_recorded_and_the_run_goes_on(monkeypatch):
     # failed tries of the search are not result rows; the fitted batch is timed
     at_max = [r for r in result["rows"] if r["phase"] == "decode@max-batch"]
     assert [(r["variant"], r["batch"], r["status"]) for r in at_max] == [("GQA-2 (original)", 8, "ok"), ("MHA", 5, "ok")]
-    table = e2e.format_table(result)
+    table = report.format_table(result)
     assert "| decode | MHA | 2 | 64 | OOM |" in table
     assert "10(OOM) 9(OOM) 8" in table  # the tries column
 
@@ -225,7 +225,7 @@ def test_named_model_mla_comes_from_the_converter(tmp_path, rel_err):
     assert (mla_config["kv_lora_rank"], mla_config["qk_rope_head_dim"]) == (16, 16)
     assert [r["variant"] for r in result["rows"]] == ["GQA-2 (original)", "MLA 16+16"]
     assert any("converter" in note for note in result["notes"])
-    variant = next(v for v in e2e.make_variants(e2e._config_of(str(path)), 16, 16, ("mla",)))
+    variant = next(v for v in variants.make_variants(variants.config_of(str(path)), 16, 16, ("mla",)))
     variant.convert_from = str(path)
     tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     loaded = load(str(path))

@@ -34,44 +34,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from mlakit.bench.args import parse_grid
+from mlakit.bench.report import fmt
+from mlakit.bench.timing import capture_cuda_graph, device_name, do_bench_ms, measure_copy_gbps
+
 PROTOCOL = "decode-attn-v1"
 DEFAULT_GRID: Tuple[Tuple[int, int], ...] = ((1, 32768), (16, 8192), (64, 4096), (128, 8192))
 FLASH_MLA_PAGE = 64  # FlashMLA's paged-cache block size
-
-
-def _do_bench(fn: Callable[[], object], warmup_ms: int, rep_ms: int) -> float:
-    """Median time of fn in milliseconds (CUDA events, L2 flushed between runs)."""
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-
-
-def cuda_graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
-    """Capture fn (after a warm-up on a side stream) into a CUDA graph; return its replay.
-
-    Timing the replay measures the GPU work without the Python launch overhead,
-    which for a ~20 us kernel can be larger than the kernel itself.
-    """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def measure_copy_bandwidth(device: torch.device, nbytes: int = 2 << 30, warmup_ms: int = 25, rep_ms: int = 100) -> float:
-    """Device-to-device copy of ``nbytes``; GB/s counting bytes read plus bytes written."""
-    src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=device)
-    dst = torch.empty_like(src)
-    ms = _do_bench(lambda: dst.copy_(src), warmup_ms, rep_ms)
-    del src, dst
-    torch.cuda.empty_cache()
-    return 2 * nbytes / (ms * 1e-3) / 1e9
+Bench = Callable[[Callable[[], object]], float]  # fn -> median ms
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -123,6 +93,128 @@ def _flash_mla_runner(q_latent, q_rope, cache, softmax_scale, rank):
     return run, ""
 
 
+class _Rows:
+    """The rows of one run: every row carries the protocol, GPU, copy bandwidth and head count."""
+
+    def __init__(self, base: Dict, copy_gbps: float, log: Callable[[str], None]) -> None:
+        self.base, self.copy_gbps, self.log = base, copy_gbps, log
+        self.rows: List[Dict] = []
+
+    def add(self, batch, context, method, nbytes, ms, flops=None, note="", rel_err=None) -> Dict:
+        row = dict(self.base, batch=batch, context=context, method=method, cache_mb=nbytes / 1e6)
+        if ms is None:
+            row.update(us=None, gbps=None, pct_copy=None, note=note)
+        else:
+            gbps = nbytes / (ms * 1e-3) / 1e9
+            row.update(us=ms * 1e3, gbps=gbps, pct_copy=100 * gbps / self.copy_gbps, note=note)
+            if flops is not None:
+                row["tflops"] = flops / (ms * 1e-3) / 1e12
+        if rel_err is not None:
+            row["rel_err"] = rel_err
+        self.rows.append(row)
+        self.log(f"  b={batch:<4d} ctx={context:<6d} {method:<22s} "
+                 + (f"{row['us']:9.1f} us {row['gbps']:7.0f} GB/s {row['pct_copy']:5.1f}%" if ms else note))
+        return row
+
+
+def _sdpa_rows(rows: _Rows, bench: Bench, batch: int, context: int, heads: int, head_dim: int,
+               kv_head_counts: Sequence[int], dev: torch.device, dtype: torch.dtype) -> List[Dict]:
+    """SDPA MHA / GQA / MQA, each with ``enable_gqa`` and (where groups exist) folded."""
+    group_rows = []
+    q = torch.randn(batch, heads, 1, head_dim, dtype=dtype, device=dev)
+    for kv_heads in kv_head_counts:
+        group = heads // kv_heads
+        name = "SDPA MHA" if kv_heads == heads else ("SDPA MQA" if kv_heads == 1 else f"SDPA GQA-{kv_heads}")
+        try:
+            k = torch.randn(batch, kv_heads, context, head_dim, dtype=dtype, device=dev)
+            v = torch.randn_like(k)
+        except torch.OutOfMemoryError:
+            group_rows.append(rows.add(batch, context, name, 0, None, note="out of memory"))
+            continue
+        nbytes = k.numel() * k.element_size() * 2
+        flops = 4 * batch * heads * context * head_dim
+
+        def sdpa(q=q, k=k, v=v, gqa=kv_heads != heads):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+
+        group_rows.append(rows.add(batch, context, name, nbytes, bench(sdpa), flops))
+        if group > 1:
+            q_folded = q.view(batch, kv_heads, group, head_dim)  # heads of a group -> query length
+
+            def sdpa_folded(q_folded=q_folded, k=k, v=v):
+                return torch.nn.functional.scaled_dot_product_attention(q_folded, k, v)
+
+            group_rows.append(rows.add(batch, context, name + " folded", nbytes, bench(sdpa_folded), flops))
+        del k, v
+    del q
+    torch.cuda.empty_cache()
+    return group_rows
+
+
+def _mla_rows(rows: _Rows, bench: Bench, batch: int, context: int, heads: int, rank: int, rope: int,
+              dev: torch.device, dtype: torch.dtype, include_baselines: bool, include_flash_mla: bool,
+              mla_config: Optional[dict], cuda_graphs: bool) -> List[Dict]:
+    """MLA on the latent cache: einsum (the reference of the others' rel err), FlashMLA,
+    and mlakit's kernels (the one mla_decode picks by itself, Gluon on Hopper, and Triton)."""
+    from mlakit.kernels import mla_decode, mla_decode_gluon
+
+    group_rows = []
+    cache = torch.randn(batch, context, rank + rope, dtype=dtype, device=dev)  # [b, L, r + p]
+    q_latent = torch.randn(batch, heads, rank, dtype=dtype, device=dev)  # [b, h, r]
+    q_rope = torch.randn(batch, heads, rope, dtype=dtype, device=dev)  # [b, h, p]
+    # Absorbed queries have grown by the up-projection; a realistic scale keeps the softmax non-degenerate.
+    softmax_scale = 1.0 / math.sqrt(rank + rope)
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=dev)
+    nbytes = cache.numel() * cache.element_size()
+    flops = 2 * batch * heads * context * (rank + rope) + 2 * batch * heads * context * rank
+    latent, k_rope = cache[..., :rank], cache[..., rank:]
+
+    def einsum_fn():
+        return mla_einsum_decode(q_latent, q_rope, latent, k_rope, softmax_scale)
+
+    ref = None
+    if include_baselines:
+        try:
+            ref = einsum_fn()
+            group_rows.append(rows.add(batch, context, "MLA einsum (PyTorch)", nbytes, bench(einsum_fn), flops))
+        except torch.OutOfMemoryError:
+            group_rows.append(rows.add(batch, context, "MLA einsum (PyTorch)", nbytes, None, note="out of memory"))
+        torch.cuda.empty_cache()
+
+    if include_flash_mla:
+        run, why = _flash_mla_runner(q_latent, q_rope, cache, softmax_scale, rank)
+        if run is None:
+            group_rows.append(rows.add(batch, context, "FlashMLA", nbytes, None, note=why))
+        else:
+            err = _rel_err(run(), ref) if ref is not None else None
+            group_rows.append(rows.add(batch, context, "FlashMLA", nbytes, bench(run), flops, rel_err=err))
+            if cuda_graphs:
+                group_rows.append(rows.add(batch, context, "FlashMLA (CUDA graph)", nbytes,
+                                           bench(capture_cuda_graph(run)), flops))
+
+    q4_latent, q4_rope = q_latent[:, None], q_rope[:, None]  # [b, 1, h, *]
+    out = torch.empty_like(q4_latent)
+    backends = ["triton"]
+    if mla_config is None and mla_decode_gluon.applies(q4_latent, cache, rope):
+        backends.insert(0, "gluon")
+    for backend in backends:
+        name = {"gluon": "MLA Gluon", "triton": "MLA Triton"}[backend]
+
+        def kernel_fn(backend=backend):
+            return mla_decode(q4_latent, q4_rope, cache, lengths, softmax_scale, rank, out=out,
+                              config=mla_config if backend == "triton" else None, backend=backend)
+
+        kernel_fn()
+        err = _rel_err(out[:, 0], ref) if ref is not None else None
+        group_rows.append(rows.add(batch, context, f"{name} (mlakit)", nbytes, bench(kernel_fn), flops, rel_err=err))
+        if cuda_graphs:
+            group_rows.append(rows.add(batch, context, f"{name} (CUDA graph)", nbytes,
+                                       bench(capture_cuda_graph(kernel_fn)), flops))
+    del cache, q_latent, q_rope, out, ref, latent, k_rope
+    torch.cuda.empty_cache()
+    return group_rows
+
+
 def run_attention_bench(
     grid: Sequence[Tuple[int, int]] = DEFAULT_GRID,
     heads: int = 32,
@@ -141,141 +233,37 @@ def run_attention_bench(
     log: Optional[Callable[[str], None]] = None,
 ) -> List[Dict]:
     """Run decode-attn-v1 and return one dict per (row, method), the copy ceiling first."""
-    from mlakit.kernels import mla_decode
-
     if not torch.cuda.is_available():
         raise RuntimeError(f"{PROTOCOL} needs a CUDA GPU")
     dev = torch.device(device)
-    gpu = torch.cuda.get_device_name(dev)
+    gpu = device_name(dev)
     dtype = torch.bfloat16
     log = log or (lambda msg: None)
     if kv_head_counts is None:
         kv_head_counts = [k for k in (heads, 8, 1) if heads % k == 0]
     kv_head_counts = list(dict.fromkeys(kv_head_counts))
 
-    copy_gbps = measure_copy_bandwidth(dev, copy_bytes, warmup_ms, rep_ms)
+    def bench(fn: Callable[[], object]) -> float:
+        return do_bench_ms(fn, warmup_ms, rep_ms)
+
+    copy_gbps = measure_copy_gbps(dev, copy_bytes, warmup_ms, rep_ms)
     log(f"copy bandwidth {copy_gbps:.0f} GB/s on {gpu}")
-    base = dict(protocol=PROTOCOL, gpu=gpu, copy_gbps=copy_gbps, heads=heads)
-    rows: List[Dict] = [dict(base, batch=0, context=0, method=f"copy {copy_bytes / 2**30:g} GiB D2D",
-                             cache_mb=copy_bytes / 1e6, us=2 * copy_bytes / copy_gbps / 1e3,
-                             gbps=copy_gbps, pct_copy=100.0)]
-
-    def add(batch, context, method, nbytes, ms, flops=None, note="", rel_err=None):
-        row = dict(base, batch=batch, context=context, method=method, cache_mb=nbytes / 1e6)
-        if ms is None:
-            row.update(us=None, gbps=None, pct_copy=None, note=note)
-        else:
-            gbps = nbytes / (ms * 1e-3) / 1e9
-            row.update(us=ms * 1e3, gbps=gbps, pct_copy=100 * gbps / copy_gbps, note=note)
-            if flops is not None:
-                row["tflops"] = flops / (ms * 1e-3) / 1e12
-        if rel_err is not None:
-            row["rel_err"] = rel_err
-        rows.append(row)
-        log(f"  b={batch:<4d} ctx={context:<6d} {method:<22s} "
-            + (f"{row['us']:9.1f} us {row['gbps']:7.0f} GB/s {row['pct_copy']:5.1f}%" if ms else note))
-        return row
-
+    rows = _Rows(dict(protocol=PROTOCOL, gpu=gpu, copy_gbps=copy_gbps, heads=heads), copy_gbps, log)
+    rows.rows.append(dict(rows.base, batch=0, context=0, method=f"copy {copy_bytes / 2**30:g} GiB D2D",
+                          cache_mb=copy_bytes / 1e6, us=2 * copy_bytes / copy_gbps / 1e3,
+                          gbps=copy_gbps, pct_copy=100.0))
     for batch, context in grid:
         group_rows = []
-        # --- SDPA baselines -------------------------------------------------
         if include_baselines:
-            q = torch.randn(batch, heads, 1, head_dim, dtype=dtype, device=dev)
-            for kv_heads in kv_head_counts:
-                group = heads // kv_heads
-                name = "SDPA MHA" if kv_heads == heads else ("SDPA MQA" if kv_heads == 1 else f"SDPA GQA-{kv_heads}")
-                try:
-                    k = torch.randn(batch, kv_heads, context, head_dim, dtype=dtype, device=dev)
-                    v = torch.randn_like(k)
-                except torch.OutOfMemoryError:
-                    group_rows.append(add(batch, context, name, 0, None, note="out of memory"))
-                    continue
-                nbytes = k.numel() * k.element_size() * 2
-                flops = 4 * batch * heads * context * head_dim
-
-                def sdpa(q=q, k=k, v=v, gqa=kv_heads != heads):
-                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-
-                group_rows.append(add(batch, context, name, nbytes, _do_bench(sdpa, warmup_ms, rep_ms), flops))
-                if group > 1:
-                    q_folded = q.view(batch, kv_heads, group, head_dim)  # heads of a group -> query length
-
-                    def sdpa_folded(q_folded=q_folded, k=k, v=v):
-                        return torch.nn.functional.scaled_dot_product_attention(q_folded, k, v)
-
-                    group_rows.append(add(batch, context, name + " folded", nbytes,
-                                          _do_bench(sdpa_folded, warmup_ms, rep_ms), flops))
-                del k, v
-            del q
-            torch.cuda.empty_cache()
-
-        # --- MLA ------------------------------------------------------------
-        rank, rope = kv_lora_rank, rope_dim
-        cache = torch.randn(batch, context, rank + rope, dtype=dtype, device=dev)  # [b, L, r + p]
-        q_latent = torch.randn(batch, heads, rank, dtype=dtype, device=dev)  # [b, h, r]
-        q_rope = torch.randn(batch, heads, rope, dtype=dtype, device=dev)  # [b, h, p]
-        # Absorbed queries have grown by the up-projection; a realistic scale keeps the softmax non-degenerate.
-        softmax_scale = 1.0 / math.sqrt(rank + rope)
-        lengths = torch.full((batch,), context, dtype=torch.int32, device=dev)
-        nbytes = cache.numel() * cache.element_size()
-        flops = 2 * batch * heads * context * (rank + rope) + 2 * batch * heads * context * rank
-        latent, k_rope = cache[..., :rank], cache[..., rank:]
-
-        def einsum_fn():
-            return mla_einsum_decode(q_latent, q_rope, latent, k_rope, softmax_scale)
-
-        ref = None
-        if include_baselines:
-            try:
-                ref = einsum_fn()
-                group_rows.append(add(batch, context, "MLA einsum (PyTorch)", nbytes, _do_bench(einsum_fn, warmup_ms, rep_ms), flops))
-            except torch.OutOfMemoryError:
-                group_rows.append(add(batch, context, "MLA einsum (PyTorch)", nbytes, None, note="out of memory"))
-            torch.cuda.empty_cache()
-
-        if include_flash_mla:
-            run, why = _flash_mla_runner(q_latent, q_rope, cache, softmax_scale, rank)
-            if run is None:
-                group_rows.append(add(batch, context, "FlashMLA", nbytes, None, note=why))
-            else:
-                err = _rel_err(run(), ref) if ref is not None else None
-                group_rows.append(add(batch, context, "FlashMLA", nbytes, _do_bench(run, warmup_ms, rep_ms), flops, rel_err=err))
-                if cuda_graphs:
-                    group_rows.append(add(batch, context, "FlashMLA (CUDA graph)", nbytes,
-                                          _do_bench(cuda_graph_replay(run), warmup_ms, rep_ms), flops))
-
-        q4_latent, q4_rope = q_latent[:, None], q_rope[:, None]  # [b, 1, h, *]
-        out = torch.empty_like(q4_latent)
-
-        # mlakit's kernels: the one mla_decode picks by itself (Gluon on Hopper), and Triton beside it.
-        from mlakit.kernels import mla_decode_gluon
-
-        backends = ["triton"]
-        if mla_config is None and mla_decode_gluon.applies(q4_latent, cache, rope):
-            backends.insert(0, "gluon")
-        for backend in backends:
-            name = {"gluon": "MLA Gluon", "triton": "MLA Triton"}[backend]
-
-            def kernel_fn(backend=backend):
-                return mla_decode(q4_latent, q4_rope, cache, lengths, softmax_scale, rank, out=out,
-                                  config=mla_config if backend == "triton" else None, backend=backend)
-
-            kernel_fn()
-            err = _rel_err(out[:, 0], ref) if ref is not None else None
-            group_rows.append(add(batch, context, f"{name} (mlakit)", nbytes, _do_bench(kernel_fn, warmup_ms, rep_ms),
-                                  flops, rel_err=err))
-            if cuda_graphs:
-                group_rows.append(add(batch, context, f"{name} (CUDA graph)", nbytes,
-                                      _do_bench(cuda_graph_replay(kernel_fn), warmup_ms, rep_ms), flops))
-        del cache, q_latent, q_rope, out, ref, latent, k_rope
-        torch.cuda.empty_cache()
-
+            group_rows += _sdpa_rows(rows, bench, batch, context, heads, head_dim, kv_head_counts, dev, dtype)
+        group_rows += _mla_rows(rows, bench, batch, context, heads, kv_lora_rank, rope_dim, dev, dtype,
+                                include_baselines, include_flash_mla, mla_config, cuda_graphs)
         # Speed-ups against the faster of the two GQA-8 formulations.
         gqa8 = [r["us"] for r in group_rows if r["method"].startswith("SDPA GQA-8") and r.get("us")]
         for r in group_rows:
             if gqa8 and r.get("us"):
                 r["speedup_vs_gqa8"] = min(gqa8) / r["us"]
-    return rows
+    return rows.rows
 
 
 def format_table(rows: List[Dict]) -> str:
@@ -290,28 +278,24 @@ def format_table(rows: List[Dict]) -> str:
         "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
-        def fmt(key, spec):
-            value = r.get(key)
-            return "" if value is None else format(value, spec)
-
         lines.append(
-            f"| {r['batch'] or ''} | {r['context'] or ''} | {r['method']} | {r['cache_mb']:.0f} | {fmt('us', '.1f')} "
-            f"| {fmt('gbps', '.0f')} | {fmt('pct_copy', '.1f')} | {fmt('speedup_vs_gqa8', '.2f')} "
-            f"| {fmt('tflops', '.1f')} | {fmt('rel_err', '.1e')} | {r.get('note', '')} |"
+            f"| {r['batch'] or ''} | {r['context'] or ''} | {r['method']} | {r['cache_mb']:.0f} | {fmt(r.get('us'), '.1f')} "
+            f"| {fmt(r.get('gbps'), '.0f')} | {fmt(r.get('pct_copy'), '.1f')} | {fmt(r.get('speedup_vs_gqa8'), '.2f')} "
+            f"| {fmt(r.get('tflops'), '.1f')} | {fmt(r.get('rel_err'), '.1e')} | {r.get('note', '')} |"
         )
     return "\n".join(lines)
 
 
-def _parse_grid(text: str) -> List[Tuple[int, int]]:
-    grid = []
-    for item in text.split(","):
-        batch, context = item.lower().split("x")
-        grid.append((int(batch), int(context)))
-    return grid
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grid", type=_parse_grid, default=list(DEFAULT_GRID),
+# ---------------------------------------------------------------------- CLI
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add ``attention`` to the ``mlakit bench`` benchmarks."""
+    parser = subparsers.add_parser(
+        "attention", help="decode-attn-v1: one attention layer, MHA/GQA/MQA (SDPA) vs MLA kernels",
+        description="decode-attn-v1: decode time of one attention layer per (batch, context), "
+                    "GB/s of cache read and the ratio to the copy bandwidth, on one CUDA GPU. Rows: MHA, "
+                    "GQA and MQA through SDPA, MLA in plain PyTorch, FlashMLA (when importable), and "
+                    "mlakit's MLA kernels (Gluon on Hopper beside Triton), eager and as a CUDA graph.")
+    parser.add_argument("--grid", type=parse_grid, default=list(DEFAULT_GRID),
                         help="comma-separated BATCHxCONTEXT pairs (default: the protocol grid 1x32768,16x8192,64x4096,128x8192)")
     parser.add_argument("--shape", default="32,512,64",
                         help="HEADS,KV_LORA_RANK,ROPE_DIM of the MLA layer (default 32,512,64; a converted SmolLM2: 9,64,32)")
@@ -321,6 +305,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-flash-mla", action="store_true", help="skip FlashMLA even if importable")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement (ms)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.set_defaults(func=run_from_args)
+    return parser
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -344,13 +330,3 @@ def run_from_args(args: argparse.Namespace) -> int:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="mlakit bench attention", description=f"{PROTOCOL}: one attention layer, decode")
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

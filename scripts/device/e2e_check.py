@@ -30,7 +30,7 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from mlakit.bench import e2e  # noqa: E402
+from mlakit.bench import e2e, memory, report, timing, variants  # noqa: E402
 
 TESTS = ["tests/test_engine.py", "tests/kernels/test_kernels_model.py", "tests/kernels/test_kernels_cuda.py"]
 
@@ -128,20 +128,20 @@ def run_experiments(out: str, copy_gbps: float, steps: int, deadline: float, dev
                           steps=steps, warmup=3, progress=False)
     bench = e2e.E2EBench(opts, log=log)
     bench.copy_gbps = copy_gbps
-    base, (rank, rope), _ = e2e.resolve_shape(opts)
+    base, (rank, rope), _ = variants.resolve_shape(opts.model, opts.preset)
     sdpa_modes = ["sdpa-efficient", "sdpa-math"] if dev.type == "cuda" else ["sdpa-math"]
     plan = [
         ("GQA", base, ["default", "manual", *sdpa_modes], grid, None),
         ("MHA", base.replace(n_kv_heads=base.n_heads), ["default", "no-repeat", "manual"], grid[:1], None),
-        ("MLA", e2e.mla_variant_config(base, rank, rope), ["default", "fused-gate-up"], [grid[0], grid[-1]], MLP),
+        ("MLA", variants.mla_variant_config(base, rank, rope), ["default", "fused-gate-up"], [grid[0], grid[-1]], MLP),
     ]
     original_gqa, original_mlp = GQAttention.forward, MLP.forward
     for name, config, modes, grid, _ in plan:
         if time.time() > deadline:
             log(f"experiments: time budget spent before {name}")
             break
-        model = e2e.build_random_model(config, dev, e2e._dtype(opts.dtype))
-        variant = e2e.Variant("x", name, config)
+        model = variants.build_random_model(config, dev, variants.parse_dtype(opts.dtype))
+        variant = variants.Variant("x", name, config)
         for batch, context in grid:
             ref = None
             for mode in modes:
@@ -152,11 +152,11 @@ def run_experiments(out: str, copy_gbps: float, steps: int, deadline: float, dev
                         GQAttention.forward = _patched_gqa_forward(mode)
                     if mode == "fused-gate-up":
                         MLP.forward = _fused_mlp_forward
-                    row = bench._guard(lambda: bench._decode_row(model, variant, batch, context, steps),
-                                       "experiment", f"{name} {mode}", batch, context)
+                    row = bench.guard(lambda: bench._decode_row(model, variant, batch, context, steps),
+                                      "experiment", f"{name} {mode}", batch, context)
                     # logits of one more step on an identically filled cache, against the default mode
                     engine = bench._engine(model, batch, context)
-                    e2e.fill_cache_random(engine.cache, context, seed=opts.seed + 1)
+                    variants.fill_cache_random(engine.cache, context, seed=opts.seed + 1)
                     tokens = torch.arange(batch, device=dev) % config.vocab_size
                     positions = torch.full((batch,), context - 1, dtype=torch.long, device=dev)
                     logits = engine.decode(tokens, positions).float().clone()
@@ -172,14 +172,14 @@ def run_experiments(out: str, copy_gbps: float, steps: int, deadline: float, dev
                     GQAttention.forward, MLP.forward = original_gqa, original_mlp
                     for layer in model.layers:
                         layer.feed_forward.__dict__.pop("_w13", None)
-                    e2e._free_memory(dev)
+                    memory.free_memory(dev)
                 row.update(mode=mode, model=name)
                 results.append(row)
                 log(f"experiment {name:<12s} {mode:<15s} b={batch:<3d} ctx={context}: "
                     f"{row.get('ms_per_step') or 0:.2f} ms/step, {row.get('tokens_per_s') or 0:.1f} tok/s, "
                     f"{100 * (row.get('bw_fraction') or 0):.0f}% of BW limit, rel err {row.get('rel_err_vs_default')}")
         del model
-        e2e._free_memory(dev)
+        memory.free_memory(dev)
     with open(os.path.join(out, "experiments.json"), "w") as fh:
         json.dump(results, fh, indent=1, default=str)
     return results
@@ -192,9 +192,9 @@ def format_experiments(results: list, gpu: str) -> str:
     for r in results:
         err = r.get("rel_err_vs_default")
         lines.append(f"| {r.get('model')} | {r.get('mode')} | {r['batch']} | {r['context']} "
-                     f"| {e2e._fmt(r.get('ms_per_step'), '.2f')} | {e2e._fmt(r.get('tokens_per_s'), '.1f')} "
-                     f"| {e2e._fmt(None if r.get('bw_fraction') is None else 100 * r['bw_fraction'], '.0f')} "
-                     f"| {e2e._fmt(err, '.1e')} | {r.get('status', '')} {r.get('note', '')} |")
+                     f"| {report.fmt(r.get('ms_per_step'), '.2f')} | {report.fmt(r.get('tokens_per_s'), '.1f')} "
+                     f"| {report.fmt(None if r.get('bw_fraction') is None else 100 * r['bw_fraction'], '.0f')} "
+                     f"| {report.fmt(err, '.1e')} | {r.get('status', '')} {r.get('note', '')} |")
     return "\n".join(lines)
 
 
@@ -207,7 +207,7 @@ def main() -> int:
     parser.add_argument("--time-budget-s", type=float, default=270.0,
                         help="the bench skips (and records) what is left once this is spent")
     parser.add_argument("--hf-static", action="store_true", help="also transformers' static cache (compiles)")
-    parser.add_argument("--variants", default=",".join(e2e.VARIANT_KEYS))
+    parser.add_argument("--variants", default=",".join(variants.VARIANT_KEYS))
     parser.add_argument("--no-compile", action="store_true", help="decode step without torch.compile (CUDA graph only)")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--experiments", action="store_true",
@@ -234,7 +234,7 @@ def main() -> int:
         log(f"== CUDA tests: {tests}")
 
     if args.skip_bench:
-        copy_gbps = e2e.measure_copy_gbps(torch.device("cuda"))
+        copy_gbps = timing.measure_copy_gbps(torch.device("cuda"))
         log(f"== copy {copy_gbps:.0f} GB/s")
         results = run_experiments(args.out, copy_gbps, args.steps, time.time() + args.experiments_budget_s)
         log(format_experiments(results, props.name))
@@ -248,12 +248,8 @@ def main() -> int:
     json_path = os.path.join(args.out, "e2e.json")
     result = e2e.run_e2e(opts, log=log, partial_path=json_path)
     result["cuda_tests"] = tests
-    table = e2e.write_outputs(result, json_path=None, markdown_path=os.path.join(args.out, "e2e.md"),
-                              plot_dir=args.out)
-    import json
-
-    with open(json_path, "w") as fh:
-        json.dump(result, fh, indent=1, default=str)
+    table = report.write_outputs(result, json_path=json_path, markdown_path=os.path.join(args.out, "e2e.md"),
+                                 plot_dir=args.out)
     experiments = ""
     if args.experiments:
         log("== experiments")

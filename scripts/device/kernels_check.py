@@ -41,12 +41,8 @@ import torch  # noqa: E402
 
 import importlib  # noqa: E402
 
-from mlakit.bench.attention import (  # noqa: E402
-    cuda_graph_replay,
-    format_table,
-    measure_copy_bandwidth,
-    run_attention_bench,
-)
+from mlakit.bench.attention import format_table, run_attention_bench  # noqa: E402
+from mlakit.bench.timing import capture_cuda_graph, do_bench_ms, measure_copy_gbps  # noqa: E402
 from mlakit.kernels import mla_decode, mla_decode_reference  # noqa: E402
 
 import _kernel_cases as cases  # noqa: E402
@@ -101,15 +97,13 @@ def check_correctness(decode_cases=None, rope_cases=None, device="cuda", dtypes=
 
 
 def bench_ms(fn, rep=40):
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median"))
+    return do_bench_ms(fn, warmup_ms=10, rep_ms=rep)
 
 
 def graph_timing(fn, nbytes, copy_gbps) -> dict:
     """``fn``'s GPU time (CUDA-graph replay, no launch overhead) as us, GB/s of ``nbytes`` read and
     percent of the copy bandwidth."""
-    us = bench_ms(cuda_graph_replay(fn)) * 1e3
+    us = bench_ms(capture_cuda_graph(fn)) * 1e3
     gbps = nbytes / (us * 1e-6) / 1e9
     return dict(us=us, gbps=gbps, pct_copy=100 * gbps / copy_gbps)
 
@@ -214,7 +208,7 @@ def gluon_section(num_sms, copy_gbps):
         return {"checks": checks, "failures": failures, "rows": rows}
     for batch, context, heads, rank, rope in GLUON_SHAPES:
         x = decode_inputs(batch, context, heads, rank, rope)
-        triton_us = bench_ms(cuda_graph_replay(
+        triton_us = bench_ms(capture_cuda_graph(
             lambda: mla_decode(x.q_latent, x.q_rope, x.cache, x.lengths, x.scale, rank, out=x.out,
                                backend="triton"))) * 1e3
         # (stages, warps): one warpgroup reads each cache tile once per dot, two split the heads
@@ -278,8 +272,8 @@ def gluon_parts(copy_gbps):
     from mlakit.kernels.mla_decode_gluon import _launch, mla_decode_gluon
 
     tiny = torch.zeros(1, device="cuda")
-    floor = dict(flushed=bench_ms(cuda_graph_replay(lambda: tiny.add_(1))) * 1e3,
-                 back_to_back=events_us(cuda_graph_replay(lambda: tiny.add_(1))))
+    floor = dict(flushed=bench_ms(capture_cuda_graph(lambda: tiny.add_(1))) * 1e3,
+                 back_to_back=events_us(capture_cuda_graph(lambda: tiny.add_(1))))
     log(f"  floor (one tiny kernel in a graph): {floor['flushed']:.1f} us flushed, {floor['back_to_back']:.1f} us back to back")
     rows = []
     for (batch, context), split_opts in GLUON_PARTS_SPLITS.items():
@@ -303,7 +297,7 @@ def gluon_parts(copy_gbps):
             for name, fn in calls.items():
                 if fn is None:
                     continue
-                graph = cuda_graph_replay(fn)
+                graph = capture_cuda_graph(fn)
                 rec[name] = dict(flushed=bench_ms(graph) * 1e3, back_to_back=events_us(graph))
             log(f"  {batch}x{context} sp{splits:<4d} " + "  ".join(
                 f"{k} {v['flushed']:.1f}/{v['back_to_back']:.1f}" for k, v in rec.items() if isinstance(v, dict))
@@ -358,7 +352,7 @@ def launch_overhead_study():
             fn()
         host_us = (time.perf_counter() - t0) / 200 * 1e6
         torch.cuda.synchronize()
-        eager, graph = bench_ms(fn) * 1e3, bench_ms(cuda_graph_replay(fn)) * 1e3
+        eager, graph = bench_ms(fn) * 1e3, bench_ms(capture_cuda_graph(fn)) * 1e3
         cfg = mla_mod.default_config(batch, 1, 32, 512, 64, context, dev, dtype)
         log(f"  b={batch} ctx={context} eager {eager:.1f} us, graph {graph:.1f} us, host enqueue {host_us:.1f} us/call, cfg {cfg}")
         rows.append(dict(batch=batch, context=context, eager_us=eager, graph_us=graph, host_us=host_us, cfg=cfg))
@@ -434,7 +428,7 @@ def main():
 
     summary = {"env": env}
     if args.gluon:
-        copy_gbps = measure_copy_bandwidth(torch.device("cuda"))
+        copy_gbps = measure_copy_gbps(torch.device("cuda"))
         log(f"== copy bandwidth {copy_gbps:.0f} GB/s")
         log("== Gluon kernel")
         result = gluon_section(props.multi_processor_count, copy_gbps)
@@ -455,7 +449,7 @@ def main():
         json.dump(results, open(os.path.join(args.out, "check.json"), "w"), indent=1)
         log(f"== correctness: {len(results) - failures}/{len(results)} ok ({time.time() - t_start:.0f} s)")
 
-    copy_gbps = measure_copy_bandwidth(torch.device("cuda"))
+    copy_gbps = measure_copy_gbps(torch.device("cuda"))
     log(f"== copy bandwidth {copy_gbps:.0f} GB/s")
     log("== launch overhead (default config)")
     summary["overhead"] = launch_overhead_study()

@@ -27,20 +27,14 @@ def do_bench_ms(fn: Callable[[], object], warmup_ms: int, rep_ms: int) -> float:
 
 
 def capture_cuda_graph(fn: Callable[[], object]) -> Callable[[], None]:
-    """Capture fn (after a warm-up on a side stream) into a CUDA graph; return its replay.
+    """fn captured into a CUDA graph (``mlakit.speed.capture_graph``); returns its replay.
 
     Timing the replay measures the GPU work without the Python launch overhead,
     which for a ~20 us kernel can be larger than the kernel itself.
     """
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    from mlakit.speed import capture_graph
+
+    graph, _ = capture_graph(fn)
     return graph.replay
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from mlakit.bench import e2e  # noqa: E402
+from mlakit.bench import timing, variants  # noqa: E402
 from mlakit.config import ModelConfig, preset  # noqa: E402
 from mlakit.engine import Engine  # noqa: E402
 
@@ -78,20 +78,20 @@ def step_profile(engine: Engine, tokens, positions, steps: int = 20) -> dict:
 
 def measure(config: ModelConfig, batch: int, context: int, device, copy_gbps: float, compile: bool,
             profile: bool) -> dict:
-    model = e2e.build_random_model(config, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = variants.build_random_model(config, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     engine = Engine(model, batch, context, compile=compile)
-    e2e.fill_cache_random(engine.cache, context, seed=1)
+    variants.fill_cache_random(engine.cache, context, seed=1)
     tokens = torch.randint(0, config.vocab_size, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
     positions = torch.full((batch,), context - 1, dtype=torch.long, device=device)
     for _ in range(3):
         engine.decode(tokens, positions)
-    timer = e2e.Timer(device)
+    timer = timing.Timer(device)
     times, _ = timer.per_call(lambda: engine.decode(tokens, positions), 50 if device.type == "cuda" else 3)
     ms = statistics.median(times)
-    weight_bytes = e2e.weight_bytes_per_step(model, batch)
+    weight_bytes = variants.weight_bytes_per_step(model, batch)
     cache_bytes = batch * context * engine.cache.bytes_per_token()
     limit_ms = (weight_bytes + cache_bytes) / (copy_gbps * 1e9) * 1e3
-    row = dict(protocol=PROTOCOL, variant=e2e._variant_name(config), batch=batch, context=context,
+    row = dict(protocol=PROTOCOL, variant=variants.variant_name(config), batch=batch, context=context,
                ms_per_step=ms, tokens_per_s=batch / ms * 1e3, weight_gb=weight_bytes / 1e9, cache_gb=cache_bytes / 1e9,
                limit_ms=limit_ms, bw_fraction=limit_ms / ms, compile=compile)
     if profile and device.type == "cuda":
@@ -138,10 +138,10 @@ def main() -> int:
     else:
         device = torch.device("cuda")
         base = preset("llama3-8b")
-    copy_gbps = e2e.measure_copy_gbps(device)
+    copy_gbps = timing.measure_copy_gbps(device)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     rows = []
-    for config in (base, e2e.mla_variant_config(base, 512 if not args.smoke else 16, 64 if not args.smoke else 8)):
+    for config in (base, variants.mla_variant_config(base, 512 if not args.smoke else 16, 64 if not args.smoke else 8)):
         for batch, context in grid:
             row = measure(config, batch, context, device, copy_gbps, compile=not args.no_compile and not args.smoke,
                           profile=not args.smoke)

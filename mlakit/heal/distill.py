@@ -26,7 +26,6 @@ from torch.utils.checkpoint import checkpoint
 
 from mlakit.errors import MlakitError
 from mlakit.model import Transformer
-from mlakit.rope import rope_cos_sin
 
 TRAIN_SETS = ("mla", "attention", "all")
 MLA_PARAMETERS = ("wq", "wq_a", "wq_b", "q_norm", "wkv_a", "kv_norm", "wkv_b")  # inside MLAttention
@@ -141,11 +140,10 @@ def forward_hidden(model: Transformer, tokens: torch.Tensor, grad_checkpoint: bo
     position 0, as ``model(tokens)`` computes them), and each block's output when ``collect``."""
     b, s = tokens.shape
     positions = torch.arange(s, device=tokens.device).expand(b, s)
-    cos, sin = rope_cos_sin(model.rope_frequencies(tokens.device), positions)  # [b, s, rot/2]
-    mask = model.window_mask(positions)  # None (plain causal) unless the model has a sliding window
-    x = model.tok_embeddings(tokens)
+    inputs = model.layer_inputs(positions, from_zero=True)  # per layer: RoPE cos/sin [b, s, rot/2], mask
+    x = model.embed(tokens)
     hidden = []
-    for layer in model.layers:
+    for layer, (cos, sin, mask) in zip(model.layers, inputs):
         if grad_checkpoint and torch.is_grad_enabled():
             x = checkpoint(layer, x, cos, sin, positions, mask, use_reentrant=False)
         else:

@@ -22,7 +22,6 @@ import time
 
 import torch
 
-from mlakit.rope import rope_cos_sin
 
 
 def _relative_mse(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -46,14 +45,13 @@ def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) 
     n, s = tokens.shape
     batch = min(options.batch_size, n)
     positions = torch.arange(s, device=device).expand(batch, s)
-    cos, sin = rope_cos_sin(teacher.rope_frequencies(device), positions)
-    s_cos, s_sin = rope_cos_sin(student.rope_frequencies(device), positions)  # the student's RoPE frequencies
-    mask = teacher.window_mask(positions)  # None (plain causal) unless the model has a sliding window
+    t_inputs = teacher.layer_inputs(positions, from_zero=True)  # per layer: (cos, sin, mask)
+    s_inputs = student.layer_inputs(positions, from_zero=True)  # the student's RoPE frequencies
     names = MLA_PARAMETERS if options.train == "mla" else (*MLA_PARAMETERS, "wo")
     result = {"before": [], "after": [], "restored": [], "steps": options.layerwise_steps, "windows": n}
     start_time = time.perf_counter()
     with torch.no_grad(), torch.autocast(**amp):
-        hidden = teacher.tok_embeddings(tokens)  # [N, s, dim]: the teacher's states, layer by layer
+        hidden = teacher.embed(tokens)  # [N, s, dim]: the teacher's states, layer by layer
     bar = tqdm(total=len(student.layers) * options.layerwise_steps, desc="layer-wise init", unit="step",
                disable=not options.progress)
     def batched(module, inputs: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -67,6 +65,8 @@ def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) 
 
     for l, (s_layer, t_layer) in enumerate(zip(student.layers, teacher.layers)):
         attn = s_layer.attention
+        cos, sin, mask = t_inputs[l]
+        s_cos, s_sin, _ = s_inputs[l]
         with torch.no_grad(), torch.autocast(**amp):
             x = t_layer.attention_norm(hidden)  # [N, s, dim]: this layer's attention input
             target = batched(t_layer.attention, x, (cos, sin))

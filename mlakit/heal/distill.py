@@ -28,7 +28,8 @@ from mlakit.errors import MlakitError
 from mlakit.model import Transformer
 
 TRAIN_SETS = ("mla", "attention", "all")
-MLA_PARAMETERS = ("wq", "wq_a", "wq_b", "q_norm", "wkv_a", "kv_norm", "wkv_b")  # inside MLAttention
+MLA_PARAMETERS = ("wq", "wq_a", "wq_b", "q_norm", "wkv_a", "kv_norm", "wkv_b",  # inside MLAttention
+                  "wk", "q_head_norm", "k_head_norm", "wq_map", "wkv_a_key")  # + converted QK-norm layers
 # "all": 1e-4 gave ppl 37.43 from 14.4M tokens where 5e-5 gave 38.06 from 18.6M (75% saving,
 # H200, docs/heal.md); the whole model moving needs a smaller step than the attention alone.
 DEFAULT_LR = {"mla": 3e-4, "attention": 3e-4, "all": 1e-4}

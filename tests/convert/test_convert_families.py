@@ -82,3 +82,14 @@ def test_healing_lowers_the_kl_of_a_converted_model(tmp_path, case):
         # measured: 0.140 -> 0.038. The tiny random Qwen3's logits are near uniform (KL 0.021 at the
         # start): 20 training windows only overfit it, so its held-out KL says nothing either way
         assert result.log["val"][-1]["kl"] < 0.5 * result.log["kl_before"]
+
+
+def test_export_refuses_what_deepseek_cannot_express(tmp_path):
+    from mlakit.errors import MlakitError
+    from mlakit.export import to_deepseek
+
+    _, path = save_tiny(tmp_path, "qwen3", 2)
+    source = load(path).model
+    mla, _ = convert(source, calib_tokens(), options(kv_saving=0.5))
+    with pytest.raises(MlakitError, match="DeepSeek-V3 cannot express this model's qk_norm"):
+        to_deepseek(mla)

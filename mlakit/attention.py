@@ -25,7 +25,8 @@ from mlakit.quant import fake_quantize
 from mlakit.rope import apply_rope
 
 # the parameters of MLAttention that the conversion creates (healing trains these by name)
-MLA_PARAMETERS = ("wq", "wq_a", "wq_b", "q_norm", "wkv_a", "kv_norm", "wkv_b")
+MLA_PARAMETERS = ("wq", "wq_a", "wq_b", "q_norm", "wkv_a", "kv_norm", "wkv_b",
+                  "wk", "q_head_norm", "k_head_norm", "wq_map", "wkv_a_key")  # + converted QK-norm layers
 
 
 def _softmax(scores: torch.Tensor) -> torch.Tensor:
@@ -80,7 +81,7 @@ def _decode_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 class GQAttention(nn.Module):
     """Multi-head attention with ``n_kv_heads`` key/value heads: MHA, GQA or MQA."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
@@ -90,15 +91,27 @@ class GQAttention(nn.Module):
         self.wk = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wv = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.o_bias)
+        # QK-norm (Qwen3, Gemma 3): RMSNorm over each head's query and key, before RoPE
+        self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.fused_input: FusedLinears | None = None  # wq, wk, wv as one matmul (mlakit.speed.fuse_projections)
+
+    def queries_keys(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head queries ``[b, s, h, d]`` and keys ``[b, s, kv_h, d]`` before RoPE from the
+        projections' outputs (QK-norm applied, where the model has it)."""
+        b, s, _ = q.shape
+        q = q.view(b, s, self.n_heads, self.head_dim)
+        k = k.view(b, s, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None = None,
                 options: ForwardOptions = DEFAULT) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.fused_input(x) if self.fused_input is not None else (self.wq(x), self.wk(x), self.wv(x))
-        q = q.view(b, s, self.n_heads, self.head_dim)  # [b, s, h, d]
-        k = k.view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, kv_h, d]
+        q, k = self.queries_keys(q, k)  # [b, s, h, d], [b, s, kv_h, d]
         v = v.view(b, s, self.n_kv_heads, self.head_dim)  # [b, s, kv_h, d]
         q = apply_rope(q, cos, sin).transpose(1, 2)  # [b, h, s, d]
         k = apply_rope(k, cos, sin)
@@ -146,7 +159,7 @@ class MLAttention(nn.Module):
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
-        self.kernel_fits = config.sliding_window is None  # the kernel has no sliding window
+        self.kernel_fits = config.layer_window(layer) is None  # the kernel has no sliding window
         self.n_heads = config.n_heads
         self.kv_lora_rank = config.kv_lora_ranks()[layer]
         self.nope_dim = config.qk_nope_head_dim
@@ -154,7 +167,21 @@ class MLAttention(nn.Module):
         self.v_dim = config.v_head_dim
         self.scale = config.softmax_scale
         qk_head_dim = self.nope_dim + self.rope_dim
-        if config.q_lora_rank:
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            # Converted QK-norm models (docs/convert.md): the source's per-head queries and keys
+            # are normed as the source does; queries then map per head into MLA's query
+            # ([h, nope + rope, d] `wq_map`), and the normed keys enter the latent through
+            # `wkv_a_key` beside `wkv_a`: the cache and the absorbed path stay as they are.
+            d, kv_heads = config.head_dim, config.n_kv_heads
+            self.wq = nn.Linear(config.dim, self.n_heads * d, bias=config.qkv_bias)
+            self.q_head_norm = RMSNorm(d, config.norm_eps)
+            self.wq_map = nn.Parameter(torch.zeros(self.n_heads, qk_head_dim, d))
+            self.wk = nn.Linear(config.dim, kv_heads * d, bias=config.qkv_bias)
+            self.k_head_norm = RMSNorm(d, config.norm_eps)
+            self.wkv_a_key = nn.Linear(kv_heads * d, self.kv_lora_rank + self.rope_dim, bias=False)
+            self.source_head_dim, self.source_kv_heads = d, kv_heads
+        elif config.q_lora_rank:
             self.wq_a = nn.Linear(config.dim, config.q_lora_rank, bias=config.qkv_bias)
             self.q_norm = RMSNorm(config.q_lora_rank, config.norm_eps)
             self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * qk_head_dim, bias=False)
@@ -172,12 +199,20 @@ class MLAttention(nn.Module):
         low-rank query) and ``wkv_a`` (latent + RoPE key, ``[b, s, r + p]``)."""
         if self.fused_input is not None:
             q, kv = self.fused_input(x)
-            return q, kv
-        return (self.wq_a(x) if hasattr(self, "wq_a") else self.wq(x)), self.wkv_a(x)
+        else:
+            q, kv = (self.wq_a(x) if hasattr(self, "wq_a") else self.wq(x)), self.wkv_a(x)
+        if self.qk_norm:  # the normed source keys' share of latent and RoPE key
+            b, s, _ = x.shape
+            keys = self.k_head_norm(self.wk(x).view(b, s, self.source_kv_heads, self.source_head_dim))
+            kv = kv + self.wkv_a_key(keys.reshape(b, s, -1))
+        return q, kv
 
     def query(self, q: torch.Tensor) -> torch.Tensor:
         """``[b, s, h, nope + rope]`` (RoPE not applied yet) from the query's first projection."""
         b, s, _ = q.shape
+        if self.qk_norm:
+            q = self.q_head_norm(q.view(b, s, self.n_heads, self.source_head_dim))  # [b, s, h, d]
+            return torch.einsum("bshd,hed->bshe", q, self.wq_map)  # [b, s, h, nope + rope]
         if hasattr(self, "wq_a"):
             q = self.wq_b(self.q_norm(q))
         return q.view(b, s, self.n_heads, self.nope_dim + self.rope_dim)

@@ -23,6 +23,8 @@ FORMAT_VERSION = 1
 
 ATTENTION_KINDS = ("gqa", "mla")
 ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # HF's names (Gemma 3 `layer_types`)
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")  # SwiGLU (Llama) | GeGLU with tanh GELU (Gemma)
 
 
 @dataclass
@@ -46,7 +48,16 @@ class ModelConfig:
     qkv_bias: bool = False  # bias on the query/key/value projections (Qwen2, Llama attention_bias)
     o_bias: bool = False  # bias on the output projection (Llama attention_bias)
     mlp_bias: bool = False
-    sliding_window: int | None = None  # Mistral: each query sees at most this many keys
+    sliding_window: int | None = None  # each query of a sliding layer sees at most this many keys
+    # Per layer "full_attention" | "sliding_attention" (Gemma 3: 5 local : 1 global). None: every
+    # layer alike, sliding exactly when sliding_window is set (Mistral).
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None  # RoPE base of sliding layers, unscaled (Gemma 3); None: the global RoPE
+    qk_norm: bool = False  # RMSNorm over each head's query and key before RoPE (Qwen3, Gemma 3)
+    embedding_scale: float | None = None  # token embeddings are multiplied by this (Gemma: sqrt(dim))
+    mlp_activation: str = "silu"  # the gate's activation: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+    sandwich_norms: bool = False  # Gemma: RMSNorm on the attention's and the MLP's outputs too
+    query_pre_attn_scalar: float | None = None  # softmax scale 1/sqrt(this) instead of 1/sqrt(qk dim) (Gemma)
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     # --- attention kind ---
@@ -74,6 +85,17 @@ class ModelConfig:
 
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "head_dim", "intermediate_size"):
             need(getattr(self, name) > 0, f"{name} must be positive")
+        need(self.mlp_activation in MLP_ACTIVATIONS,
+             f"mlp_activation must be one of {MLP_ACTIVATIONS}, got {self.mlp_activation!r}")
+        if self.layer_types is not None:
+            need(len(self.layer_types) == self.n_layers,
+                 f"layer_types has {len(self.layer_types)} entries for {self.n_layers} layers")
+            need(all(t in LAYER_TYPES for t in self.layer_types), f"layer_types must be in {LAYER_TYPES}")
+            need("sliding_attention" not in self.layer_types or self.sliding_window is not None,
+                 "sliding_attention layers need sliding_window")
+        need(self.sliding_window is None or self.sliding_window >= 1, "sliding_window must be >= 1")
+        need(self.query_pre_attn_scalar is None or self.query_pre_attn_scalar > 0,
+             "query_pre_attn_scalar must be positive")
         need(self.attention in ATTENTION_KINDS, f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", "default")
@@ -92,6 +114,7 @@ class ModelConfig:
         need(self.qk_nope_head_dim + self.qk_rope_head_dim > 0, "queries and keys need at least one dimension")
         need(self.v_head_dim > 0, "v_head_dim must be positive")
         need(self.q_lora_rank is None or self.q_lora_rank > 0, "q_lora_rank must be positive or null")
+        need(not (self.qk_norm and self.q_lora_rank), "qk_norm MLA has no low-rank query (q_lora_rank)")
         if self.qk_rope_freq_indices is not None:
             need(len(self.qk_rope_freq_indices) == self.qk_rope_head_dim // 2,
                  "qk_rope_freq_indices needs one index per rotary pair (qk_rope_head_dim // 2)")
@@ -114,6 +137,16 @@ class ModelConfig:
             return "MQA"
         return f"GQA-{self.n_kv_heads}"
 
+    def layer_type(self, layer: int) -> str:
+        """``"full_attention"`` or ``"sliding_attention"``: which mask and RoPE table a layer uses."""
+        if self.layer_types is not None:
+            return self.layer_types[layer]
+        return "full_attention" if self.sliding_window is None else "sliding_attention"
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer (None: it sees every earlier key)."""
+        return self.sliding_window if self.layer_type(layer) == "sliding_attention" else None
+
     def kv_lora_ranks(self) -> list[int]:
         """The latent rank of every layer (MLA only)."""
         if isinstance(self.kv_lora_rank, int):
@@ -131,6 +164,8 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
+        if self.query_pre_attn_scalar is not None:
+            return self.query_pre_attn_scalar ** -0.5
         qk_dim = self.qk_nope_head_dim + self.qk_rope_head_dim if self.is_mla else self.head_dim
         return 1.0 / math.sqrt(qk_dim)
 

@@ -34,9 +34,12 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",  # the text model (Gemma-3-270M, 1B; the text part of 4B+)
     "DeepseekV3ForCausalLM": "deepseek_v3",  # MLA; dense layers only (no MoE)
 }
-SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "deepseek_v3"}
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "deepseek_v3"}
+_MODEL_TYPE_ARCH = {"gemma3_text": "gemma3"}
 
 
 @dataclass
@@ -66,7 +69,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     architectures = hf.get("architectures") or []
     arch = SUPPORTED_ARCHITECTURES.get(architectures[0]) if architectures else None
     if arch is None and model_type in SUPPORTED_MODEL_TYPES and not architectures:
-        arch = model_type
+        arch = _MODEL_TYPE_ARCH.get(model_type, model_type)
     if arch is None:
         found = architectures[0] if architectures else model_type
         raise MlakitError(f"unsupported architecture {found!r}; supported: {_supported_list()}")
@@ -74,6 +77,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     rope_parameters = hf.get("rope_parameters") or {}
     if arch == "deepseek_v3":
         _check_deepseek_dense(hf)
+    family = _gemma3_fields(hf) if arch == "gemma3" else {}
+    if arch == "gemma3":  # RoPE per layer type: the global one may be scaled, the local one is not
+        rope_parameters = rope_parameters.get("full_attention") or {}
     rope_theta = hf.get("rope_theta", rope_parameters.get("rope_theta", 10000.0))
     scaling = hf.get("rope_scaling") or rope_parameters
     rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
@@ -88,9 +94,9 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     else:
         raise MlakitError(f"RoPE scaling {rope_type!r} is not supported (supported: default, linear, llama3)")
 
-    if arch == "qwen2" and hf.get("use_sliding_window"):
-        raise MlakitError("Qwen2 with use_sliding_window=true is not supported")
-    sliding_window = hf.get("sliding_window") if arch == "mistral" else None
+    if arch in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        raise MlakitError(f"{arch} with use_sliding_window=true is not supported")
+    sliding_window = hf.get("sliding_window") if arch in ("mistral", "gemma3") else None
 
     eos = hf.get("eos_token_id")
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
@@ -123,9 +129,34 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         o_bias=False if arch == "qwen2" else attention_bias,
         mlp_bias=bool(hf.get("mlp_bias", False)),
         sliding_window=sliding_window,
+        qk_norm=arch in ("qwen3", "gemma3"),
         bos_token_id=hf.get("bos_token_id"),
         eos_token_ids=eos_ids,
-        **mla,
+        **{**mla, **family},
+    )
+
+
+def _gemma3_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """What Gemma 3 adds to a Llama-shaped config (transformers' Gemma3TextConfig)."""
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(name) is not None:
+            raise MlakitError(f"Gemma 3 with {name}={hf[name]} is not supported")
+    if hf.get("use_bidirectional_attention"):
+        raise MlakitError("Gemma 3 with use_bidirectional_attention=true is not supported")
+    if hf.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise MlakitError(f"Gemma 3 with hidden_activation={hf['hidden_activation']!r} is not supported")
+    n_layers = hf["num_hidden_layers"]
+    layer_types = hf.get("layer_types") or [
+        "sliding_attention" if (i + 1) % hf.get("sliding_window_pattern", 6) else "full_attention"
+        for i in range(n_layers)]
+    local = (hf.get("rope_parameters") or {}).get("sliding_attention") or {}
+    if local.get("rope_type", "default") != "default":
+        raise MlakitError("Gemma 3 with a scaled RoPE on its sliding layers is not supported")
+    return dict(
+        layer_types=list(layer_types),
+        rope_local_theta=float(local.get("rope_theta", hf.get("rope_local_base_freq", 10000.0))),
+        embedding_scale=hf["hidden_size"] ** 0.5, mlp_activation="gelu_tanh", sandwich_norms=True,
+        query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
     )
 
 
@@ -149,6 +180,13 @@ _HF_LAYER_KEYS = {
     "mlp.down_proj": "feed_forward.w2",
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
+}
+_QK_NORM_KEYS = {"self_attn.q_norm": "attention.q_norm", "self_attn.k_norm": "attention.k_norm"}
+_GEMMA3_LAYER_KEYS = {  # QK-norm, and Gemma's sandwich norms: the names of the Llama ones shift
+    **_QK_NORM_KEYS,
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffn_norm",
 }
 _DEEPSEEK_LAYER_KEYS = {  # DeepseekV3 attention names (MLP and norms as in Llama)
     "self_attn.q_proj": "attention.wq",
@@ -176,7 +214,8 @@ def hf_key_to_mlakit(name: str, arch: str = "llama") -> str | None:
         return _HF_TOP_KEYS[name]
     if _HF_IGNORED_RE.fullmatch(name):
         return None
-    layer_keys = {**_HF_LAYER_KEYS, **_DEEPSEEK_LAYER_KEYS} if arch == "deepseek_v3" else _HF_LAYER_KEYS
+    family_keys = {"deepseek_v3": _DEEPSEEK_LAYER_KEYS, "qwen3": _QK_NORM_KEYS, "gemma3": _GEMMA3_LAYER_KEYS}
+    layer_keys = {**_HF_LAYER_KEYS, **family_keys.get(arch, {})}
     match = _HF_LAYER_RE.fullmatch(name)
     if match and match.group(2) in layer_keys:
         layer, module, kind = match.groups()
@@ -213,6 +252,8 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], config: ModelConfig,
         key = hf_key_to_mlakit(name, config.arch)
         if key is None or (key == "output.weight" and config.tie_embeddings):
             continue  # tied: the output head is the embedding matrix
+        if config.arch == "gemma3" and key.endswith("norm.weight"):
+            tensor = (1.0 + tensor.float()).to(tensor.dtype)  # Gemma's RMSNorm scales by (1 + w): folded, so RMSNorm stays one class
         state[key] = tensor
     if rope_interleave:
         _deinterleave_rope_rows(state, config)

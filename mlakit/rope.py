@@ -9,12 +9,14 @@ import torch
 from mlakit.config import ModelConfig
 
 
-def rope_inv_freq(config: ModelConfig, dim: int) -> torch.Tensor:
+def rope_inv_freq(config: ModelConfig, dim: int, layer_type: str = "full_attention") -> torch.Tensor:
     """The ``dim // 2`` inverse frequencies of a rotary embedding over ``dim`` dims,
-    with the config's scaling (linear or Llama-3), as transformers computes them."""
+    with the config's scaling (linear or Llama-3), as transformers computes them.
+    Sliding layers of a model with ``rope_local_theta`` (Gemma 3) use that base, unscaled."""
     exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
-    inv_freq = 1.0 / (config.rope_theta ** exponent)  # [dim // 2]
-    scaling = config.rope_scaling or {}
+    local = layer_type == "sliding_attention" and config.rope_local_theta is not None
+    inv_freq = 1.0 / ((config.rope_local_theta if local else config.rope_theta) ** exponent)  # [dim // 2]
+    scaling = {} if local else (config.rope_scaling or {})
     rope_type = scaling.get("rope_type", "default")
     if rope_type == "linear":
         inv_freq = inv_freq / scaling["factor"]
@@ -35,13 +37,13 @@ def rope_inv_freq(config: ModelConfig, dim: int) -> torch.Tensor:
     return inv_freq
 
 
-def mla_rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+def mla_rope_inv_freq(config: ModelConfig, layer_type: str = "full_attention") -> torch.Tensor:
     """Frequencies of MLA's shared RoPE key: a chosen subset of the source model's
     per-head frequencies (converted models) or the standard ones (native MLA)."""
     if config.qk_rope_freq_indices is not None:
-        source = rope_inv_freq(config, config.head_dim)
+        source = rope_inv_freq(config, config.head_dim, layer_type)
         return source[torch.tensor(config.qk_rope_freq_indices, dtype=torch.long)]
-    return rope_inv_freq(config, config.qk_rope_head_dim)
+    return rope_inv_freq(config, config.qk_rope_head_dim, layer_type)
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

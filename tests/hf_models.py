@@ -22,6 +22,18 @@ def tiny_hf_model(arch: str, n_kv_heads: int, seed: int = 0, **overrides):
     elif arch == "qwen2":
         config = transformers.Qwen2Config(**common)
         cls = transformers.Qwen2ForCausalLM
+    elif arch == "qwen3":  # QK-norm; head_dim set apart from hidden_size / heads, as Qwen3 does
+        config = transformers.Qwen3Config(head_dim=common.pop("head_dim", 16), **common)
+        cls = transformers.Qwen3ForCausalLM
+    elif arch == "gemma3":  # QK-norm, sandwich norms, GeGLU, scaled embeddings, local/global layers
+        gemma = dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=6, sliding_window_pattern=3,
+                     tie_word_embeddings=True,
+                     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                      "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})
+        common.pop("tie_word_embeddings")
+        gemma.update({k: common.pop(k) for k in list(common) if k in gemma})
+        config = transformers.Gemma3TextConfig(**common, **gemma)
+        cls = transformers.Gemma3ForCausalLM
     else:
         raise ValueError(arch)
     torch.manual_seed(seed)

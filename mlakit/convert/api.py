@@ -13,6 +13,7 @@ import torch
 from mlakit.config import ModelConfig
 from mlakit.convert.calibrate import LayerStats, LayerStore, calibrate
 from mlakit.convert.factorize import build_layer, plan_layer, rope_spectrum, rotation_expectation
+from mlakit.convert.qk_norm import source_attention, split_weights
 from mlakit.convert.ranks import (
     DEFAULT_KV_SAVING, RANK_ALLOCATIONS, ROPE_FREQUENCIES, Budget, allocate_ranks, frequency_scores, make_budget,
     select_frequencies,
@@ -25,6 +26,7 @@ from mlakit.rope import rope_inv_freq
 DEFAULT_CALIB_TOKENS = 8192
 ROPE_SELECTIONS = ("energy", "rotation")
 NOPE_ROTATIONS = ("expected", "none")
+CONVERTIBLE = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 
 
 @dataclass
@@ -92,8 +94,8 @@ class ConvertSummary:
 def check_source(config: ModelConfig) -> None:
     if config.is_mla:
         raise MlakitError("the source is already an MLA model")
-    if config.arch not in ("llama", "mistral", "qwen2"):
-        raise MlakitError(f"converting {config.arch!r} models is not supported (supported: llama, mistral, qwen2)")
+    if config.arch not in CONVERTIBLE:
+        raise MlakitError(f"converting {config.arch!r} models is not supported (supported: {', '.join(CONVERTIBLE)})")
     if config.head_dim % 2:
         raise MlakitError("head_dim must be even")
 
@@ -121,12 +123,13 @@ def analyse(model: Transformer, tokens: torch.Tensor, options: ConvertOptions) -
     start = time.perf_counter()
     stats = calibrate(model, tokens, seq_len=options.calib_seq_len, batch_size=options.batch_size,
                       progress=options.progress, store=LayerStore(options.spill_dir, prefix="stats"))
-    inv_freq = rope_inv_freq(model.config, model.config.head_dim)
     spectra = LayerStore(options.spill_dir, prefix="spectrum")
     lams, rho = [], []
     for l in tqdm(range(len(stats)), desc="rope spectra", disable=not options.progress, leave=False):
         st = stats[l]
-        spectrum = rope_spectrum(model.layers[l].attention, st.sigma, options.query_weighted)
+        spectrum = rope_spectrum(source_attention(model.layers[l].attention), st.sigma, options.query_weighted)
+        # the RoPE of this layer's type (Gemma 3's sliding layers have their own base)
+        inv_freq = rope_inv_freq(model.config, model.config.head_dim, model.config.layer_type(l))
         rho.append(rotation_expectation(st.dist, inv_freq))
         lams.append(spectrum.lam)
         spectra.append(spectrum)
@@ -150,7 +153,7 @@ def convert_model(model: Transformer, analysis: Analysis, options: ConvertOption
 
     def plan(l: int, stats: LayerStats):
         rho = analysis.rho[l] if options.nope_rotation == "expected" else None
-        return plan_layer(model.layers[l].attention, stats.sigma, analysis.spectra[l], counts, rho, options.alpha)
+        return plan_layer(source_attention(model.layers[l].attention), stats.sigma, analysis.spectra[l], counts, rho, options.alpha)
 
     # Plans are large (the joint metric rows and eigenvectors of a layer), so they are made
     # one layer at a time and dropped after use; adaptive ranks need every layer's
@@ -169,14 +172,17 @@ def convert_model(model: Transformer, analysis: Analysis, options: ConvertOption
     mla_config = config.replace(
         attention="mla", kv_lora_rank=ranks[0] if len(set(ranks)) == 1 else ranks, qk_rope_head_dim=budget.rope_dim,
         qk_nope_head_dim=nope_dim, v_head_dim=d, q_lora_rank=None, latent_norm=False,
-        qk_rope_freq_indices=freq_indices,
+        qk_rope_freq_indices=freq_indices, query_pre_attn_scalar=None,  # the source's scale is folded into wq
     )
     dtype = model.dtype
     state = {k: v for k, v in model.state_dict().items() if ".attention." not in k}
     for l in tqdm(range(n_layers), desc="factorise", disable=not options.progress, leave=False):
         attn, stats = model.layers[l].attention, analysis.stats[l]
         sigma_attn = stats.sigma_attn if options.value_fit == "attention" else None
-        for name, tensor in build_layer(attn, plan(l, stats), ranks[l], nope_dim, sigma_attn).items():
+        layer = build_layer(source_attention(attn), plan(l, stats), ranks[l], nope_dim, sigma_attn)
+        if config.qk_norm:
+            layer = split_weights(attn, layer)
+        for name, tensor in layer.items():
             if name.endswith(".bias") and not config.qkv_bias:
                 continue
             state[f"layers.{l}.attention.{name}"] = tensor.to(dtype)

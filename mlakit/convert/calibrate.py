@@ -6,7 +6,9 @@ layer's work), collecting for every layer
 
 - ``sigma``: ``E[x̄ x̄ᵀ]`` of the attention input ``x̄ = [attention_norm(h); 1]`` (float64,
   ``[dim + 1, dim + 1]``). Every query, key and value is an affine map of ``x``, so all
-  the second moments the factorisation needs follow from it;
+  the second moments the factorisation needs follow from it. With QK-norm the per-head
+  normed queries and keys join the input, ``x̄ = [x; q̂; k̂; 1]`` (``attention_input``): queries
+  and keys are then linear in ``x̄`` again;
 - ``dist``: per query head, the attention mass at each query-key distance
   ``[n_heads, seq_len]`` (used to estimate how much RoPE rotation a key dimension
   really needs).
@@ -27,7 +29,7 @@ from mlakit.rope import apply_rope
 
 @dataclass
 class LayerStats:
-    sigma: torch.Tensor  # [dim + 1, dim + 1] float64, E[x̄ x̄ᵀ]
+    sigma: torch.Tensor  # [in + 1, in + 1] float64, E[x̄ x̄ᵀ] (in: dim, + (H + G) head_dim with QK-norm)
     dist: torch.Tensor  # [n_heads, seq_len] float64, attention mass per distance (rows sum to 1)
     tokens: int
     # [G or 1, dim + 1, dim + 1]: E[x̃ x̃ᵀ] of the attention-averaged inputs, per KV group (one
@@ -35,18 +37,27 @@ class LayerStats:
     sigma_attn: torch.Tensor | None = None
 
 
+def attention_input(attn, x: torch.Tensor) -> torch.Tensor:
+    """``x̄ [n, in + 1]`` float64 of ``x [..., dim]``: ``[x; 1]``, or ``[x; q̂; k̂; 1]`` for a
+    QK-norm layer (``q̂ [H d]``, ``k̂ [G d]``: normed per head, before RoPE)."""
+    parts = [x]
+    if attn.q_norm is not None:
+        q, k = attn.queries_keys(attn.wq(x), attn.wk(x))
+        parts += [q.flatten(-2), k.flatten(-2)]
+    return F.pad(torch.cat(parts, -1).reshape(-1, sum(t.shape[-1] for t in parts)).double(), (0, 1), value=1.0)
+
+
 def _attention_stats(attn, x: torch.Tensor, xa: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     sin: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``[h, L]`` attention mass at distance 0..L-1 of a GQA layer on ``x [b, L, dim]`` (causal),
     and ``[G, dim+1, dim+1]``: second moments of the attention-averaged inputs
     ``x̃_h = Σ_j p_hj x̄_j`` (what each head's value path really sees), summed per KV group."""
     b, length, _ = x.shape
-    q = apply_rope(attn.wq(x).view(b, length, attn.n_heads, attn.head_dim), cos, sin)
-    k = apply_rope(attn.wk(x).view(b, length, attn.n_kv_heads, attn.head_dim), cos, sin)
+    q, k = attn.queries_keys(attn.wq(x), attn.wk(x))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k = k.repeat_interleave(attn.n_heads // attn.n_kv_heads, dim=2)
     scores = torch.einsum("bshd,blhd->bhsl", q, k) * attn.scale  # [b, h, L, L]
-    causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
-    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    probs = scores.masked_fill(~mask[:, None], float("-inf")).softmax(-1)  # causal (and the layer's window)
     pos = torch.arange(length, device=x.device)
     offset = (pos[:, None] - pos[None, :]).clamp(min=0)  # [L, L] distance of key j from query i
     hist = torch.zeros(b, attn.n_heads, length, dtype=probs.dtype, device=x.device)
@@ -110,24 +121,26 @@ def calibrate(model: Transformer, tokens: torch.Tensor, seq_len: int = 512, batc
     if n_seq == 0:
         seq_len, n_seq = tokens.numel(), 1
     seqs = tokens[: n_seq * seq_len].view(n_seq, seq_len).to(device)
-    chunks = [seqs[i:i + batch_size] for i in range(0, n_seq, batch_size)]
-    hidden = [model.tok_embeddings(chunk) for chunk in chunks]
-    layer_inputs = [model.layer_inputs(chunk) for chunk in chunks]  # positions, RoPE angles, mask
-    cos, sin = layer_inputs[0].cos[:1], layer_inputs[0].sin[:1]  # [1, s, rot/2]: the same for every window
+    hidden = [model.embed(seqs[i:i + batch_size]) for i in range(0, n_seq, batch_size)]
+    positions = torch.arange(seq_len, device=device)[None]
+    # explicit masks [1, s, s] (the statistics need them), shared by every window
+    inputs = model.layer_inputs(seqs[:1], positions=positions)
     stats = store if store is not None else LayerStore()
     bar = tqdm(total=config.n_layers * len(hidden), desc="calibrate", unit="chunk", disable=not progress)
     for i, layer in enumerate(model.layers):
-        sigma = torch.zeros(config.dim + 1, config.dim + 1, dtype=torch.float64, device=device)
+        cos, sin, mask = inputs.per_layer[i]
+        n_in = config.dim + 1 + (config.n_heads + config.n_kv_heads) * config.head_dim * config.qk_norm
+        sigma = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
         dist = torch.zeros(config.n_heads, seq_len, dtype=torch.float64, device=device)
-        sigma_attn = torch.zeros(config.n_kv_heads, config.dim + 1, config.dim + 1, dtype=torch.float64, device=device)
+        sigma_attn = torch.zeros(config.n_kv_heads, n_in, n_in, dtype=torch.float64, device=device)
         for j, h in enumerate(hidden):
             x = layer.attention_norm(h)
-            xa = F.pad(x.reshape(-1, config.dim).double(), (0, 1), value=1.0)  # [n, dim + 1]
+            xa = attention_input(layer.attention, x)  # [n, in + 1]
             sigma += xa.T @ xa
-            d_hist, s_attn = _attention_stats(layer.attention, x, xa, cos, sin)
+            d_hist, s_attn = _attention_stats(layer.attention, x, xa, cos, sin, mask)
             dist += d_hist
             sigma_attn += s_attn
-            hidden[j] = model.run_layers(h, layer_inputs[j], layers=range(i, i + 1))  # the model's own layer loop
+            hidden[j] = model.run_layers(h, inputs, layers=range(i, i + 1))  # the model's own layer loop
             bar.update(1)
         n = n_seq * seq_len
         stats.append(LayerStats(sigma=(sigma / n).cpu(), dist=(dist / dist.sum(-1, keepdim=True)).cpu(), tokens=n,

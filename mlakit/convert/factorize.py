@@ -151,7 +151,7 @@ def plan_layer(attn, sigma: torch.Tensor, spec: RopeSpectrum, counts: list[int],
     n2 = key_rows.shape[0]
     # metrics: score error for keys (queries that read them), output error for values
     Aq = _aug(attn.wq).view(H, d, -1)
-    scale2 = 1.0 / d
+    scale2 = attn.scale ** 2  # the source's softmax scale (1/sqrt(d), or Gemma's query_pre_attn_scalar)
     cq = torch.zeros(n2, n2, dtype=torch.float64)
     for h in range(H):
         qh = Aq[h] @ sigma @ Aq[h].T  # [d, d]
@@ -191,7 +191,7 @@ def build_layer(attn, plan: LayerPlan, rank: int, nope_dim: int,
     U = plan.basis[:, :rank]  # [n2 + G d, r]
     latent_rows = U.T @ plan.metric_rows  # [r, in+1]
     B = plan.key_pinv @ U[:n2]  # [n2, r]: NoPE key components from the latent
-    s_ratio = math.sqrt(nope_dim + p) / math.sqrt(d)  # source scale 1/sqrt(d) folded into the queries
+    s_ratio = math.sqrt(nope_dim + p) * attn.scale  # the source's softmax scale folded into the queries
     Aq = _aug(attn.wq).view(H, d, -1)
     if sigma_attn is not None:
         # values: least squares under the attention-averaged inputs each group's heads see:

@@ -181,6 +181,15 @@ def check_exportable(config: ModelConfig) -> None:
         raise MlakitError("DeepSeek-V3 has no MLP biases (mlp_bias=true cannot be exported)")
     if config.sliding_window is not None:
         raise MlakitError("DeepSeek-V3 has no sliding-window attention (sliding_window cannot be exported)")
+    # what Qwen3 / Gemma 3 add has no DeepSeek-V3 counterpart (the config would load but compute another model)
+    family = {"qk_norm": config.qk_norm, "sandwich_norms": config.sandwich_norms,
+              "embedding_scale": config.embedding_scale is not None, "layer_types": config.layer_types is not None,
+              "mlp_activation": config.mlp_activation != "silu", "rope_local_theta": config.rope_local_theta is not None,
+              "query_pre_attn_scalar": config.query_pre_attn_scalar is not None}
+    found = [name for name, present in family.items() if present]
+    if found:
+        raise MlakitError(f"DeepSeek-V3 cannot express this model's {', '.join(found)} ({config.arch}): "
+                          "it runs in mlakit only")
 
 
 def _max_norm_sq(weight: torch.Tensor, gain: torch.Tensor, dim: int, bias: torch.Tensor | None) -> float:

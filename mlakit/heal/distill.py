@@ -150,7 +150,7 @@ def forward_hidden(model: Transformer, tokens: torch.Tensor, grad_checkpoint: bo
     position 0, as ``model(tokens, options=options)`` computes them), and each block's output
     when ``collect``. ``block_fn``: a compiled block call (``mlakit.speed.compiled_block_call``)."""
     hidden: list[torch.Tensor] = []
-    x = model.run_layers(model.tok_embeddings(tokens), model.layer_inputs(tokens), options=options,
+    x = model.run_layers(model.embed(tokens), model.layer_inputs(tokens), options=options,
                          block_fn=block_fn, grad_checkpoint=grad_checkpoint, collect=hidden if collect else None)
     return model.norm(x), hidden
 

@@ -29,9 +29,10 @@ def _relative_mse(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (out.float() - ref.float()).pow(2).mean() / ref.float().pow(2).mean().clamp(min=1e-12)
 
 
-def _first(inputs, k: int):
-    """The first ``k`` rows of a batch's ``LayerInputs`` (a short last batch)."""
-    return type(inputs)(*(None if t is None else t[:k] for t in inputs))
+def _attend(attention, x: torch.Tensor, inputs, layer: int) -> torch.Tensor:
+    """Layer ``layer``'s attention alone on ``x`` with a forward's ``LayerInputs``."""
+    cos, sin, mask = inputs.per_layer[layer]
+    return attention(x, cos, sin, inputs.positions, mask)
 
 
 def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) -> dict:
@@ -54,7 +55,7 @@ def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) 
     result = {"before": [], "after": [], "restored": [], "steps": options.layerwise_steps, "windows": n}
     start_time = time.perf_counter()
     with torch.no_grad(), torch.autocast(**amp):
-        hidden = teacher.tok_embeddings(tokens)  # [N, s, dim]: the teacher's states, layer by layer
+        hidden = teacher.embed(tokens)  # [N, s, dim]: the teacher's states, layer by layer
     bar = tqdm(total=len(student.layers) * options.layerwise_steps, desc="layer-wise init", unit="step",
                disable=not options.progress)
     def batched(fn, inputs: torch.Tensor, layer_inputs) -> torch.Tensor:
@@ -62,18 +63,19 @@ def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) 
         outs = []
         for i in range(0, n, batch):
             chunk = inputs[i:i + batch]
-            outs.append(fn(chunk, _first(layer_inputs, chunk.shape[0])))
+            outs.append(fn(chunk, layer_inputs.first(chunk.shape[0])))
         return torch.cat(outs)
 
     for l, (s_layer, t_layer) in enumerate(zip(student.layers, teacher.layers)):
         attn = s_layer.attention
         with torch.no_grad(), torch.autocast(**amp):
             x = t_layer.attention_norm(hidden)  # [N, s, dim]: this layer's attention input
-            target = batched(lambda chunk, inputs: t_layer.attention(chunk, *inputs), x, t_inputs)
+            target = batched(lambda chunk, inputs: _attend(t_layer.attention, chunk, inputs, l), x, t_inputs)
 
         def error() -> float:
             with torch.no_grad(), torch.autocast(**amp):
-                return float(_relative_mse(batched(lambda chunk, inputs: attn(chunk, *inputs), x, s_inputs), target))
+                return float(_relative_mse(batched(lambda chunk, inputs: _attend(attn, chunk, inputs, l), x, s_inputs),
+                                           target))
 
         params = [p for name, p in attn.named_parameters() if name.split(".")[0] in names]
         for p in attn.parameters():
@@ -90,7 +92,7 @@ def layerwise_init(student, teacher, windows: torch.Tensor, options, log=print) 
                 group["lr"] = lr
             idx = torch.arange(k * batch, (k + 1) * batch, device=device) % n  # a fixed round-robin order
             with torch.autocast(**amp):
-                loss = _relative_mse(attn(x[idx], *s_inputs), target[idx])
+                loss = _relative_mse(_attend(attn, x[idx], s_inputs, l), target[idx])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()

@@ -88,6 +88,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def model_info(model) -> dict:
     import torch
 
+    from mlakit.cache import ModelCache
+
     config = model.config
     info = {
         "architecture": config.arch,
@@ -110,6 +112,9 @@ def model_info(model) -> dict:
     for dtype in (model.dtype, torch.bfloat16):
         cache = model.new_cache(1, 1, dtype=dtype)
         info[f"kv_bytes_per_token_{str(dtype).replace('torch.', '')}"] = cache.bytes_per_token()
+    for kv_dtype in ("int8", "int4"):  # quantised caches (values + scales; fp8 is int8's size)
+        cache = ModelCache(model.config, 1, 1, dtype=torch.bfloat16, kv_cache_dtype=kv_dtype)
+        info[f"kv_bytes_per_token_{kv_dtype}"] = cache.bytes_per_token()
     return info
 
 

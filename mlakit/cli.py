@@ -80,6 +80,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def model_info(model) -> dict:
     import torch
 
+    from mlakit.cache import ModelCache
+
     config = model.config
     info = {
         "architecture": config.arch,

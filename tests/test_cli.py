@@ -15,6 +15,8 @@ def test_info_on_hf_dir(tmp_path, capsys):
     assert info["attention"] == "GQA-2"
     assert info["kv_bytes_per_token_float32"] == 3 * 2 * 2 * 16 * 4  # layers x (k, v) x heads x dim x bytes
     assert info["kv_bytes_per_token_bfloat16"] == 3 * 2 * 2 * 16 * 2
+    assert info["kv_bytes_per_token_int8"] == 3 * 2 * 2 * (16 + 4)  # values + one float32 scale per head
+    assert info["kv_bytes_per_token_int4"] == 3 * 2 * 2 * (8 + 4)
     assert info["parameters"] > 0
 
 

@@ -14,6 +14,11 @@ fp32, then the query's dtype for the tensor-core dots), so the memory traffic is
 quantised bytes. The splits are merged by ``mla_decode``'s combine kernel. No host sync:
 lengths stay on the device; CUDA-graph safe like ``mla_decode``.
 
+Not tuned on a GPU yet: compiled for sm_90a at rank 512 (``compile_report``) the kernel uses
+255 registers and spills ~0.6-1 KB per thread (the dequantised tile goes through registers on
+its way to shared memory, beside the [rows, 512] fp32 accumulator); small ranks do not spill.
+The speed targets are for a Gluon variant (fp8 wgmma or dequantise into shared memory).
+
     mla_decode_quant            -- dispatching wrapper (Triton on CUDA / interpreter, else reference)
     mla_decode_quant_reference  -- dequantise (mlakit.quant) then mla_decode_reference
 """
@@ -345,3 +350,50 @@ def _mla_decode_quant_op(q_latent: torch.Tensor, q_rope: torch.Tensor, values: t
 def _mla_decode_quant_fake(q_latent, q_rope, values, scales, k_rope, rope_scales, lengths, softmax_scale,
                            kv_lora_rank, fmt):
     return q_latent.new_empty(q_latent.shape)
+
+
+def compile_report(fmt: str = "int8", heads: int = 32, rank: int = 512, rope: int = 64, s_q: int = 1,
+                   num_splits: int = 2, quant_rope: bool = False, arch: int = 90) -> dict:
+    """Compile the split kernel for ``sm_{arch}`` without a GPU (bf16 queries, ``default_config``'s
+    tiles for an H200-sized launch): registers, spills and shared memory, what a machine without a
+    GPU can check (tests/kernels/test_mla_decode_quant_compile.py)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mlakit.kernels.ptxas import ptxas_path, ptxas_resources
+
+    fmt_ = cache_format(fmt)
+    cfg = default_config(1, s_q, heads, rank, rope, 4096, torch.device("cuda"), torch.bfloat16) \
+        if torch.cuda.is_available() else _offline_config(s_q * heads, rank)
+    storage = {"int8": "*i8", "fp8": "*fp8e4nv", "int4": "*u8"}[fmt_.name]
+    pointers = {"q_latent_ptr": "*bf16", "q_rope_ptr": "*bf16", "values_ptr": storage, "scales_ptr": "*fp32",
+                "rope_ptr": storage if quant_rope else "*bf16", "rope_scales_ptr": "*fp32", "lengths_ptr": "*i64",
+                "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
+    constexprs = dict(RANK=rank, ROPE=rope, BLOCK_H=cfg["block_h"], BLOCK_N=cfg["block_n"],
+                      BLOCK_R=max(16, fmt_.group_size, triton.next_power_of_2(rank)),
+                      BLOCK_P=max(16, triton.next_power_of_2(max(rope, 1)), fmt_.group_size if quant_rope else 16),
+                      GROUP=fmt_.group_size, QUANT=_QUANT_CODES[fmt_.name],
+                      ROPE_QUANT=_QUANT_CODES[fmt_.name] if quant_rope else 0, WRITE_PARTIAL=num_splits > 1,
+                      DOT_PRECISION="tf32", DOT_UPCAST=False)
+    fn = _mla_decode_quant_split_kernel
+    names = fn.arg_names
+    signature = {n: pointers.get(n) or ("constexpr" if n in constexprs else "fp32" if n == "scale_log2" else "i32")
+                 for n in names}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    result = {"shared_bytes": kernel.metadata.shared, "config": cfg}
+    ptxas = ptxas_path()
+    if ptxas:
+        result.update(ptxas_resources(kernel.asm["ptx"], ptxas))
+    return result
+
+
+def _offline_config(rows: int, rank: int) -> dict:
+    """``default_config``'s tiles for one H200 (132 SMs) launch, computed without a GPU."""
+    block_h = min(64, max(16, triton.next_power_of_2(rows)))
+    if rank >= 256 and block_h <= 32:
+        return dict(block_h=block_h, block_n=32, num_warps=4, num_stages=3)
+    if rank >= 256:
+        return dict(block_h=block_h, block_n=64, num_warps=8, num_stages=2)
+    return dict(block_h=block_h, block_n=128, num_warps=4, num_stages=3)

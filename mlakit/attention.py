@@ -118,9 +118,8 @@ class GQAttention(nn.Module):
         if cache is None and options.kv_cache_dtype is not None:  # keys and values as a cache would store them
             k, v = fake_quantize(k, options.kv_cache_dtype), fake_quantize(v, options.kv_cache_dtype)
         if cache is not None:
-            k, v = cache.update(k, v, positions)  # [b, kv_h, L_max, d]
-            kv_len = mask.shape[-1]
-            k, v = k[:, :, :kv_len].to(q.dtype), v[:, :, :kv_len].to(q.dtype)
+            cache.update(k, v, positions)
+            k, v = (t.to(q.dtype) for t in cache.dequantized(b, mask.shape[-1]))  # [b, kv_h, L, d], as stored
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, kv_h, s, d]
         group = self.n_heads // self.n_kv_heads
@@ -238,11 +237,11 @@ class MLAttention(nn.Module):
                 if options.quantize_rope:  # else kept in the model's dtype, as QuantLatentCache keeps it
                     k_rope = fake_quantize(k_rope, options.kv_cache_dtype)
         else:
-            kv = self._write_cache(latent, k_rope, positions, cos, sin, cache, options)  # [b, L_max, r + p]
+            self._write_cache(latent, k_rope, positions, cos, sin, cache, options)
             if absorbed and options.kernels and self.kernel_fits:
-                out = self._decode_absorbed(q_nope, q_rope, kv, cache)
+                out = self._decode_absorbed(q_nope, q_rope, cache)
                 return self.wo(out.reshape(b, s, self.n_heads * self.v_dim))
-            kv = kv[:, : mask.shape[-1]].to(x.dtype)  # [b, L, r + p]
+            kv = cache.dequantized(b, mask.shape[-1]).to(x.dtype)  # [b, L, r + p], as stored
             latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         if absorbed:
             out = self._attend_absorbed(q_nope, q_rope, latent, k_rope, _causal(s, x.device) if mask is None else mask)
@@ -256,16 +255,16 @@ class MLAttention(nn.Module):
             latent = self.kv_norm(latent)
         return latent, apply_rope(k_rope, cos, sin)
 
-    def _write_cache(self, latent, k_rope, positions, cos, sin, cache: LatentCache,
-                     options: ForwardOptions) -> torch.Tensor:
-        """Norm + RoPE of the new tokens' latent and key, written at ``positions``; returns
-        this batch's packed cache ``[b, L_max, r + p]``. With kernels: one fused kernel
-        (mlakit.kernels.rope_append)."""
+    def _write_cache(self, latent, k_rope, positions, cos, sin, cache: LatentCache | QuantLatentCache,
+                     options: ForwardOptions) -> None:
+        """Norm + RoPE of the new tokens' latent and key, written at ``positions`` (quantised on
+        write for a quantised cache). With kernels: one fused kernel (mlakit.kernels.rope_append)."""
         if options.kernels:
             norm = self.kv_norm
-            return cache.append_rotated(latent, k_rope, positions, cos, sin,
-                                        None if norm is None else norm.weight, 0.0 if norm is None else norm.eps)
-        return cache.update(*self._norm_and_rotate(latent, k_rope, cos, sin), positions)
+            cache.write_rotated(latent, k_rope, positions, cos, sin,
+                                None if norm is None else norm.weight, 0.0 if norm is None else norm.eps)
+        else:
+            cache.update(*self._norm_and_rotate(latent, k_rope, cos, sin), positions)
 
     def _attend_naive(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
         b, length, _ = latent.shape
@@ -280,9 +279,9 @@ class MLAttention(nn.Module):
         )  # [b, h, s, v]
         return out.transpose(1, 2)  # [b, s, h, v]
 
-    def _decode_absorbed(self, q_nope, q_rope, kv: torch.Tensor, cache: LatentCache) -> torch.Tensor:
-        """Absorbed attention of the new tokens over the whole latent cache ``kv [b, L_max, r + p]``
-        (already holding them), through the decode kernel. The new tokens must sit at
+    def _decode_absorbed(self, q_nope, q_rope, cache: LatentCache | QuantLatentCache) -> torch.Tensor:
+        """Absorbed attention of the new tokens over the whole latent cache (already holding
+        them), through the decode kernel, which reads the cache as stored. The new tokens must sit at
         consecutive positions ending at ``cache.lengths - 1`` (what generation does)."""
         from mlakit.kernels import absorb_output, absorb_query, mla_decode
 
@@ -295,6 +294,7 @@ class MLAttention(nn.Module):
                                     self.kv_lora_rank, kv_scales=scales, k_rope=k_rope, kv_format=cache.format,
                                     rope_scales=rope_scales)  # [b, s, h, r]
             return absorb_output(out_latent.to(q_nope.dtype), w_uv.transpose(1, 2))
+        kv = cache.kv[:b]  # [b, L_max, r + p]
         q_latent = absorb_query(q_nope, w_uk).to(kv.dtype)  # [b, s, h, r]
         out_latent = mla_decode(q_latent, q_rope.to(kv.dtype), kv, cache.lengths[:b], self.scale,
                                 self.kv_lora_rank)  # [b, s, h, r]

@@ -126,12 +126,18 @@ class LatentCache(_Cache):
         at ``positions [b, s]``, angles ``cos, sin [b, s, rope_dim / 2]``. One kernel
         (``mlakit.kernels.rope_append``: Triton on CUDA, its reference elsewhere);
         returns this batch's packed buffer ``[b, L, r + rope_dim]``."""
+        self.write_rotated(latent, k_rope, positions, cos, sin, norm_weight, norm_eps)
+        return self.kv[: latent.shape[0]]
+
+    def write_rotated(self, latent: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, norm_weight: torch.Tensor | None,
+                      norm_eps: float) -> None:
+        """``append_rotated`` without returning the buffer."""
         from mlakit.kernels import rope_append
 
         self._check(positions)
         rope_append(latent, k_rope, self.kv, positions, cos, sin, norm_weight, norm_eps)
         self._advance(positions)
-        return self.kv[: latent.shape[0]]
 
     def dequantized(self, batch: int, kv_len: int | None = None) -> torch.Tensor:
         """The packed rows ``[batch, kv_len, r + rope_dim]`` as attention sees them (a view)."""
@@ -166,9 +172,9 @@ class QuantKVCache(_Cache):
                 max_batch, n_kv_heads, max_len, fmt.groups(head_dim), dtype=fmt.scale_dtype, device=device),
                 persistent=False)
 
-    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """``KVCache.update``: write k, v ``[b, s, kv_heads, head_dim]`` (quantised) at ``positions [b, s]``;
-        return this batch's whole buffers dequantised, ``[b, kv_heads, L, head_dim]``."""
+        ``dequantized`` reads them back (nothing is dequantised on write)."""
         self._check(positions)
         batch = k.shape[0]
         rows = torch.arange(batch, device=positions.device)[:, None]  # [b, 1]
@@ -177,7 +183,6 @@ class QuantKVCache(_Cache):
             getattr(self, f"{name}_values")[rows, :, positions] = values
             getattr(self, f"{name}_scales")[rows, :, positions] = scales
         self._advance(positions)
-        return self.dequantized(batch)
 
     def dequantized(self, batch: int, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values ``[batch, kv_heads, kv_len, head_dim]`` as attention sees them (a new tensor)."""
@@ -224,9 +229,9 @@ class QuantLatentCache(_Cache):
                        if quantize_rope else None)
         self.register_buffer("rope_scales", rope_scales, persistent=False)
 
-    def update(self, latent: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def update(self, latent: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor) -> None:
         """``LatentCache.update``: write latent ``[b, s, r]`` and rotated k_rope ``[b, s, rope_dim]``
-        (quantised) at ``positions [b, s]``; return this batch's rows dequantised, ``[b, L, r + rope_dim]``."""
+        (quantised) at ``positions [b, s]``; ``dequantized`` reads them back."""
         self._check(positions)
         batch = latent.shape[0]
         rows = torch.arange(batch, device=positions.device)[:, None]  # [b, 1]
@@ -236,7 +241,6 @@ class QuantLatentCache(_Cache):
         else:
             self.k_rope[rows, positions] = k_rope.to(self.k_rope.dtype)
         self._advance(positions)
-        return self.dequantized(batch)
 
     def append_rotated(self, latent: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor,
                        cos: torch.Tensor, sin: torch.Tensor, norm_weight: torch.Tensor | None,
@@ -244,13 +248,20 @@ class QuantLatentCache(_Cache):
         """``LatentCache.append_rotated``, quantising on write in the same fused kernel
         (``mlakit.kernels.rope_append_quant``); returns this batch's rows dequantised. Attention
         that runs the quantised decode kernel reads ``kernel_operands`` instead of the result."""
+        self.write_rotated(latent, k_rope, positions, cos, sin, norm_weight, norm_eps)
+        return self.dequantized(latent.shape[0])
+
+    def write_rotated(self, latent: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor,
+                      cos: torch.Tensor, sin: torch.Tensor, norm_weight: torch.Tensor | None,
+                      norm_eps: float) -> None:
+        """``append_rotated`` without reading anything back (the decode kernel reads the cache as
+        stored: dequantising the whole cache each step would cost more than the attention)."""
         from mlakit.kernels import rope_append_quant
 
         self._check(positions)
         rope_append_quant(latent, k_rope, self.values, self.scales, self.k_rope, positions, cos, sin, self.format,
                           norm_weight, norm_eps, rope_scales=self.rope_scales)
         self._advance(positions)
-        return self.dequantized(latent.shape[0])
 
     def kernel_operands(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(values, scales, k_rope, rope_scales)`` of this batch's rows, as stored (views)."""

@@ -26,7 +26,8 @@ def test_latent_cache_update_reads_back_the_quantised_rows(name, quantize_rope):
     for positions in (torch.arange(5)[None].repeat(2, 1), torch.tensor([[5], [5]])):  # prefill, then one step
         latent, k_rope = torch.randn(2, positions.shape[1], 64, generator=gen), torch.randn(2, positions.shape[1], 16,
                                                                                             generator=gen)
-        rows = cache.update(latent, k_rope, positions)
+        cache.update(latent, k_rope, positions)
+        rows = cache.dequantized(latent.shape[0])
         plain.update(latent, k_rope, positions)
     assert rows.shape == (2, 12, 80) and rows.dtype == torch.float32
     assert cache.lengths.tolist() == [6, 6, 0]
@@ -69,7 +70,8 @@ def test_kv_cache_update_reads_back_the_quantised_heads(name):
     gen = torch.Generator().manual_seed(2)
     k, v = torch.randn(2, 4, 3, 32, generator=gen), torch.randn(2, 4, 3, 32, generator=gen)
     positions = torch.arange(4)[None].repeat(2, 1)
-    k_out, v_out = cache.update(k, v, positions)
+    cache.update(k, v, positions)
+    k_out, v_out = cache.dequantized(k.shape[0])
     plain.update(k, v, positions)
     assert k_out.shape == (2, 3, 8, 32) and k_out.dtype == torch.bfloat16
     for got, exact in zip(cache.dequantized(2, 4), (plain.k[:, :, :4], plain.v[:, :, :4])):

@@ -292,28 +292,14 @@ def gluon_config(batch: int, s_q: int, heads: int, rank: int, max_len: int, num_
     return dict(num_splits=num_splits, stages=2, num_warps=num_warps)
 
 
-def mla_decode_gluon(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, lengths: torch.Tensor,
-                     softmax_scale: float, kv_lora_rank: int, *, out: torch.Tensor | None = None,
-                     num_splits: int | None = None, stages: int | None = None,
-                     num_warps: int | None = None) -> torch.Tensor:
-    """``mla_decode(..., backend="gluon")`` (same arguments, checks and result; ValueError
-    where this kernel cannot run), the keywords overriding ``gluon_config``."""
-    from mlakit.kernels.mla_decode import mla_decode
-
-    overrides = {k: v for k, v in dict(num_splits=num_splits, stages=stages, num_warps=num_warps).items()
-                 if v is not None}
-    return mla_decode(q_latent, q_rope, kv_cache, lengths, softmax_scale, kv_lora_rank, out=out,
-                      config=overrides or None, backend="gluon")
-
-
 def run(q_latent, q_rope, kv_cache, lengths, softmax_scale, out, config: dict | None = None):
     """The Gluon path of ``mla_decode`` (arguments already checked there): fills ``out``.
     ``config`` overrides keys of ``gluon_config``."""
-    from mlakit.kernels.mla_decode import _num_sms, merge_partials
+    from mlakit.kernels.decode_common import merge_partials, num_sms
 
     batch, s_q, heads, rank = q_latent.shape
     device_index = q_latent.device.index if q_latent.device.index is not None else torch.cuda.current_device()
-    cfg = dict(gluon_config(batch, s_q, heads, rank, kv_cache.shape[1], _num_sms(device_index)))
+    cfg = dict(gluon_config(batch, s_q, heads, rank, kv_cache.shape[1], num_sms(device_index)))
     if config:
         unknown = set(config) - set(cfg)
         if unknown:
@@ -330,7 +316,7 @@ def run(q_latent, q_rope, kv_cache, lengths, softmax_scale, out, config: dict | 
 def _launch(q_latent, q_rope, kv_cache, lengths, softmax_scale, out, num_splits, stages, num_warps):
     """The kernel alone (checked arguments): writes ``out`` itself for one split, else returns
     the partials (``split_partials``' layout) for ``merge_partials``."""
-    from mlakit.kernels.mla_decode import _LOG2E, split_partials
+    from mlakit.kernels.decode_common import LOG2E, split_partials
 
     batch, s_q, heads, rank = q_latent.shape
     rope = q_rope.shape[-1]
@@ -343,7 +329,7 @@ def _launch(q_latent, q_rope, kv_cache, lengths, softmax_scale, out, num_splits,
     lat_desc, rope_desc = _descriptors(kv_cache, rank, rope)
     _mla_decode_gluon_kernel[(-(-rows // block_h), num_splits, batch)](
         lat_desc, rope_desc, q_latent, q_rope, lengths, part_out, part_lse, out,
-        softmax_scale * _LOG2E, num_splits, kv_cache.shape[1],
+        softmax_scale * LOG2E, num_splits, kv_cache.shape[1],
         q_latent.stride(0), q_latent.stride(1), q_latent.stride(2),
         q_rope.stride(0), q_rope.stride(1), q_rope.stride(2),
         *part_out.stride()[:3],

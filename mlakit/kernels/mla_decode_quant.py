@@ -29,11 +29,11 @@ from typing import Optional
 
 import torch
 
-from mlakit.kernels.mla_decode import (
-    _LOG2E,
+from mlakit.kernels.decode_common import (
+    LOG2E,
     HAS_TRITON,
     LAST_COMPILED,
-    _use_triton,
+    use_triton,
     default_config,
     merge_partials,
     mla_decode_reference,
@@ -272,7 +272,7 @@ def _mla_decode_quant(q_latent, q_rope, values, scales, k_rope, rope_scales, len
                       fmt, out=None, config=None):
     rope_dim = _check_args(q_latent, q_rope, values, scales, k_rope, rope_scales, lengths, kv_lora_rank, fmt,
                            allow_fp64=True)
-    use_kernel = _use_triton(q_latent) and q_latent.dtype != torch.float64
+    use_kernel = use_triton(q_latent) and q_latent.dtype != torch.float64
     if use_kernel and fmt.name == "fp8" and q_latent.is_cuda:
         use_kernel = torch.cuda.get_device_capability(q_latent.device) >= (8, 9)  # e4m3 loads
     if not use_kernel:
@@ -318,7 +318,7 @@ def _mla_decode_quant(q_latent, q_rope, values, scales, k_rope, rope_scales, len
                                                                    batch)](
         q_latent, q_rope, values, scales, k_rope, rope_scales_arg, lengths,
         out, part_out, part_lse,
-        softmax_scale * _LOG2E,
+        softmax_scale * LOG2E,
         num_splits,
         q_latent.stride(0), q_latent.stride(1), q_latent.stride(2),
         q_rope.stride(0), q_rope.stride(1), q_rope.stride(2),

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from mlakit.kernels.mla_decode import HAS_TRITON, INTERPRET
+from mlakit.kernels.decode_common import HAS_TRITON, INTERPRET
 from mlakit.quant import cache_format, quantize
 
 if HAS_TRITON:

@@ -268,7 +268,7 @@ def gluon_parts(copy_gbps):
     epilogue), FlashMLA on the same cache, and an empty graph (the timing method's floor); each
     with do_bench (L2 flushed, the protocol's method) and back to back (no flush)."""
     from mlakit.bench.attention import _flash_mla_runner
-    from mlakit.kernels.mla_decode import merge_partials
+    from mlakit.kernels.decode_common import merge_partials
     from mlakit.kernels.mla_decode_gluon import _launch, mla_decode_gluon
 
     tiny = torch.zeros(1, device="cuda")

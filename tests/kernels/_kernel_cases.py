@@ -105,7 +105,7 @@ def run_decode_case(case, device="cpu", seed=0, backend="triton", **gluon_kwargs
     scale = 1.0 / math.sqrt(rank + rope)
     out = torch.full((batch, s_q, heads, rank), float("nan"), dtype=dtype, device=device)  # poison
     if backend == "gluon":
-        from mlakit.kernels.mla_decode_gluon import mla_decode_gluon
+        from mlakit.kernels.mla_decode import mla_decode_gluon
 
         mla_decode_gluon(q_latent, q_rope, kv_cache, lens, scale, rank, out=out, num_splits=splits, **gluon_kwargs)
     else:

@@ -159,7 +159,7 @@ def test_mla_decode_unknown_backend():
 
 def test_mla_decode_forced_gluon_says_why_it_cannot_run():
     """backend="gluon" (and mla_decode_gluon) on a CPU tensor: an error, not the reference."""
-    from mlakit.kernels.mla_decode_gluon import mla_decode_gluon
+    from mlakit.kernels.mla_decode import mla_decode_gluon
 
     args = (torch.randn(1, 1, 2, 64), torch.randn(1, 1, 2, 16), torch.randn(1, 5, 80), torch.tensor([4]), 0.3, 64)
     with pytest.raises(ValueError, match="backend='gluon': needs"):

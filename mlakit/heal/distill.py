@@ -141,9 +141,9 @@ def forward_hidden(model: Transformer, tokens: torch.Tensor, grad_checkpoint: bo
     position 0, as ``model(tokens)`` computes them), and each block's output when ``collect``.
     ``block_fn``: a compiled block call (``mlakit.speed.compiled_block_call``)."""
     hidden: list[torch.Tensor] = []
-    x = model.run_layers(model.tok_embeddings(tokens), model.layer_inputs(tokens), block_fn=block_fn,
-                         grad_checkpoint=grad_checkpoint, collect=hidden if collect else None)
-    return model.norm(x), hidden
+    x = model.hidden_states(tokens, block_fn=block_fn, grad_checkpoint=grad_checkpoint,
+                            collect=hidden if collect else None)
+    return x, hidden
 
 
 def kl_sum(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:

@@ -131,7 +131,9 @@ def shard_for_training(model: Transformer, mesh, reshard_after_forward: bool = T
 
     for block in model.layers:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    # the root keeps FSDP's default: its weights stay gathered from its forward to the end of
+    # backward, which the output head (run after ``hidden_states``, in chunks) relies on
+    fully_shard(model, mesh=mesh)
     register_fsdp_forward_method(model, "hidden_states")
     return model
 
@@ -164,6 +166,10 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, nam
     the optimizer got them): a state saved by N processes loads into 1, and back."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    if not optimizer.state:
+        # before the first step: get_optimizer_state_dict would create the moments by stepping
+        # once with zero gradients (AdamW's step count would then be one ahead)
+        return optimizer.state_dict()
     state = get_optimizer_state_dict(model, optimizer,
                                      options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not state:
@@ -180,6 +186,8 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     of a sharded model; every rank passes the whole state."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    if not state["state"]:
+        return  # saved before the first step: nothing to restore (and no zero-gradient step)
     named = {"state": {names[i]: value for i, value in state["state"].items()},
              "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
                               for group in state["param_groups"]]}

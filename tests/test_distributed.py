@@ -87,3 +87,40 @@ def test_tensor_parallel_greedy_decode_equals_one_process(model, tmp_path):
     assert two["tokens"] == one["tokens"]
     for key in ("prefill", "decode"):
         assert torch.allclose(two[key], one[key], rtol=1e-4, atol=1e-5), key
+
+
+def test_torchrun_generate_tensor_parallel_prints_what_one_process_prints(tmp_path, capsys):
+    """`torchrun --nproc-per-node 2 -m mlakit generate MODEL --tensor-parallel --greedy`: rank 0
+    alone prints, the tokens one process gives."""
+    pytest.importorskip("transformers")
+    import json
+
+    from convert.helpers import save_tiny_with_tokenizer
+    from mlakit.cli import main
+
+    _, path = save_tiny_with_tokenizer(tmp_path, "llama", 2)
+    args = ["generate", str(path), "--prompt", "The quick brown fox", "--max-new-tokens", "12", "--greedy",
+            "--json", "--device", "cpu"]
+    assert main(args) == 0
+    one = json.loads(capsys.readouterr().out)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "mlakit", *args,
+                           "--tensor-parallel"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1 and json.loads(lines[0])["output_ids"] == one["output_ids"]
+    assert len(one["output_ids"]) == 12
+
+
+def test_tensor_parallel_needs_torchrun_and_even_splits(capsys, monkeypatch):
+    from mlakit.cli import main
+    from mlakit.errors import MlakitError
+    from mlakit.parallel import decode_plan
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(["generate", "default", "--prompt", "x", "--tensor-parallel", "--device", "cpu"]) == 2
+    assert "torchrun --nproc-per-node N" in capsys.readouterr().err
+    model = cases.random_model(cases.gqa_config())  # 4 query heads, 2 KV heads
+    with pytest.raises(MlakitError, match="KV heads do not split"):
+        decode_plan(model, 4)

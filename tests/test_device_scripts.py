@@ -76,3 +76,9 @@ def test_heal_check_smoke(tmp_path):
     first, second = (json.loads((tmp_path / d / "heal.json").read_text()) for d in ("heal", "shift"))
     assert second["rows"]["0.75"]["free"] == first["rows"]["0.75"]["free"]
     assert second["rows"]["0.75"]["heal"]["tokens"] == first["rows"]["0.75"]["heal"]["tokens"]
+
+
+def test_dist_check_smoke():
+    out = run_script("dist_check.py", "--smoke")
+    assert "heal-fsdp2-v1" in out and "decode-e2e-v1" in out
+    assert "| tiny | 2 | 4 x 64 |" in out and "| mla | 2 |" in out and "error" not in out.lower()

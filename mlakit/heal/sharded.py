@@ -43,10 +43,11 @@ class Ranks:
         """FSDP2 on both models (several processes); the student's trainable parameters, in
         the order of ``names`` (``fully_shard`` replaces the parameter objects)."""
         if self.job is not None:
-            from mlakit.parallel import shard_for_training
+            from mlakit.parallel import is_sharded, shard_for_training
 
-            shard_for_training(student, self.job.mesh)
-            shard_for_training(teacher, self.job.mesh)
+            for model in (student, teacher):
+                if not is_sharded(model):  # a caller may have sharded it already (built on the meta device)
+                    shard_for_training(model, self.job.mesh)
         named = dict(student.named_parameters())
         return [named[n] for n in names]
 

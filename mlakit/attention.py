@@ -218,7 +218,10 @@ class MLAttention(nn.Module):
 
     def up_projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``W_uk [h, nope, r]`` and ``W_uv [h, v, r]``: views of ``wkv_b``."""
-        w = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        w = self.wkv_b.weight
+        if hasattr(w, "to_local"):  # tensor parallel (mlakit.parallel): this rank's heads' rows, a plain tensor
+            w = w.to_local()
+        w = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim:]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,

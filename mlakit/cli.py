@@ -32,10 +32,41 @@ def _load(args: argparse.Namespace):
 
 # ------------------------------------------------------------------ generate
 def cmd_generate(args: argparse.Namespace) -> int:
+    job = _tensor_parallel_job(args) if args.tensor_parallel else None
+    try:
+        return _generate(args, job)
+    finally:
+        if job is not None:
+            from mlakit import parallel
+
+            parallel.shutdown()
+
+
+def _tensor_parallel_job(args: argparse.Namespace):
+    """``--tensor-parallel``: join torchrun's job; only rank 0 prints (the others' stdout is muted)."""
+    from mlakit import parallel
+
+    if "RANK" not in os.environ:
+        raise MlakitError("--tensor-parallel runs under torchrun: torchrun --nproc-per-node N -m mlakit generate ...")
+    job = parallel.init(resolve_device(getattr(args, "device", None)))
+    if not job.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of this process)
+    return job
+
+
+def _generate(args: argparse.Namespace, job) -> int:
     from mlakit.engine import SamplingParams, generate
     from mlakit.options import ForwardOptions
 
     loaded = _load(args)
+    if job is not None:
+        from mlakit.parallel import broadcast_object, parallelize_for_decode
+
+        parallelize_for_decode(loaded.model, job.mesh)
+        if not args.greedy and args.seed is None:  # every rank must draw the same tokens
+            import random
+
+            args.seed = broadcast_object(random.randrange(2 ** 31), job)
     if loaded.tokenizer is None:
         raise MlakitError(f"{args.model} has no tokenizer (pip install transformers, or add tokenizer files)")
     tokenizer = loaded.tokenizer
@@ -223,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compile", action="store_true",
                      help="CUDA: fast mode for long outputs: fused projections and a torch.compile'd decode "
                           "step (compiling takes ~20 s first); ignored on the CPU, where it is slower")
+    gen.add_argument("--tensor-parallel", action="store_true",
+                     help="under torchrun --nproc-per-node N: split query heads (GQA: and KV heads) and the MLP "
+                          "over N GPUs (MLA: the latent cache is replicated on each); docs/distributed.md")
     _device_args(gen)
     _runtime_rank_arg(gen)
     _kv_cache_dtype_arg(gen)

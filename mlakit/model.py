@@ -174,6 +174,17 @@ class Transformer(nn.Module):
             x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]  # [b, 1, dim]
         return self.head(self.norm(x))
 
+    def hidden_states(self, tokens: torch.Tensor, options: ForwardOptions = DEFAULT, *,
+                      block_fn: BlockFn | None = None, grad_checkpoint: bool = False,
+                      collect: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Final normed hidden states ``[b, s, dim]`` of cache-less windows ``tokens [b, s]`` from
+        position 0 (what ``head`` turns into ``model(tokens, options=options)``'s logits):
+        distillation's forward. A method of the model, so that FSDP2 can gather the root's
+        weights around it (``mlakit.parallel.shard_for_training``)."""
+        x = self.run_layers(self.embed(tokens), self.layer_inputs(tokens), options=options, block_fn=block_fn,
+                            grad_checkpoint=grad_checkpoint, collect=collect)
+        return self.norm(x)
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         if self.output is None:
             return F.linear(x, self.tok_embeddings.weight)

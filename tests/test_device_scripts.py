@@ -94,3 +94,9 @@ def test_longctx_method_smoke(tmp_path):
         pytest.skip("the protocol text is not here")
     out = run_script("longctx_method.py", "--smoke", "--out", str(tmp_path / "lc"), "--heal-variant", "long")
     assert "| original |" in out and "calibration long |" in out and "healed (long calibration" in out
+
+
+def test_dist_check_smoke():
+    out = run_script("dist_check.py", "--smoke")
+    assert "heal-fsdp2-v1" in out and "decode-e2e-v1" in out
+    assert "| tiny | 2 | 4 x 64 |" in out and "| mla | 2 |" in out and "error" not in out.lower()

@@ -70,13 +70,23 @@ def _device_name(device: str) -> str:
 
 def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
          data_options: TeacherDataOptions | None = None, data: str | None = None, data_range: str | None = None,
-         device: str = "cpu", overwrite: bool = False, resume: bool = False, log=print) -> dict[str, Any]:
+         device: str = "cpu", overwrite: bool = False, resume: bool = False, log=print,
+         job=None) -> dict[str, Any]:
     """Heal the MLA checkpoint ``model`` toward ``teacher``; write ``out``. Returns a summary
-    (``finished`` False when ``max_minutes`` ran out first: call again with ``resume``)."""
+    (``finished`` False when ``max_minutes`` ran out first: call again with ``resume``).
+
+    ``job`` (``mlakit.parallel.init()``, under torchrun): every rank runs this; rank 0 gets
+    the data and broadcasts it, the models train sharded with FSDP2 on ``job.device``, and
+    rank 0 alone logs and writes."""
     from mlakit.loading import load, save_checkpoint
 
     out = Path(out)
     options.check()
+    main = job is None or job.is_main
+    if job is not None:
+        device = job.device
+        if not main:
+            log, options = (lambda *a, **k: None), replace(options, progress=False)
     data_options = data_options or TeacherDataOptions(seq_len=options.seq_len)
     if data_options.seq_len != options.seq_len:
         raise MlakitError("the teacher text and the training windows need the same --seq-len")
@@ -89,9 +99,15 @@ def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
         if not overwrite:
             raise MlakitError(f"{state_dir} holds an unfinished heal run: pass --resume to continue it, "
                               "or --overwrite to start over")
-        shutil.rmtree(state_dir)
+        if main:
+            shutil.rmtree(state_dir)
+    if job is not None:
+        from mlakit.parallel import barrier
+
+        barrier()  # every rank has checked OUT and its state before rank 0 removes anything
     start = time.perf_counter()
-    student = load(model, dtype=torch.float32, device=device)
+    # several processes: the student waits on the CPU, and FSDP2 moves each rank's shard to its GPU
+    student = load(model, dtype=torch.float32, device="cpu" if job is not None else device)
     if not student.model.config.is_mla:
         raise MlakitError(f"{model} is not an MLA model: heal the converted checkpoint (mlakit convert) toward "
                           "the original (--teacher)")
@@ -106,16 +122,21 @@ def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
     load_seconds = time.perf_counter() - start
 
     t = time.perf_counter()
-    if data is not None:
-        windows = load_data_file(data, tokenizer, options.seq_len, data_range, source.model.config.vocab_size)
-        data_info = {"source": str(data), "range": data_range, **describe(windows)}
-    else:
-        if data_range is not None:
-            raise MlakitError("--data-range needs --data FILE")
-        generation: dict[str, Any] = {}
-        windows = teacher_data(source.model, tokenizer, data_options, progress=options.progress, log=log,
-                               stats=generation)
-        data_info = {"source": "teacher", **asdict(data_options), **describe(windows), "generation": generation}
+    if job is None:
+        windows, data_info = _training_data(source.model, tokenizer, options, data_options, data, data_range, log)
+    else:  # rank 0 reads or writes the text; every rank then holds it and reads its share of each batch
+        from mlakit.parallel import broadcast_object
+
+        failure = None
+        if main:
+            try:
+                windows, data_info = _training_data(source.model, tokenizer, options, data_options, data,
+                                                    data_range, log)
+            except MlakitError as error:
+                failure = str(error)
+        windows, data_info, failure = broadcast_object((windows, data_info, failure) if main else None, job)
+        if failure is not None:
+            raise MlakitError(failure)
     data_seconds = time.perf_counter() - t
     epochs = options.tokens / windows.numel()
     log(f"data: {windows.shape[0]} windows x {windows.shape[1]} tokens ({windows.numel():,}); "
@@ -125,7 +146,8 @@ def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
     if options.max_minutes is not None:  # the time limit counts from this call, data generation included
         options = replace(options, max_minutes=max(0.0, options.max_minutes - (time.perf_counter() - start) / 60))
     t = time.perf_counter()
-    result: HealResult = heal_model(student.model, source.model, windows, options, state_dir, resume, log=log)
+    result: HealResult = heal_model(student.model, source.model, windows, options, state_dir, resume, log=log,
+                                    job=job)
     history = result.log
     train_seconds = time.perf_counter() - t
     summary = {"model": str(model), "teacher": str(teacher), "output": str(out), "finished": result.finished,
@@ -138,6 +160,10 @@ def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
                "tokens_per_second_overall": history.get("tokens_per_second_overall"),
                "compile": options.compile, "layerwise": history.get("layerwise")}
     full_log = {**summary, "log": history}
+    if job is not None:
+        summary["processes"] = job.world_size
+        return _finish_sharded(student.model, out, tokenizer, summary, full_log, result.finished, state_dir,
+                               overwrite, job)
     if not result.finished:
         state_dir.mkdir(parents=True, exist_ok=True)
         (state_dir / LOG_FILENAME).write_text(json.dumps(full_log) + "\n")
@@ -150,4 +176,42 @@ def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
     (out / LOG_FILENAME).write_text(json.dumps(full_log) + "\n")
     summary["plot"] = str(out / PLOT_FILENAME) if plot_loss(history, out / PLOT_FILENAME) else None
     shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete: OUT replaces its state
+    return summary
+
+
+def _training_data(teacher, tokenizer, options: HealOptions, data_options: TeacherDataOptions, data, data_range,
+                   log) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The training windows and a description of them: ``data`` read, or text the teacher writes."""
+    if data is not None:
+        windows = load_data_file(data, tokenizer, options.seq_len, data_range, teacher.config.vocab_size)
+        return windows, {"source": str(data), "range": data_range, **describe(windows)}
+    if data_range is not None:
+        raise MlakitError("--data-range needs --data FILE")
+    generation: dict[str, Any] = {}
+    windows = teacher_data(teacher, tokenizer, data_options, progress=options.progress, log=log, stats=generation)
+    return windows, {"source": "teacher", **asdict(data_options), **describe(windows), "generation": generation}
+
+
+def _finish_sharded(model, out: Path, tokenizer, summary, full_log, finished: bool, state_dir: Path,
+                    overwrite: bool, job) -> dict[str, Any]:
+    """The end of a run on several processes: every rank takes part in gathering the healed
+    weights; rank 0 writes OUT (or the unfinished run's log) and removes the state."""
+    from mlakit.loading import save_checkpoint
+    from mlakit.parallel import barrier, unsharded_copy
+
+    copy = unsharded_copy(model, job) if finished else None
+    if job.is_main:
+        if not finished:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            (state_dir / LOG_FILENAME).write_text(json.dumps(full_log) + "\n")
+            plot_loss(full_log["log"], state_dir / PLOT_FILENAME)
+        else:
+            t = time.perf_counter()
+            save_checkpoint(copy, out, tokenizer, overwrite=overwrite)
+            summary["seconds"]["save"] = time.perf_counter() - t
+            full_log.update(summary)
+            (out / LOG_FILENAME).write_text(json.dumps(full_log) + "\n")
+            summary["plot"] = str(out / PLOT_FILENAME) if plot_loss(full_log["log"], out / PLOT_FILENAME) else None
+            shutil.rmtree(state_dir, ignore_errors=True)
+    barrier()
     return summary

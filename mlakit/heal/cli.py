@@ -147,8 +147,12 @@ def cmd_heal(args: argparse.Namespace) -> int:
     from mlakit.heal.distill import HELD_OUT_EVERY
     from mlakit.loading import resolve_device
 
+    from mlakit import parallel
+
     options, data_options = options_from_args(args)
     device = resolve_device(args.device)
+    # under torchrun (WORLD_SIZE > 1): one process per GPU, FSDP2 (docs/distributed.md)
+    job = parallel.init(device) if parallel.launched_by_torchrun() else None
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -156,13 +160,18 @@ def cmd_heal(args: argparse.Namespace) -> int:
     try:
         summary = heal(args.model, args.teacher, args.output, options, data_options, data=args.data,
                        data_range=args.data_range, device=device, overwrite=args.overwrite, resume=args.resume,
-                       log=log)
+                       log=log, job=job)
     except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError on torch >= 2.5
         raise MlakitError(
             f"out of memory while healing with batches of {options.batch_size} x {options.seq_len} tokens "
             f"({str(error).splitlines()[0]}); use a smaller --batch-size, --gradient-checkpointing or a smaller "
             "--kl-chunk (with --overwrite: a run cannot resume with other settings)") from None
-    if args.json:
+    finally:
+        if job is not None:
+            parallel.shutdown()
+    if job is not None and not job.is_main:
+        pass  # rank 0 prints
+    elif args.json:
         print(json.dumps(summary))
     elif summary["finished"]:
         speed = summary.get("tokens_per_second_overall")

@@ -150,9 +150,9 @@ def forward_hidden(model: Transformer, tokens: torch.Tensor, grad_checkpoint: bo
     position 0, as ``model(tokens, options=options)`` computes them), and each block's output
     when ``collect``. ``block_fn``: a compiled block call (``mlakit.speed.compiled_block_call``)."""
     hidden: list[torch.Tensor] = []
-    x = model.run_layers(model.embed(tokens), model.layer_inputs(tokens), options=options,
-                         block_fn=block_fn, grad_checkpoint=grad_checkpoint, collect=hidden if collect else None)
-    return model.norm(x), hidden
+    x = model.hidden_states(tokens, options, block_fn=block_fn, grad_checkpoint=grad_checkpoint,
+                            collect=hidden if collect else None)
+    return x, hidden
 
 
 def kl_sum(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
@@ -189,10 +189,16 @@ def kl_loss(student: Transformer, teacher: Transformer, hs: torch.Tensor, ht: to
     return total / hs.shape[0]
 
 
-def hidden_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over layers of ``‖h_s − h_t‖² / ‖h_t‖²`` (scale-free: deep layers have larger states)."""
-    losses = [(s.float() - t.float()).pow(2).mean() / t.float().pow(2).mean().clamp(min=1e-12)
-              for s, t in zip(student_hidden, teacher_hidden)]
+def hidden_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor],
+                reduce_mean=None) -> torch.Tensor:
+    """Mean over layers of ``‖h_s − h_t‖² / ‖h_t‖²`` (scale-free: deep layers have larger states).
+    ``reduce_mean`` (several processes): the mean over ranks of a tensor, so that the scale
+    ``‖h_t‖²`` is the whole batch's and the ranks' losses average to the one-process loss."""
+    def scale(t: torch.Tensor) -> torch.Tensor:
+        mean = t.float().pow(2).mean()
+        return (mean if reduce_mean is None else reduce_mean(mean)).clamp(min=1e-12)
+
+    losses = [(s.float() - t.float()).pow(2).mean() / scale(t) for s, t in zip(student_hidden, teacher_hidden)]
     return torch.stack(losses).mean()
 
 
@@ -207,6 +213,7 @@ class Distiller:
         self.kl_fn = kl_sum
         self.block_fn: BlockFn | None = None
         self.student_options = ForwardOptions(kv_cache_dtype=options.kv_cache_dtype)  # the teacher runs as it is
+        self.reduce_mean = None  # several processes: the mean over ranks (hidden_loss's scale)
 
     def compile(self) -> None:
         """Run the blocks of both models and the KL of a chunk through ``torch.compile``
@@ -228,7 +235,8 @@ class Distiller:
             hs, hs_layers = forward_hidden(self.student, tokens, opts.gradient_checkpointing, collect, self.block_fn,
                                            self.student_options)
             kl = kl_loss(self.student, self.teacher, hs, ht, opts.kl_chunk, self.kl_fn)
-            total = kl + opts.hidden_weight * hidden_loss(hs_layers, ht_layers) if collect else kl
+            total = (kl + opts.hidden_weight * hidden_loss(hs_layers, ht_layers, self.reduce_mean) if collect
+                     else kl)
         return total, kl.detach()
 
     @torch.no_grad()
@@ -330,17 +338,28 @@ def _check_resumable(state: dict[str, Any], options: HealOptions, data: str) -> 
 
 
 # ------------------------------------------------------------------ training
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
 def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor, options: HealOptions,
-               state_dir: str | os.PathLike | None = None, resume: bool = False, log=print) -> HealResult:
+               state_dir: str | os.PathLike | None = None, resume: bool = False, log=print,
+               job=None) -> HealResult:
     """Distil ``student`` toward ``teacher`` on ``windows [n, seq_len]`` (in place).
 
     With ``state_dir``, the state is saved every ``checkpoint_every`` steps and when
-    ``max_minutes`` runs out (then ``finished`` is False: call again with ``resume``)."""
+    ``max_minutes`` runs out (then ``finished`` is False: call again with ``resume``).
+    ``job`` (``mlakit.parallel.init()``, several processes): both models are sharded with
+    FSDP2 and each rank trains on its share of every batch (``mlakit.heal.sharded``); every
+    rank passes the same windows; only rank 0 logs and writes the state."""
     from tqdm.auto import tqdm
 
     from mlakit.heal.elastic import LatentMask, elastic_choices, sample_rank
+    from mlakit.heal.sharded import Ranks
 
     options.check()
+    ranks = Ranks(job)
+    ranks.check(options)
+    if not ranks.is_main:
+        log = _quiet
     run_start = segment_start = time.perf_counter()
     if not student.config.is_mla:
         raise MlakitError("the model to heal must be an MLA model (the converted one); the teacher is the original")
@@ -358,6 +377,7 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
     student.train()  # trained on the naive path (the default options)
     params = select_trainable(student, options.train)
     names = trainable_names(student, options.train)
+    params = ranks.shard(student, teacher, names)
     data_id = data_fingerprint(windows)
     state_dir = Path(state_dir) if state_dir is not None else None
     state = load_state(state_dir) if (state_dir is not None and resume) else None
@@ -367,12 +387,11 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
                                "train_windows": train_windows.shape[0], "val_windows": n_val, "wall_seconds": 0.0,
                                "trainable_parameters": sum(p.numel() for p in params)}
     distiller = Distiller(student, teacher, options)
+    if job is not None:
+        distiller.reduce_mean = ranks.mean
     if state is not None:
         _check_resumable(state, options, data_id)
-        with torch.no_grad():
-            named = dict(student.named_parameters())
-            for name, tensor in state["params"].items():
-                named[name].copy_(tensor)
+        ranks.load(student, state["params"])
         history = state["log"]
         step = state["step"]
         log(f"resuming at step {step}/{options.steps}")
@@ -392,15 +411,16 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
     optimizer = torch.optim.AdamW(params, lr=options.learning_rate, betas=(0.9, 0.95),
                                   weight_decay=options.weight_decay, fused=fused or None)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        ranks.load_optimizer(student, optimizer, state["optimizer"], names)
 
     def save(step: int) -> None:
         if state_dir is None:
             return
-        named = dict(student.named_parameters())
-        _atomic_save({"step": step, "params": {n: named[n].detach().cpu() for n in names},
-                      "optimizer": optimizer.state_dict(), "log": history, "options": options.training_dict(),
-                      "data": data_id}, state_dir / STATE_FILENAME)
+        params_state = ranks.parameters_state(student, names)  # every rank takes part in the gathers
+        optimizer_state = ranks.optimizer_state(student, optimizer, names)
+        if ranks.is_main:
+            _atomic_save({"step": step, "params": params_state, "optimizer": optimizer_state, "log": history,
+                          "options": options.training_dict(), "data": data_id}, state_dir / STATE_FILENAME)
 
     if state is None:
         save(0)  # layer-wise initialisation (if any) is not repeated by a resume
@@ -409,7 +429,7 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
     if options.compile:  # after the layer-wise phase and the first validation, which stay eager
         distiller.compile()
     tokens_per_step = options.batch_size * options.seq_len
-    bar = tqdm(total=options.steps, initial=step, desc="heal", unit="step", disable=not options.progress)
+    bar = tqdm(total=options.steps, initial=step, desc="heal", unit="step", disable=not (options.progress and ranks.is_main))
     finished = True
     speed = None
     first_step, loop_start = step, time.perf_counter()
@@ -422,15 +442,16 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
             rank = None
             if mask is not None:
                 rank = mask.rank = sample_rank(choices, options.seed, step, options.elastic_full_share)
-            batch = order.batch(step).to(student.device)
+            batch = ranks.share(order.batch(step)).to(student.device)  # this rank's share of the global batch
             loss, kl = distiller.loss(batch)
             loss.backward()
             if options.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, options.grad_clip)
+                ranks.clip(params, options.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            loss_value = float(loss.detach())
+            loss, kl = ranks.mean(loss.detach()), ranks.mean(kl)  # the global batch's (what one process logs)
+            loss_value = float(loss)
             dt = time.perf_counter() - t0
             speed = tokens_per_step / dt if speed is None else 0.9 * speed + 0.1 * tokens_per_step / dt
             for key, value in (("step", step), ("tokens", step * tokens_per_step), ("loss", loss_value),

@@ -148,3 +148,33 @@ def test_out_of_memory_names_the_remedies(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "64 x 512" in err and "Tried to allocate 6.00 GiB" in err
     assert "--batch-size" in err and "--gradient-checkpointing" in err
+
+
+def test_torchrun_heal_on_two_processes_writes_what_one_process_writes(tiny, tmp_path, capsys):
+    """`torchrun --nproc-per-node 2 -m mlakit heal` (gloo, FSDP2): rank 0 alone prints and writes
+    OUT, and OUT holds the weights one process writes from the same data (float32 rounding)."""
+    import socket
+
+    from mlakit.loading import load
+
+    teacher, student = tiny
+    ids = ev.calibration_tokens(AutoTokenizer.from_pretrained(str(teacher)), 4096)
+    torch.save(ids, tmp_path / "calib.pt")
+    args = ["heal", str(student), "--teacher", str(teacher), "--tokens", "512", "--data", str(tmp_path / "calib.pt"),
+            "--train", "all", *FAST]
+    assert main([*args, "-o", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                           "--master-addr=127.0.0.1", f"--master-port={port}", "-m", "mlakit", *args,
+                           "-o", str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1 and not (tmp_path / "two.heal").exists()
+    one, two = (load(str(tmp_path / name)).model.state_dict() for name in ("one", "two"))
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
+    log = json.loads((tmp_path / "two" / "heal_log.json").read_text())
+    assert log["processes"] == 2 and log["step"] == 4

@@ -12,8 +12,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -351,27 +349,20 @@ def load(ref: str | os.PathLike, dtype: torch.dtype | None = None, device: str =
 
 # ------------------------------------------------------------------ saving
 def save_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: Any | None = None,
-                    overwrite: bool = False) -> Path:
-    """Write config, weights and tokenizer to ``path`` atomically: everything goes to
-    a temporary sibling directory that is renamed into place once complete."""
+                    overwrite: bool = False, extra=None) -> Path:
+    """Write config, weights and tokenizer to ``path`` atomically (``mlakit.io.atomic_dir``).
+    ``extra(tmp_dir)``, when given, adds files before the directory is renamed into place."""
     from safetensors.torch import save_file
 
+    from mlakit.io import atomic_dir
+
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise MlakitError(f"{path} already exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary directory
+    with atomic_dir(path, overwrite=overwrite) as tmp:
         model.config.save(tmp)
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS_FILENAME, metadata={"format": "pt", "producer": "mlakit"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if extra is not None:
+            extra(tmp)
     return path

@@ -175,14 +175,21 @@ def _convert_options(args: argparse.Namespace, sweep: bool = False):
 
     if args.rope_frequencies == "both" and not sweep:
         raise MlakitError("--rope-frequencies both is for --sweep; a conversion takes free or deepseek")
-    checks.finite(args.kv_saving, "--kv-saving", 0.0, 1.0, low_open=True)
-    if args.kv_saving is not None and args.kv_saving >= 1:
-        raise MlakitError(f"--kv-saving must be below 1 (a fraction of the cache saved), got {args.kv_saving:g}")
+    checks.finite(args.kv_saving, "--kv-saving")
+    if args.kv_saving is not None and args.kv_saving < 0:
+        raise MlakitError(f"--kv-saving {args.kv_saving:g} asks for a cache larger than the original")
+    if args.kv_saving is not None and not 0 < args.kv_saving < 1:
+        raise MlakitError(f"--kv-saving must be a fraction of the cache in (0, 1), got {args.kv_saving:g}")
     checks.at_least(args.kv_lora_rank, "--kv-lora-rank", 1)
     checks.at_least(args.rope_dim, "--rope-dim", 0)
     if args.rope_dim is not None and args.rope_dim % 2:
         raise MlakitError(f"--rope-dim must be even, got {args.rope_dim}")
-    checks.at_least(args.calib_tokens, "--calib-tokens", 1)
+    from mlakit.evaluate import CALIB_RANGE
+
+    calib = CALIB_RANGE[1] - CALIB_RANGE[0]
+    if args.calib_tokens is not None and not 0 < args.calib_tokens <= calib:
+        raise MlakitError(f"--calib-tokens: calibration tokens must be in [1, {calib}] (the protocol's range), "
+                          f"got {args.calib_tokens}")
     return ConvertOptions(kv_saving=args.kv_saving, kv_lora_rank=args.kv_lora_rank, rope_dim=args.rope_dim,
                           rank_allocation=args.rank_allocation, calib_tokens=args.calib_tokens,
                           rope_frequencies="free" if args.rope_frequencies == "both" else args.rope_frequencies,

@@ -286,6 +286,7 @@ def atomic_output(path: str | os.PathLike, directory: bool, overwrite: bool = Fa
         tmp = _temporary(path, directory)
         try:
             yield tmp
+            _pause_for_tests()
             _commit(tmp, path, directory)
         except OSError as e:  # a full disk, a file system that went read-only, ...
             remove_path(tmp)
@@ -293,6 +294,14 @@ def atomic_output(path: str | os.PathLike, directory: bool, overwrite: bool = Fa
         except BaseException:
             remove_path(tmp)
             raise
+
+
+def _pause_for_tests() -> None:
+    """``MLAKIT_TEST_PAUSE_IN_WRITE=S``: sleep S seconds with the output half-written, so that
+    the fault tests can interrupt a writer at that point (tests/test_faults.py)."""
+    seconds = os.environ.get("MLAKIT_TEST_PAUSE_IN_WRITE")
+    if seconds:
+        time.sleep(float(seconds))
 
 
 def atomic_file(path: str | os.PathLike, overwrite: bool = False, lock: bool = True):

@@ -98,6 +98,10 @@ def _heal(model, teacher, out, options, data_options, data, data_range, device, 
             raise MlakitError(f"{state_dir} holds an unfinished heal run: pass --resume to continue it, "
                               "or --overwrite to start over")
         shutil.rmtree(state_dir)
+    if resume:
+        from mlakit.heal.distill import load_state
+
+        load_state(state_dir)  # a damaged or pickled state fails now, not after loading and the data
     start = time.perf_counter()
     student = load(model, dtype=torch.float32, device=device)
     if not student.model.config.is_mla:

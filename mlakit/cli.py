@@ -14,24 +14,55 @@ DTYPES = ("float32", "bfloat16", "float16")
 MODEL_HELP = "a Hugging Face directory, an mlakit checkpoint directory, a .gguf file, or 'default' (SmolLM2-135M)"
 
 
+def _check_model_args(args: argparse.Namespace) -> None:
+    """What every command that loads a model checks first (before any loading)."""
+    from mlakit import checks
+
+    checks.model_ref(args.model)
+    checks.device(getattr(args, "device", None))
+    checks.at_least(getattr(args, "runtime_rank", None), "--runtime-rank", 1)
+
+
 def _load(args: argparse.Namespace):
     import torch
 
-    from mlakit.loading import load, resolve_device
+    from mlakit import checks
+    from mlakit.loading import load
 
-    device = resolve_device(getattr(args, "device", None))
+    device = checks.device(getattr(args, "device", None))
     dtype_name = getattr(args, "dtype", None) or ("bfloat16" if device.startswith("cuda") else "float32")
     loaded = load(args.model, dtype=getattr(torch, dtype_name), device=device)
     if getattr(args, "runtime_rank", None) is not None:  # an elastic checkpoint at a smaller cache
         from mlakit.elastic import truncate_latent_rank
 
+        ranks = loaded.model.config.kv_lora_ranks() if loaded.model.config.is_mla else []
+        if ranks and args.runtime_rank > max(ranks):
+            raise MlakitError(f"--runtime-rank {args.runtime_rank} is larger than the latent rank of {args.model} "
+                              f"({max(ranks)}); give at most {max(ranks)}")
         loaded.model = truncate_latent_rank(loaded.model, args.runtime_rank)
         loaded.source = f"{loaded.source} (runtime rank {args.runtime_rank})"
     return loaded
 
 
 # ------------------------------------------------------------------ generate
+def _check_sampling(args: argparse.Namespace) -> None:
+    from mlakit import checks
+
+    checks.at_least(args.max_new_tokens, "--max-new-tokens", 1)
+    checks.finite(args.temperature, "--temperature", 0.0, low_open=not args.greedy)
+    checks.finite(args.top_p, "--top-p", 0.0, 1.0, low_open=True)
+    checks.at_least(args.top_k, "--top-k", 1)
+    checks.at_least(args.seed, "--seed", 0)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    from mlakit import checks
+
+    _check_model_args(args)
+    _check_sampling(args)
+    args.prompt = checks.prompt(args.prompt, args.prompt_file)
+    if not args.prompt:
+        raise MlakitError("the prompt is empty")
     job = _tensor_parallel_job(args) if args.tensor_parallel else None
     try:
         return _generate(args, job)
@@ -48,7 +79,9 @@ def _tensor_parallel_job(args: argparse.Namespace):
 
     if "RANK" not in os.environ:
         raise MlakitError("--tensor-parallel runs under torchrun: torchrun --nproc-per-node N -m mlakit generate ...")
-    job = parallel.init(resolve_device(getattr(args, "device", None)))
+    from mlakit import checks
+
+    job = parallel.init(checks.device(getattr(args, "device", None)))
     if not job.is_main:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of this process)
     return job
@@ -73,6 +106,10 @@ def _generate(args: argparse.Namespace, job) -> int:
     prompt_ids = tokenizer(args.prompt).input_ids
     if not prompt_ids:
         raise MlakitError("the prompt is empty after tokenisation")
+    longest = loaded.model.config.max_seq_len
+    if len(prompt_ids) + args.max_new_tokens > longest:  # before anything is printed
+        raise MlakitError(f"the prompt ({len(prompt_ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceed "
+                          f"the model's context of {longest} tokens")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, greedy=args.greedy,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     generated: list[int] = []
@@ -142,6 +179,7 @@ def model_info(model) -> dict:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    _check_model_args(args)
     loaded = _load(args)
     info = {"model": loaded.source, **model_info(loaded.model)}
     if args.json:
@@ -157,6 +195,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ eval
 def cmd_eval(args: argparse.Namespace) -> int:
+    _check_model_args(args)
     from mlakit.evaluate import evaluate, format_result
 
     result = evaluate(_load(args), progress=not args.json)
@@ -166,10 +205,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ convert
 def _convert_options(args: argparse.Namespace, sweep: bool = False):
+    from mlakit import checks
     from mlakit.convert import ConvertOptions
 
     if args.rope_frequencies == "both" and not sweep:
         raise MlakitError("--rope-frequencies both is for --sweep; a conversion takes free or deepseek")
+    checks.finite(args.kv_saving, "--kv-saving")
+    if args.kv_saving is not None and args.kv_saving < 0:
+        raise MlakitError(f"--kv-saving {args.kv_saving:g} asks for a cache larger than the original")
+    if args.kv_saving is not None and not 0 < args.kv_saving < 1:
+        raise MlakitError(f"--kv-saving must be a fraction of the cache in (0, 1), got {args.kv_saving:g}")
+    checks.at_least(args.kv_lora_rank, "--kv-lora-rank", 1)
+    checks.at_least(args.rope_dim, "--rope-dim", 0)
+    if args.rope_dim is not None and args.rope_dim % 2:
+        raise MlakitError(f"--rope-dim must be even, got {args.rope_dim}")
+    from mlakit.evaluate import CALIB_RANGE
+
+    calib = CALIB_RANGE[1] - CALIB_RANGE[0]
+    if args.calib_tokens is not None and not 0 < args.calib_tokens <= calib:
+        raise MlakitError(f"--calib-tokens: calibration tokens must be in [1, {calib}] (the protocol's range), "
+                          f"got {args.calib_tokens}")
     return ConvertOptions(kv_saving=args.kv_saving, kv_lora_rank=args.kv_lora_rank, rope_dim=args.rope_dim,
                           rank_allocation=args.rank_allocation, calib_tokens=args.calib_tokens,
                           rope_frequencies="free" if args.rope_frequencies == "both" else args.rope_frequencies,
@@ -178,32 +233,45 @@ def _convert_options(args: argparse.Namespace, sweep: bool = False):
 
 def _savings(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        savings = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise MlakitError(f"--sweep takes comma-separated savings like 0.5,0.75, got {text!r}") from None
+    if not savings:
+        raise MlakitError(f"--sweep takes comma-separated savings like 0.5,0.75, got {text!r}")
+    for saving in savings:
+        if not 0 < saving < 1:  # NaN too
+            raise MlakitError(f"--sweep savings must be fractions in (0, 1), got {saving:g}")
+    return savings
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from mlakit.loading import resolve_device
+    from mlakit import checks
 
-    device = resolve_device(args.device or "cpu")
+    checks.model_ref(args.source, "SOURCE")
+    device = checks.device(args.device or "cpu")
     options = _convert_options(args, sweep=args.sweep is not None)
+    options.check()
     if args.sweep is not None:
+        if args.report is None:
+            raise MlakitError("--sweep needs --report DIR (where the table and the plot go)")
+        savings = _savings(args.sweep)
+        checks.report_dir(args.report)
         from mlakit.loading import load
         from mlakit.report import run_sweep, write_report
 
-        if args.report is None:
-            raise MlakitError("--sweep needs --report DIR (where the table and the plot go)")
         import torch
 
         frequencies = ("free", "deepseek") if args.rope_frequencies == "both" else (args.rope_frequencies,)
-        sweep = run_sweep(load(args.source, dtype=torch.float32, device=device), _savings(args.sweep), options,
+        sweep = run_sweep(load(args.source, dtype=torch.float32, device=device), savings, options,
                           rope_frequencies=frequencies)
         for path in write_report(sweep, args.report):
             print(f"wrote {path}")
         return 0
     if args.output is None:
         raise MlakitError("give -o OUT (where the converted checkpoint goes), or --sweep with --report")
+    if args.report is not None:
+        raise MlakitError("--report is for --sweep; a conversion writes -o OUT")
+    checks.output(args.output, args.overwrite, directory=True)
     from mlakit.convert.api import convert_checkpoint
 
     summary = convert_checkpoint(args.source, args.output, options, device=device, overwrite=args.overwrite)
@@ -217,9 +285,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ demo
 def cmd_demo(args: argparse.Namespace) -> int:
+    from mlakit import checks
     from mlakit.convert.demo import main_job
 
-    main_job(_convert_options(args), out=args.output)
+    options = _convert_options(args)
+    options.check()
+    if args.output is not None:
+        checks.output(args.output, overwrite=True, directory=True)
+    main_job(options, out=args.output)
     return 0
 
 
@@ -243,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text from a prompt",
                          description="Generate a continuation of --prompt, streaming tokens as they come.")
     gen.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    gen.add_argument("--prompt", required=True, help="the text to continue")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the text to continue")
+    prompt.add_argument("--prompt-file", metavar="PATH", help="read the prompt (UTF-8) from this file; - for stdin")
     gen.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many tokens (default 64)")
     gen.add_argument("--greedy", action="store_true", help="always take the most likely token")
     gen.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (default 0.8)")
@@ -352,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mlakit: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # bad numbers that argparse could not see (e.g. top-p 2)
-        print(f"mlakit: error: {e}", file=sys.stderr)
+        print(f"mlakit: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -32,7 +32,7 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
-        if self.temperature <= 0 and not self.greedy:
+        if not self.temperature > 0 and not self.greedy:  # NaN too
             raise ValueError("temperature must be > 0 (or use greedy)")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError("top_k must be >= 1")

@@ -12,8 +12,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,15 +48,6 @@ class LoadedModel:
 
 
 # ------------------------------------------------------------------ HF config
-def resolve_device(name: str | None) -> str:
-    """The device to run on: ``name``, or CUDA when there is a GPU and ``name`` is None."""
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MlakitError("--device cuda was asked for, but no CUDA GPU is available")
-    return name
-
-
 def _supported_list() -> str:
     return ", ".join(sorted(SUPPORTED_ARCHITECTURES))
 
@@ -274,6 +263,8 @@ def build_model(config: ModelConfig, state: dict[str, torch.Tensor], dtype: torc
     for name, tensor in model.state_dict().items():
         if state[name].shape != tensor.shape:
             raise MlakitError(f"tensor {name} has shape {tuple(state[name].shape)}, config says {tuple(tensor.shape)}")
+        if not state[name].is_floating_point():
+            raise MlakitError(f"tensor {name} holds {state[name].dtype} values, not floating-point weights")
     model.load_state_dict({k: v.to(device=device, dtype=dtype or v.dtype) for k, v in state.items()}, assign=True)
     return model.to(device).eval()
 
@@ -284,17 +275,70 @@ def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
 
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise MlakitError(f"{index} is not a valid safetensors index ({_first_line(e)})") from None
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if files:
         state: dict[str, torch.Tensor] = {}
         for name in files:
-            state.update(load_file(path / name))
+            state.update(read_safetensors(path / name))
         return state
     if (path / "pytorch_model.bin").exists():
-        return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return _read_torch_bin(path / "pytorch_model.bin")
     raise MlakitError(f"no weights (*.safetensors or pytorch_model.bin) in {path}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; MlakitError naming the file when it is damaged."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except OSError as e:
+        raise MlakitError(f"cannot read {file}: {e.strerror or e}") from None
+    except Exception as e:  # SafetensorError (truncated, random, empty), a bad header
+        raise MlakitError(f"{file} is not a valid safetensors file ({_first_line(e)})") from None
+
+
+def _read_torch_bin(file: Path) -> dict[str, torch.Tensor]:
+    import pickle
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)  # data is never code
+    except pickle.UnpicklingError:
+        raise MlakitError(f"{file} holds Python objects beyond tensors (a pickle that could run code): refused; "
+                          "save the weights as safetensors") from None
+    except OSError as e:
+        raise MlakitError(f"cannot read {file}: {e.strerror or e}") from None
+    except Exception as e:
+        raise MlakitError(f"{file} is not a readable PyTorch weights file ({_first_line(e)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise MlakitError(f"{file} does not hold a dict of tensors")
+    return state
+
+
+def check_no_remote_code(folder: Path) -> None:
+    """Refuse a folder whose config asks to run its own Python (``auto_map``): mlakit never
+    runs code from model files, and transformers would otherwise stop to ask at the terminal."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # reported where the file is read for its content
+        if isinstance(data, dict) and data.get("auto_map"):
+            raise MlakitError(f"{file} asks to run Python code from the model folder (auto_map); mlakit never "
+                              "runs code from model files: remove auto_map or use a model without custom code")
 
 
 def _tokenizer(path: Path, **kwargs: Any) -> Any | None:
@@ -302,29 +346,70 @@ def _tokenizer(path: Path, **kwargs: Any) -> Any | None:
         from transformers import AutoTokenizer
     except ImportError:
         return None
+    check_no_remote_code(path)
     try:
-        return AutoTokenizer.from_pretrained(str(path), **kwargs)
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, **kwargs)
     except (OSError, ValueError):
         return None
+    except Exception as e:  # a damaged tokenizer.json, ...: one line naming the folder
+        raise MlakitError(f"cannot load the tokenizer in {path} ({_first_line(e)})") from None
+
+
+_HF_REQUIRED_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+_HF_OPTIONAL_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "kv_lora_rank", "q_lora_rank",
+                     "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "sliding_window")
+
+
+def check_hf_config(hf: Any, file: Path) -> None:
+    """The fields mlakit reads from a HF ``config.json`` are present and positive integers."""
+    if not isinstance(hf, dict):
+        raise MlakitError(f"{file} must hold a JSON object, not a {type(hf).__name__}")
+    for key in _HF_REQUIRED_INTS:
+        if key not in hf:
+            raise MlakitError(f"{file} lacks {key!r}")
+    for key in _HF_REQUIRED_INTS + _HF_OPTIONAL_INTS:
+        value = hf.get(key)
+        if key in _HF_REQUIRED_INTS or value is not None:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise MlakitError(f"{file}: {key} must be a positive integer, got {value!r}")
 
 
 def load_hf_dir(path: Path, dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
+    file = path / "config.json"
     try:
-        hf = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise MlakitError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-    config = config_from_hf(hf)
+        hf = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlakitError(f"{file} is not valid JSON: {_first_line(e)}") from None
+    check_hf_config(hf, file)
+    check_no_remote_code(path)
+    try:
+        config = config_from_hf(hf)
+    except MlakitError as e:
+        raise MlakitError(f"{file}: {e}") from None
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise MlakitError(f"{file}: a field is missing or has the wrong type ({_first_line(e)})") from None
     interleaved = config.arch == "deepseek_v3" and hf.get("rope_interleave", True)
     state = state_dict_from_hf(_read_safetensors_dir(path), config, rope_interleave=interleaved)
-    return LoadedModel(build_model(config, state, dtype, device), _tokenizer(path), str(path))
+    return LoadedModel(_build_named(path, config, state, dtype, device), _tokenizer(path), str(path))
+
+
+def _build_named(path: Path, config: ModelConfig, state, dtype, device) -> Transformer:
+    try:
+        return build_model(config, state, dtype, device)
+    except MlakitError as e:
+        raise MlakitError(f"{path}: {e}") from None
 
 
 def load_mlakit_dir(path: Path, dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
-    from safetensors.torch import load_file
-
-    config = ModelConfig.load(path)
-    state = load_file(path / WEIGHTS_FILENAME)
-    return LoadedModel(build_model(config, state, dtype, device), _tokenizer(path), str(path))
+    try:
+        config = ModelConfig.load(path)
+    except MlakitError as e:
+        raise MlakitError(str(e) if str(path) in str(e) else f"{path / CONFIG_FILENAME}: {e}") from None
+    except (UnicodeDecodeError, TypeError, ValueError, AttributeError) as e:
+        raise MlakitError(f"{path / CONFIG_FILENAME}: a field is missing or has the wrong type "
+                          f"({_first_line(e)})") from None
+    state = read_safetensors(path / WEIGHTS_FILENAME)
+    return LoadedModel(_build_named(path, config, state, dtype, device), _tokenizer(path), str(path))
 
 
 def _require(module: str, what: str) -> None:
@@ -355,7 +440,18 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, device: str = "cpu")
     _require("gguf", "loading GGUF files")
     from transformers import AutoModelForCausalLM
 
-    hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    check_gguf_header(path)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                        trust_remote_code=False)
+    except MlakitError:
+        raise
+    except OSError as e:
+        raise MlakitError(f"cannot read {path}: {e.strerror or _first_line(e)}") from None
+    except Exception as e:  # struct.error, "cannot reshape array ...", an unsupported architecture
+        if type(e).__name__ == "OutOfMemoryError":
+            raise
+        raise MlakitError(f"{path} is not a readable GGUF model ({_first_line(e)})") from None
     config = config_from_hf(hf_model.config.to_dict())
     state = state_dict_from_hf(hf_model.state_dict(), config)
     del hf_model
@@ -366,6 +462,26 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, device: str = "cpu")
     except OSError:
         pass  # a read-only home only costs speed
     return LoadedModel(model.to(device=device, dtype=dtype or model.dtype), tokenizer, str(path))
+
+
+def check_gguf_header(path: Path) -> None:
+    """The cheap part of a GGUF file's validity: readable, magic, version, sane counts."""
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as e:
+        raise MlakitError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise MlakitError(f"{path} is not a GGUF file (no GGUF header)")
+    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:24])
+    size = path.stat().st_size
+    if version not in (2, 3):
+        raise MlakitError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+    if n_tensors > size // 24 or n_kv > size // 12:  # each entry takes at least this many bytes
+        raise MlakitError(f"{path} is damaged: its header counts {n_tensors} tensors and {n_kv} metadata "
+                          f"entries, more than {size} bytes can hold")
 
 
 def default_model_path() -> Path:
@@ -380,7 +496,22 @@ def default_model_path() -> Path:
 
 
 def load(ref: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
-    """Load ``ref``: ``default``, a ``.gguf`` file, a HF directory or an mlakit checkpoint."""
+    """Load ``ref``: ``default``, a ``.gguf`` file, a HF directory or an mlakit checkpoint.
+
+    Every problem with the files is a MlakitError of one line naming the file."""
+    try:
+        return _load(ref, dtype, device)
+    except MlakitError:
+        raise
+    except OSError as e:
+        raise MlakitError(f"cannot read {e.filename or ref}: {e.strerror or _first_line(e)}") from None
+    except Exception as e:  # anything a library raised on damaged input
+        if type(e).__name__ == "OutOfMemoryError":
+            raise
+        raise MlakitError(f"cannot load {ref} ({_first_line(e)})") from None
+
+
+def _load(ref: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
     if str(ref) == "default":
         loaded = load_gguf(default_model_path(), dtype, device)
         loaded.source = "default"
@@ -388,6 +519,8 @@ def load(ref: str | os.PathLike, dtype: torch.dtype | None = None, device: str =
     path = Path(ref)
     if not path.exists():
         raise MlakitError(f"{path} does not exist (give a model directory, a .gguf file or 'default')")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise MlakitError(f"cannot read {path}: permission denied")
     if path.is_file():
         if path.suffix != ".gguf":
             raise MlakitError(f"{path} is a file but not a .gguf file")
@@ -401,27 +534,20 @@ def load(ref: str | os.PathLike, dtype: torch.dtype | None = None, device: str =
 
 # ------------------------------------------------------------------ saving
 def save_checkpoint(model: Transformer, path: str | os.PathLike, tokenizer: Any | None = None,
-                    overwrite: bool = False) -> Path:
-    """Write config, weights and tokenizer to ``path`` atomically: everything goes to
-    a temporary sibling directory that is renamed into place once complete."""
+                    overwrite: bool = False, extra=None) -> Path:
+    """Write config, weights and tokenizer to ``path`` atomically (``mlakit.io.atomic_dir``).
+    ``extra(tmp_dir)``, when given, adds files before the directory is renamed into place."""
     from safetensors.torch import save_file
 
+    from mlakit.io import atomic_dir
+
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise MlakitError(f"{path} already exists")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is an ordinary directory
+    with atomic_dir(path, overwrite=overwrite) as tmp:
         model.config.save(tmp)
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, tmp / WEIGHTS_FILENAME, metadata={"format": "pt", "producer": "mlakit"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if extra is not None:
+            extra(tmp)
     return path

@@ -6,24 +6,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from mlakit.evaluate import PROTOCOL, evaluate, format_result
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from mlakit.io import atomic_file, ensure_dir, write_text
 
 
 def variant_name(allocation: str, rope_frequencies: str) -> str:
@@ -105,17 +93,15 @@ def plot(sweep: dict[str, Any], path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_file(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_report(sweep: dict[str, Any], directory: str | os.PathLike) -> list[Path]:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = ensure_dir(directory)
     md, png, js = directory / "sweep.md", directory / "sweep.png", directory / "sweep.json"
-    _atomic_write(md, (f"# MLA conversion sweep\n\n{markdown_table(sweep)}\n![ppl vs KV saving](sweep.png)\n").encode())
-    _atomic_write(js, (json.dumps(sweep, indent=2) + "\n").encode())
+    write_text(md, f"# MLA conversion sweep\n\n{markdown_table(sweep)}\n![ppl vs KV saving](sweep.png)\n")
+    write_text(js, json.dumps(sweep, indent=2) + "\n")
     plot(sweep, png)
     return [md, png, js]

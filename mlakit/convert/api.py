@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,24 +210,34 @@ def convert(model: Transformer, tokens: torch.Tensor, options: ConvertOptions) -
 def convert_checkpoint(source: str, out: str | None, options: ConvertOptions, device: str = "cpu",
                        overwrite: bool = False, log=print) -> ConvertSummary:
     """``mlakit convert``: load ``source``, calibrate on the protocol's calibration range,
-    convert, and write an mlakit checkpoint to ``out`` (atomically)."""
-    from pathlib import Path
+    convert, and write an mlakit checkpoint to ``out`` (atomically). The whole run holds
+    the lock of ``out``, so a second conversion toward it fails at once, not at the end."""
+    import contextlib
 
+    from mlakit.io import check_output, output_lock
+
+    options.check()
+    with output_lock(out) if out is not None else contextlib.nullcontext():
+        if out is not None:
+            check_output(out, overwrite, directory=True)
+        return _convert_checkpoint(source, out, options, device, overwrite)
+
+
+def _convert_checkpoint(source: str, out: str | None, options: ConvertOptions, device: str,
+                        overwrite: bool) -> ConvertSummary:
     from mlakit.evaluate import calibration_tokens
+    from mlakit.io import scratch_dir
     from mlakit.loading import load, save_checkpoint
 
-    if out is not None and Path(out).exists() and not overwrite:
-        raise MlakitError(f"{out} already exists (pass --overwrite to replace it)")
-    options.check()
     start = time.perf_counter()
     loaded = load(source, dtype=torch.float32, device=device)
     check_source(loaded.model.config)
     resolve_budget(loaded.model.config, options)
     tokens = calibration_tokens(loaded.tokenizer, options.calib_tokens)
     load_seconds = time.perf_counter() - start
-    with tempfile.TemporaryDirectory(prefix="mlakit-convert-") as spill:
+    with scratch_dir("convert") as spill:  # a killed run's spill directory is removed by the next run
         model, summary = convert(loaded.model, tokens,
-                                 options if options.spill_dir else dataclasses.replace(options, spill_dir=spill))
+                                 options if options.spill_dir else dataclasses.replace(options, spill_dir=str(spill)))
     summary.seconds = {"load": load_seconds, **summary.seconds}
     if out is not None:
         t = time.perf_counter()

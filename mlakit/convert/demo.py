@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from mlakit.errors import MlakitError
+from mlakit.io import write_text
 
 DEMO_PROMPT = "The capital of France is"
 
@@ -31,11 +32,8 @@ def cached_eval(loaded):
             pass
     result = evaluate(loaded)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result.to_dict()))
-        os.replace(tmp, path)
-    except OSError:
+        write_text(path, json.dumps(result.to_dict()), lock=False)
+    except (OSError, MlakitError):  # a read-only cache only costs time
         pass
     return result, False
 

@@ -12,28 +12,48 @@ FORMATS = ("hf-deepseek", "gguf")
 MODEL_HELP = "an MLA model: a Hugging Face directory, an mlakit checkpoint directory, or a .gguf file"
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Arguments, inputs and the output location, before any loading."""
+    from mlakit import checks
+
+    checks.model_ref(args.model)
+    if args.format == "hf-deepseek" and (args.type is not None or args.tokenizer_gguf is not None):
+        raise MlakitError("--type and --tokenizer-gguf are for --format gguf (use --dtype for hf-deepseek)")
+    if args.format == "gguf" and args.dtype is not None:
+        raise MlakitError("--dtype is for --format hf-deepseek (use --type for gguf)")
+    if args.tokenizer_gguf is not None:
+        from mlakit.loading import check_gguf_header
+
+        check_gguf_header(checks.readable_file(args.tokenizer_gguf, "--tokenizer-gguf"))
+    checks.output(args.output, args.overwrite, directory=args.format == "hf-deepseek")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    from mlakit.io import output_lock
+
+    check_args(args)
+    with output_lock(args.output):  # held from the load to the rename: a second export fails at once
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
     import torch
 
+    from mlakit.io import check_output
     from mlakit.loading import default_model_path, load
 
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise MlakitError(f"{out} already exists (use --overwrite)")
+    check_output(out, args.overwrite, directory=args.format == "hf-deepseek")
     loaded = load(args.model, dtype=torch.float32, device="cpu")
     if args.format == "hf-deepseek":
         from mlakit.export.hf_deepseek import export_hf_deepseek
 
-        if args.type is not None or args.tokenizer_gguf is not None:
-            raise MlakitError("--type and --tokenizer-gguf are for --format gguf (use --dtype for hf-deepseek)")
         form = export_hf_deepseek(loaded.model, out, tokenizer=loaded.tokenizer, dtype=args.dtype or "float32",
                                   overwrite=args.overwrite)
         size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     else:
         from mlakit.export.gguf import export_gguf
 
-        if args.dtype is not None:
-            raise MlakitError("--dtype is for --format hf-deepseek (use --type for gguf)")
         tokenizer_gguf = args.tokenizer_gguf
         if tokenizer_gguf is None and str(args.model) == "default":
             tokenizer_gguf = default_model_path()

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,8 @@ import numpy as np
 import torch
 
 from mlakit.errors import MlakitError
-from mlakit.export.hf_deepseek import check_exportable, publish_mode, to_deepseek
+from mlakit.export.hf_deepseek import check_exportable, to_deepseek
+from mlakit.io import atomic_file, check_output
 from mlakit.model import Transformer
 
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -156,8 +156,7 @@ def export_gguf(model: Transformer, path: str | os.PathLike, qtype: str = "f32",
     check_gguf_exportable(model)
     cfg = model.config
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise MlakitError(f"{path} already exists (use --overwrite)")
+    check_output(path, overwrite, directory=False)
     if tokenizer_gguf is not None:
         tok_fields = tokenizer_fields_from_gguf(tokenizer_gguf)
     elif tokenizer is not None:
@@ -175,11 +174,7 @@ def export_gguf(model: Transformer, path: str | os.PathLike, qtype: str = "f32",
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(path, overwrite=overwrite) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2])
         writer.add_name(name or "mlakit MLA export")
         writer.add_file_type(int(file_type))
@@ -245,9 +240,4 @@ def export_gguf(model: Transformer, path: str | os.PathLike, qtype: str = "f32",
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        publish_mode(tmp, directory=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return form

@@ -52,8 +52,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +61,7 @@ import torch
 from mlakit import loading
 from mlakit.config import ModelConfig
 from mlakit.errors import MlakitError
+from mlakit.io import atomic_dir
 from mlakit.model import Transformer
 from mlakit.rope import mla_rope_inv_freq
 
@@ -389,32 +388,6 @@ def _hf_config(cfg: ModelConfig, form: DeepseekForm, rms_norm_eps: float, q_lora
 
 
 # ------------------------------------------------------------------ writing
-def atomic_dir(path: Path, overwrite: bool) -> Path:
-    """A temporary sibling directory of ``path`` (renamed into place by ``commit_dir``)."""
-    if path.exists() and not overwrite:
-        raise MlakitError(f"{path} already exists (use --overwrite)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def publish_mode(path: Path, directory: bool) -> None:
-    """Give a temporary file/dir (created 0600/0700) the permissions of an ordinary one."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
-def commit_dir(tmp: Path, path: Path) -> None:
-    publish_mode(tmp, directory=True)
-    if path.exists():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    os.replace(tmp, path)
-
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -434,8 +407,7 @@ def export_hf_deepseek(model: Transformer, path: str | os.PathLike, tokenizer: A
                           "use float32 or bfloat16 (same exponent range as float32)")
     form = to_deepseek(model)
     path = Path(path)
-    tmp = atomic_dir(path, overwrite)
-    try:
+    with atomic_dir(path, overwrite=overwrite) as tmp:
         config = dict(form.config, dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tensors = {k: v.to(DTYPES[dtype]).contiguous() for k, v in form.tensors.items()}
@@ -444,8 +416,4 @@ def export_hf_deepseek(model: Transformer, path: str | os.PathLike, tokenizer: A
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        commit_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return form

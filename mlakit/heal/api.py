@@ -2,12 +2,13 @@
 
 Files: OUT (an mlakit checkpoint, written atomically at the end, with ``heal_log.json``
 and ``heal_loss.png`` beside the weights) and, while a run is unfinished, the sibling
-directory ``OUT.heal/`` (``state.pt``: parameters, optimizer, log; removed once OUT is
+directory ``OUT.heal/`` (``state.safetensors``: parameters, optimizer, log; removed once OUT is
 written) that ``--resume`` continues from.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import time
@@ -18,8 +19,9 @@ from typing import Any
 import torch
 
 from mlakit.errors import MlakitError
+from mlakit.io import atomic_file, output_lock, write_text
 from mlakit.heal.data import TeacherDataOptions, describe, load_data_file, teacher_data
-from mlakit.heal.distill import STATE_FILENAME, HealOptions, HealResult, heal_model
+from mlakit.heal.distill import LEGACY_STATE_FILENAME, STATE_FILENAME, HealOptions, HealResult, heal_model
 
 LOG_FILENAME = "heal_log.json"
 PLOT_FILENAME = "heal_loss.png"
@@ -57,7 +59,7 @@ def plot_loss(log: dict[str, Any], path: str | Path, title: str = "mlakit heal")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)
     return True
 
@@ -77,7 +79,17 @@ def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
 
     ``job`` (``mlakit.parallel.init()``, under torchrun): every rank runs this; rank 0 gets
     the data and broadcasts it, the models train sharded with FSDP2 on ``job.device``, and
-    rank 0 alone logs and writes."""
+    rank 0 alone logs and writes. The whole run holds the lock of ``out`` (on rank 0): a
+    second run toward the same ``out`` fails at once."""
+    import contextlib
+
+    lock = output_lock(out) if job is None or job.is_main else contextlib.nullcontext()
+    with lock:
+        return _heal(model, teacher, out, options, data_options, data, data_range, device, overwrite, resume, log,
+                     job)
+
+
+def _heal(model, teacher, out, options, data_options, data, data_range, device, overwrite, resume, log, job):
     from mlakit.loading import load, save_checkpoint
 
     out = Path(out)
@@ -95,7 +107,7 @@ def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
     if out.exists() and not overwrite:
         raise MlakitError(f"{out} already exists (pass --overwrite to replace it)")
     state_dir = state_dir_for(out)
-    if (state_dir / STATE_FILENAME).exists() and not resume:
+    if any((state_dir / name).exists() for name in (STATE_FILENAME, LEGACY_STATE_FILENAME)) and not resume:
         if not overwrite:
             raise MlakitError(f"{state_dir} holds an unfinished heal run: pass --resume to continue it, "
                               "or --overwrite to start over")
@@ -105,6 +117,10 @@ def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
         from mlakit.parallel import barrier
 
         barrier()  # every rank has checked OUT and its state before rank 0 removes anything
+    if resume:
+        from mlakit.heal.distill import load_state
+
+        load_state(state_dir)  # a damaged or pickled state fails now, not after loading and the data
     start = time.perf_counter()
     # several processes: the student waits on the CPU, and FSDP2 moves each rank's shard to its GPU
     student = load(model, dtype=torch.float32, device="cpu" if job is not None else device)
@@ -165,16 +181,22 @@ def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
         return _finish_sharded(student.model, out, tokenizer, summary, full_log, result.finished, state_dir,
                                overwrite, job)
     if not result.finished:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        (state_dir / LOG_FILENAME).write_text(json.dumps(full_log) + "\n")
-        plot_loss(history, state_dir / PLOT_FILENAME)
+        write_text(state_dir / LOG_FILENAME, json.dumps(full_log) + "\n")
+        if importlib.util.find_spec("matplotlib") is not None:
+            with atomic_file(state_dir / PLOT_FILENAME, overwrite=True) as tmp:
+                plot_loss(history, tmp)
         return summary
     t = time.perf_counter()
-    save_checkpoint(student.model, out, tokenizer, overwrite=overwrite)
-    summary["seconds"]["save"] = time.perf_counter() - t
-    full_log.update(summary)
-    (out / LOG_FILENAME).write_text(json.dumps(full_log) + "\n")
-    summary["plot"] = str(out / PLOT_FILENAME) if plot_loss(history, out / PLOT_FILENAME) else None
+    plotted = []
+
+    def log_files(directory: Path) -> None:  # written inside the checkpoint before it is renamed in
+        summary["seconds"]["save"] = time.perf_counter() - t
+        full_log.update(summary)
+        (directory / LOG_FILENAME).write_text(json.dumps(full_log) + "\n")
+        plotted.append(plot_loss(history, directory / PLOT_FILENAME))
+
+    save_checkpoint(student.model, out, tokenizer, overwrite=overwrite, extra=log_files)
+    summary["plot"] = str(out / PLOT_FILENAME) if plotted[0] else None
     shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete: OUT replaces its state
     return summary
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 MODEL_HELP = "the converted MLA model: an mlakit checkpoint directory (from mlakit convert)"
 TEACHER_HELP = "the original model: a Hugging Face directory, a .gguf file, an mlakit checkpoint, or 'default'"
@@ -137,6 +138,31 @@ def options_from_args(args: argparse.Namespace):
     return options, data_options
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Paths and numbers, before any loading (HealOptions.check covers the training settings)."""
+    from mlakit import checks
+    from mlakit.errors import MlakitError
+
+    checks.model_ref(args.model)
+    checks.model_ref(args.teacher, "--teacher")
+    checks.device(args.device)
+    if not args.resume:
+        checks.output(args.output, args.overwrite, directory=True)
+    else:
+        checks.writable_location(Path(args.output))
+    if args.data is not None:
+        checks.readable_file(args.data, "--data")
+    for flag, value in (("--lr", args.lr), ("--warmup", args.warmup), ("--hidden-weight", args.hidden_weight),
+                        ("--layerwise-lr", args.layerwise_lr), ("--temperature", args.temperature),
+                        ("--top-p", args.top_p), ("--snippet-fraction", args.snippet_fraction),
+                        ("--max-minutes", args.max_minutes), ("--elastic-min-fraction", args.elastic_min_fraction),
+                        ("--elastic-full-share", args.elastic_full_share)):
+        checks.finite(value, flag)
+    checks.at_least(args.seed, "--seed", 0)
+    if args.max_minutes is not None and args.max_minutes < 0:
+        raise MlakitError(f"--max-minutes must be >= 0, got {args.max_minutes:g}")
+
+
 def cmd_heal(args: argparse.Namespace) -> int:
     import sys
 
@@ -145,12 +171,13 @@ def cmd_heal(args: argparse.Namespace) -> int:
     from mlakit.errors import MlakitError
     from mlakit.heal.api import heal
     from mlakit.heal.distill import HELD_OUT_EVERY
-    from mlakit.loading import resolve_device
+    from mlakit import checks
 
     from mlakit import parallel
 
+    check_args(args)
     options, data_options = options_from_args(args)
-    device = resolve_device(args.device)
+    device = checks.device(args.device)
     # under torchrun (WORLD_SIZE > 1): one process per GPU, FSDP2 (docs/distributed.md)
     job = parallel.init(device) if parallel.launched_by_torchrun() else None
 

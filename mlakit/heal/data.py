@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from mlakit.errors import MlakitError
+from mlakit.io import atomic_file, write_text
 from mlakit.evaluate import CALIB_RANGE, EVAL_START, EVAL_WINDOW_LEN, EVAL_WINDOWS
 
 EVAL_RANGE = (EVAL_START, EVAL_START + EVAL_WINDOWS * EVAL_WINDOW_LEN)  # [131072, 151552)
@@ -239,12 +240,11 @@ def teacher_data(teacher, tokenizer, options: TeacherDataOptions, progress: bool
            f"({options.tokens:,} asked)"))
     stats.update(generation, cached=False)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp-{os.getpid()}")
-        torch.save(windows.to(torch.int32), tmp)
-        os.replace(tmp, path)
-        (path.with_suffix(".json")).write_text(json.dumps({**key_data, "generation": generation}, indent=2) + "\n")
-    except OSError:
+        with atomic_file(path, overwrite=True, lock=False) as tmp:
+            torch.save(windows.to(torch.int32), tmp)  # a plain tensor: read back with weights_only=True
+        write_text(path.with_suffix(".json"), json.dumps({**key_data, "generation": generation}, indent=2) + "\n",
+                   lock=False)
+    except (OSError, MlakitError):
         pass  # a read-only cache only costs time
     return windows
 

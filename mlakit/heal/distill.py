@@ -34,7 +34,8 @@ TRAIN_SETS = ("mla", "attention", "all")
 # "all": 1e-4 gave ppl 37.43 from 14.4M tokens where 5e-5 gave 38.06 from 18.6M (75% saving,
 # H200, docs/heal.md); the whole model moving needs a smaller step than the attention alone.
 DEFAULT_LR = {"mla": 3e-4, "attention": 3e-4, "all": 1e-4}
-STATE_FILENAME = "state.pt"
+STATE_FILENAME = "state.safetensors"  # tensors + JSON, no pickle (mlakit.io.save_tree)
+LEGACY_STATE_FILENAME = "state.pt"  # older runs: a pickle, refused
 HELD_OUT_EVERY = 10  # at most one window in this many is held out for the held-out KL
 
 
@@ -302,14 +303,9 @@ class BatchOrder:
 
 # ------------------------------------------------------------------ state
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from mlakit.io import save_tree
+
+    save_tree(obj, path)  # safetensors + JSON: a state file never runs code when loaded
 
 
 def data_fingerprint(windows: torch.Tensor) -> str:
@@ -319,10 +315,18 @@ def data_fingerprint(windows: torch.Tensor) -> str:
 
 
 def load_state(state_dir: Path) -> dict[str, Any] | None:
-    path = state_dir / STATE_FILENAME
+    from mlakit.io import load_tree
+
+    path = Path(state_dir) / STATE_FILENAME
     if not path.exists():
+        if (Path(state_dir) / LEGACY_STATE_FILENAME).exists():
+            raise MlakitError(f"{Path(state_dir) / LEGACY_STATE_FILENAME} is a pickle from an older mlakit and is "
+                              "not loaded (a pickle can run code); start over with --overwrite")
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    state = load_tree(path)
+    if not isinstance(state, dict) or not {"step", "params", "optimizer", "log", "options", "data"} <= set(state):
+        raise MlakitError(f"{path} is not a heal state (fields missing); start over with --overwrite")
+    return state
 
 
 def _check_resumable(state: dict[str, Any], options: HealOptions, data: str) -> None:

@@ -14,6 +14,7 @@ pytest.importorskip("transformers")
 from convert.helpers import save_tiny_with_tokenizer  # noqa: E402
 from mlakit import evaluate as ev  # noqa: E402
 from mlakit.cli import main  # noqa: E402
+from mlakit.heal.distill import STATE_FILENAME  # noqa: E402
 from mlakit.errors import MlakitError  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -95,7 +96,7 @@ def test_stop_and_resume_then_a_subprocess_run(tiny, tmp_path, capsys):
     args = ["heal", str(student), "--teacher", str(teacher), "-o", str(tmp_path / "out"), "--tokens", "2k",
             "--data", str(tmp_path / "calib.pt"), "--layerwise-init", "3", "--json", *FAST]
     assert main([*args, "--max-minutes", "0"]) == 3  # stops after one step, state saved
-    assert json.loads(capsys.readouterr().out)["step"] == 1 and (tmp_path / "out.heal" / "state.pt").exists()
+    assert json.loads(capsys.readouterr().out)["step"] == 1 and (tmp_path / "out.heal" / STATE_FILENAME).exists()
     assert main(args) == 2
     assert "--resume" in capsys.readouterr().err
     assert main([*args, "--resume"]) == 0
@@ -143,6 +144,9 @@ def test_out_of_memory_names_the_remedies(monkeypatch, tmp_path, capsys):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 6.00 GiB\nmore detail")
 
     monkeypatch.setattr(heal_api, "heal", out_of_memory)
+    for name in ("mla", "src"):  # the arguments are checked before heal is called: they must look like models
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
     assert main(["heal", str(tmp_path / "mla"), "--teacher", str(tmp_path / "src"), "-o", str(tmp_path / "out"),
                  "--batch-size", "64", "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()

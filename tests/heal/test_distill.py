@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from heal.helpers import VOCAB, gqa_config, mla_config, perturbed, random_model, random_windows
 from mlakit import MlakitError
-from mlakit.heal.distill import (BatchOrder, HealOptions, forward_hidden, heal_model, kl_loss, learning_rate,
+from mlakit.io import save_tree
+from mlakit.heal.distill import (STATE_FILENAME, BatchOrder, HealOptions, forward_hidden, heal_model, kl_loss, learning_rate,
                                  load_state, trainable_names)
 
 
@@ -141,7 +142,7 @@ def test_a_state_saved_before_an_option_existed_resumes_as_its_default(tmp_path)
     heal_model(perturbed(teacher), teacher, windows, _options(max_minutes=0), tmp_path, log=lambda *_: None)
     state = load_state(tmp_path)
     del state["options"]["shift_windows"]  # as an older mlakit saved it
-    torch.save(state, tmp_path / "state.pt")
+    save_tree(state, tmp_path / STATE_FILENAME)
     result = heal_model(perturbed(teacher), teacher, windows, _options(), tmp_path, resume=True, log=lambda *_: None)
     assert result.finished
     with pytest.raises(MlakitError, match="different settings.*shift_windows"):

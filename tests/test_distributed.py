@@ -63,7 +63,7 @@ def test_fsdp2_healing_on_two_processes_equals_one(tmp_path):
 def test_a_state_saved_by_two_processes_resumes_on_one(tmp_path):
     state_dir = tmp_path / "state"
     first = torchrun("heal", str(tmp_path / "first.pt"), str(state_dir))
-    assert first["step"] == 1 and (state_dir / "state.pt").exists()
+    assert first["step"] == 1 and (state_dir / "state.safetensors").exists()
     resumed = cases.heal_run(state_dir=state_dir, resume=True)
     straight = cases.heal_run()
     assert resumed["step"] == cases.HEAL_STEPS

@@ -344,6 +344,71 @@ def _check_resumable(state: dict[str, Any], options: HealOptions, data: str) -> 
 # ------------------------------------------------------------------ training
 def _quiet(*args, **kwargs) -> None:
     """The log of ranks other than 0."""
+def _split_windows(student: Transformer, teacher: Transformer, windows: torch.Tensor,
+                   options: HealOptions) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(all windows at ``options.seq_len``, training windows, held-out windows) after checking
+    that the two models can be distilled."""
+    if not student.config.is_mla:
+        raise MlakitError("the model to heal must be an MLA model (the converted one); the teacher is the original")
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise MlakitError(f"student and teacher vocabularies differ ({student.config.vocab_size} vs "
+                          f"{teacher.config.vocab_size})")
+    if windows.shape[1] != options.seq_len:
+        windows = windows.reshape(-1)[: windows.numel() // options.seq_len * options.seq_len].view(-1, options.seq_len)
+    n_val = min(options.val_windows, windows.shape[0] // HELD_OUT_EVERY)
+    train_windows, val_windows = windows[: windows.shape[0] - n_val], windows[windows.shape[0] - n_val:]
+    if train_windows.shape[0] == 0:
+        raise MlakitError("no training windows")
+    return windows, train_windows, val_windows
+
+
+def _first_validation(distiller: "Distiller", train_windows: torch.Tensor, val_windows: torch.Tensor,
+                      history: dict[str, Any], log) -> None:
+    """A fresh run's start: the held-out KL of the converted model, the layer-wise fit if asked
+    for, and the held-out KL at step 0."""
+    options, student, teacher = distiller.options, distiller.student, distiller.teacher
+    history["kl_before"] = distiller.validate(val_windows)  # the converted model as it came
+    if options.layerwise_steps > 0:
+        from mlakit.heal.layerwise import layerwise_init
+
+        history["layerwise"] = layerwise_init(student, teacher, train_windows, options, log=log)
+        student.train()
+        select_trainable(student, options.train)
+    history["val"].append({"step": 0, "tokens": 0, "kl": distiller.validate(val_windows)
+                           if options.layerwise_steps > 0 else history["kl_before"]})
+
+
+def _train_step(distiller: "Distiller", optimizer, params, batch: torch.Tensor, ranks,
+                grad_clip: float) -> tuple[float, torch.Tensor]:
+    """One optimizer step on this rank's ``batch``; (loss, KL) of the global batch."""
+    loss, kl = distiller.loss(batch)
+    loss.backward()
+    if grad_clip > 0:
+        ranks.clip(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss, kl = ranks.mean(loss.detach()), ranks.mean(kl)  # the global batch's (what one process logs)
+    return float(loss), kl
+
+
+def _save_state(state_dir: Path, step: int, student, optimizer, names, history, options: HealOptions,
+                data_id: str, ranks) -> None:
+    params_state = ranks.parameters_state(student, names)  # every rank takes part in the gathers
+    optimizer_state = ranks.optimizer_state(student, optimizer, names)
+    if ranks.is_main:
+        _atomic_save({"step": step, "params": params_state, "optimizer": optimizer_state, "log": history,
+                      "options": options.training_dict(), "data": data_id}, state_dir / STATE_FILENAME)
+
+
+def _record(history: dict[str, Any], bar, speed: float, **values) -> None:
+    """One step's figures into the log and the progress bar."""
+    for key, value in values.items():
+        history.setdefault(key, []).append(value)
+    rank = values["rank"]
+    bar.update(1)
+    bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{speed:,.0f}", **({"rank": rank} if rank else {}))
+
+
 def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor, options: HealOptions,
                state_dir: str | os.PathLike | None = None, resume: bool = False, log=print,
                job=None) -> HealResult:
@@ -365,17 +430,8 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
     if not ranks.is_main:
         log = _quiet
     run_start = segment_start = time.perf_counter()
-    if not student.config.is_mla:
-        raise MlakitError("the model to heal must be an MLA model (the converted one); the teacher is the original")
-    if student.config.vocab_size != teacher.config.vocab_size:
-        raise MlakitError(f"student and teacher vocabularies differ ({student.config.vocab_size} vs "
-                          f"{teacher.config.vocab_size})")
-    if windows.shape[1] != options.seq_len:
-        windows = windows.reshape(-1)[: windows.numel() // options.seq_len * options.seq_len].view(-1, options.seq_len)
-    n_val = min(options.val_windows, windows.shape[0] // HELD_OUT_EVERY)
-    train_windows, val_windows = windows[: windows.shape[0] - n_val], windows[windows.shape[0] - n_val:]
-    if train_windows.shape[0] == 0:
-        raise MlakitError("no training windows")
+    windows, train_windows, val_windows = _split_windows(student, teacher, windows, options)
+    n_val = val_windows.shape[0]
     choices = elastic_choices(student, options.elastic_ranks, options.elastic_min_fraction)
     teacher.eval().requires_grad_(False)
     student.train()  # trained on the naive path (the default options)
@@ -401,30 +457,16 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
         log(f"resuming at step {step}/{options.steps}")
     else:
         step = 0
-        history["kl_before"] = distiller.validate(val_windows)  # the converted model as it came
-        if options.layerwise_steps > 0:
-            from mlakit.heal.layerwise import layerwise_init
+        _first_validation(distiller, train_windows, val_windows, history, log)
 
-            history["layerwise"] = layerwise_init(student, teacher, train_windows, options, log=log)
-            student.train()
-            select_trainable(student, options.train)
-        history["val"].append({"step": 0, "tokens": 0, "kl": distiller.validate(val_windows)
-                               if options.layerwise_steps > 0 else history["kl_before"]})
-
-    fused = student.device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=options.learning_rate, betas=(0.9, 0.95),
-                                  weight_decay=options.weight_decay, fused=fused or None)
+                                  weight_decay=options.weight_decay, fused=(student.device.type == "cuda") or None)
     if state is not None:
         ranks.load_optimizer(student, optimizer, state["optimizer"], names)
 
     def save(step: int) -> None:
-        if state_dir is None:
-            return
-        params_state = ranks.parameters_state(student, names)  # every rank takes part in the gathers
-        optimizer_state = ranks.optimizer_state(student, optimizer, names)
-        if ranks.is_main:
-            _atomic_save({"step": step, "params": params_state, "optimizer": optimizer_state, "log": history,
-                          "options": options.training_dict(), "data": data_id}, state_dir / STATE_FILENAME)
+        if state_dir is not None:
+            _save_state(state_dir, step, student, optimizer, names, history, options, data_id, ranks)
 
     if state is None:
         save(0)  # layer-wise initialisation (if any) is not repeated by a resume
@@ -447,22 +489,12 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
             if mask is not None:
                 rank = mask.rank = sample_rank(choices, options.seed, step, options.elastic_full_share)
             batch = ranks.share(order.batch(step)).to(student.device)  # this rank's share of the global batch
-            loss, kl = distiller.loss(batch)
-            loss.backward()
-            if options.grad_clip > 0:
-                ranks.clip(params, options.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_value, kl = _train_step(distiller, optimizer, params, batch, ranks, options.grad_clip)
             step += 1
-            loss, kl = ranks.mean(loss.detach()), ranks.mean(kl)  # the global batch's (what one process logs)
-            loss_value = float(loss)
             dt = time.perf_counter() - t0
             speed = tokens_per_step / dt if speed is None else 0.9 * speed + 0.1 * tokens_per_step / dt
-            for key, value in (("step", step), ("tokens", step * tokens_per_step), ("loss", loss_value),
-                               ("kl", float(kl)), ("lr", lr), ("rank", rank), ("step_seconds", round(dt, 5))):
-                history.setdefault(key, []).append(value)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{speed:,.0f}", **({"rank": rank} if rank else {}))
+            _record(history, bar, step=step, tokens=step * tokens_per_step, loss=loss_value, kl=float(kl), lr=lr,
+                    rank=rank, step_seconds=round(dt, 5), speed=speed)
             if not math.isfinite(loss_value):
                 raise MlakitError(f"the loss is not finite at step {step} (lower --lr?)")
             last = step == options.steps

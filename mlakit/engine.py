@@ -121,6 +121,13 @@ class Engine:
     ``torch.compile`` (``compiled_block_call``; the first step compiles, under a
     minute for an 8B model on a GPU). Both remove small kernels, which dominate a
     batch-1 step once the CUDA graph has removed the launch overhead.
+
+    ``options.sparse_topk`` (MLA) decodes with top-k sparse attention; the prefill stays
+    dense. ``options.latent_ranks`` (MLA, elastic checkpoints) runs sequence ``i`` at its own
+    runtime rank; the engine keeps the ranks in a static buffer (``set_latent_ranks``
+    changes them between requests without re-capturing a graph). The cache keeps its
+    full width: per-sequence ranks save compute reads only where a kernel skips the
+    zero channels, and memory only with paged, variable-width storage (not done).
     """
 
     def __init__(self, model: Transformer, batch: int, max_len: int, cuda_graph: bool | None = None,
@@ -132,11 +139,16 @@ class Engine:
         self.model = model
         # MLA: prefill decompressed ("naive", the default) or "absorbed"; decode is absorbed.
         # ``options`` carries the rest (kernels on/off) into both.
-        self.prefill_options = options.replace(mla_path=prefill_mode)
-        self.decode_options = options.replace(mla_path="absorbed")
         self.batch = batch
         self.max_len = max_len
         self.device = model.device
+        self.latent_ranks = None  # [batch] int32, a static buffer (None: every sequence at full rank)
+        if options.latent_ranks is not None:
+            self.latent_ranks = torch.zeros(batch, dtype=torch.int32, device=self.device)
+            self.set_latent_ranks(options.latent_ranks)
+        options = options.replace(latent_ranks=self.latent_ranks)
+        self.prefill_options = options.replace(mla_path=prefill_mode, sparse_topk=None)  # prefill: dense
+        self.decode_options = options.replace(mla_path="absorbed")
         self.cache = model.new_cache(batch, max_len, dtype=cache_dtype)
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
@@ -152,6 +164,16 @@ class Engine:
 
     def reset(self) -> None:
         self.cache.reset()
+
+    def set_latent_ranks(self, ranks: Sequence[int] | torch.Tensor) -> None:
+        """The runtime rank of each of the ``batch`` sequences (for the next prefill; an engine
+        made with ``options.latent_ranks`` only)."""
+        if self.latent_ranks is None:
+            raise ValueError("this engine runs at full rank: make it with options.latent_ranks to set ranks")
+        ranks = torch.as_tensor(ranks, dtype=torch.int32).flatten()
+        if ranks.numel() != self.batch or bool((ranks < 1).any()):
+            raise ValueError(f"latent ranks: one rank >= 1 per sequence ({self.batch}), got {ranks.tolist()}")
+        self.latent_ranks.copy_(ranks.to(self.device))
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -215,15 +237,16 @@ FINISHED_CHECK_EVERY = 16
 
 @torch.inference_mode()
 def _decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                  engine: Engine | None, compile: bool,
-                  check_every: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  engine: Engine | None, compile: bool, check_every: int,
+                  options: ForwardOptions = DEFAULT) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The generation loop, on the device: yields, after each step, the sampled tokens
     ``[b]`` and which of them are output ``[b]`` bool. A sequence's output ends with its
     first stop token; its later tokens are not output (finished sequences keep stepping,
     so that shapes and the sampler's random stream do not depend on when they stop).
     The loop ends after ``max_new_tokens`` steps, or once every sequence has stopped,
     which it checks every ``check_every`` steps (a host sync each time).
-    Without ``engine`` one is made for these prompts (``compile``: its fast mode)."""
+    Without ``engine`` one is made for these prompts (``compile``: its fast mode; ``options``:
+    its forward options, e.g. sparse decode or per-sequence latent ranks)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.device
@@ -233,7 +256,7 @@ def _decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], params: 
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt + new tokens ({total}) exceed the model's max_seq_len {model.config.max_seq_len}")
     if engine is None:
-        engine = Engine(model, len(prompts), total, compile=compile)
+        engine = Engine(model, len(prompts), total, compile=compile, options=options)
     elif engine.batch != len(prompts) or engine.max_len < total:
         raise ValueError(f"the engine holds {engine.batch} x {engine.max_len} tokens; "
                          f"this call needs {len(prompts)} x {total}")
@@ -259,17 +282,20 @@ def _decode_steps(model: Transformer, prompts: Sequence[Sequence[int]], params: 
 
 
 def generate_stream(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                    engine: Engine | None = None, compile: bool = False) -> Iterator[list[int | None]]:
+                    engine: Engine | None = None, compile: bool = False,
+                    options: ForwardOptions = DEFAULT) -> Iterator[list[int | None]]:
     """Yield, after each step, the new token of every sequence (None once it stopped).
     Without ``engine`` one is made for these prompts (``compile``: its fast mode)."""
     # every step goes to the host anyway: check for the end every step
-    for next_tokens, output in _decode_steps(model, prompts, params, engine, compile, check_every=1):
+    for next_tokens, output in _decode_steps(model, prompts, params, engine, compile, check_every=1,
+                                             options=options):
         yield [token if out else None for token, out in zip(next_tokens.tolist(), output.tolist())]
 
 
 @torch.inference_mode()
 def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-                   engine: Engine | None = None, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   engine: Engine | None = None, compile: bool = False,
+                   options: ForwardOptions = DEFAULT) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tokens [b, max_new_tokens], counts [b])``, both on the model's device: sequence
     i's output is ``tokens[i, :counts[i]]`` (stop token included when one was hit); the
     rest of its row is -1. The same tokens as ``generate`` for the same seed, without a
@@ -278,22 +304,23 @@ def generate_batch(model: Transformer, prompts: Sequence[Sequence[int]], params:
     out = torch.full((b, params.max_new_tokens), -1, dtype=torch.long, device=model.device)  # [b, max_new]
     counts = torch.zeros(b, dtype=torch.long, device=model.device)  # [b]
     for step, (next_tokens, output) in enumerate(_decode_steps(model, prompts, params, engine, compile,
-                                                               check_every=FINISHED_CHECK_EVERY)):
+                                                               check_every=FINISHED_CHECK_EVERY, options=options)):
         out[:, step] = next_tokens.masked_fill(~output, -1)
         counts += output
     return out, counts
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
-             on_step: Callable[[list[int | None]], None] | None = None, compile: bool = False) -> list[list[int]]:
+             on_step: Callable[[list[int | None]], None] | None = None, compile: bool = False,
+             options: ForwardOptions = DEFAULT) -> list[list[int]]:
     """The generated tokens of every prompt (stop token included when one was hit).
     ``on_step`` receives every step's new tokens as ``generate_stream`` yields them.
-    ``compile``: the engine's fast mode (see ``Engine``)."""
+    ``compile``: the engine's fast mode; ``options``: its forward options (see ``Engine``)."""
     if on_step is None:
-        tokens, counts = generate_batch(model, prompts, params, compile=compile)
+        tokens, counts = generate_batch(model, prompts, params, compile=compile, options=options)
         return [row[:n] for row, n in zip(tokens.tolist(), counts.tolist())]
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in generate_stream(model, prompts, params, compile=compile):
+    for step in generate_stream(model, prompts, params, compile=compile, options=options):
         for out, token in zip(outputs, step):
             if token is not None:
                 out.append(token)

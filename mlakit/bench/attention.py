@@ -139,8 +139,10 @@ def run_attention_bench(
     rep_ms: int = 100,
     copy_bytes: int = 2 << 30,
     log: Optional[Callable[[str], None]] = None,
+    sparse=None,
 ) -> List[Dict]:
-    """Run decode-attn-v1 and return one dict per (row, method), the copy ceiling first."""
+    """Run decode-attn-v1 and return one dict per (row, method), the copy ceiling first.
+    ``sparse`` (a ForwardOptions with ``sparse_topk``) adds the sparse rows (mlakit.bench.sparse)."""
     from mlakit.kernels import mla_decode
 
     if not torch.cuda.is_available():
@@ -267,6 +269,12 @@ def run_attention_bench(
             if cuda_graphs:
                 group_rows.append(add(batch, context, f"{name} (CUDA graph)", nbytes,
                                       _do_bench(cuda_graph_replay(kernel_fn), warmup_ms, rep_ms), flops))
+        if sparse is not None:
+            from mlakit.bench.sparse import sparse_rows
+
+            group_rows += sparse_rows(add, group_rows, q4_latent, q4_rope, cache, lengths, softmax_scale, sparse,
+                                      lambda fn: _do_bench(fn, warmup_ms, rep_ms),
+                                      cuda_graph_replay if cuda_graphs else None)
         del cache, q_latent, q_rope, out, ref, latent, k_rope
         torch.cuda.empty_cache()
 
@@ -321,6 +329,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-flash-mla", action="store_true", help="skip FlashMLA even if importable")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement (ms)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--sparse-topk", type=int, default=None, metavar="K",
+                        help="add rows of top-K sparse MLA decode (docs/sparse.md) beside the dense kernels")
+    parser.add_argument("--sparse-window", type=int, default=64, help="with --sparse-topk: recent slots always kept")
+    parser.add_argument("--sparse-sink", type=int, default=4, help="with --sparse-topk: first slots always kept")
+    parser.add_argument("--sparse-index-rank", type=int, default=64,
+                        help="with --sparse-topk: latent channels of the index (plus the RoPE key)")
+
+
+def _sparse_options(args: argparse.Namespace):
+    if getattr(args, "sparse_topk", None) is None:
+        return None
+    from mlakit.options import ForwardOptions
+
+    return ForwardOptions(sparse_topk=args.sparse_topk, sparse_window=args.sparse_window,
+                          sparse_sink=args.sparse_sink, sparse_index_rank=args.sparse_index_rank)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -337,7 +360,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         grid=args.grid, heads=heads, head_dim=args.head_dim, kv_lora_rank=rank, rope_dim=rope,
         kv_head_counts=kv_heads, include_baselines=not args.no_baselines,
         include_flash_mla=not args.no_flash_mla, rep_ms=args.rep_ms,
-        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        log=lambda msg: print(msg, file=sys.stderr, flush=True), sparse=_sparse_options(args),
     )
     print(format_table(rows))
     if args.json:

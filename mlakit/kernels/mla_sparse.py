@@ -66,12 +66,16 @@ def index_scores_math(q_index: torch.Tensor, q_rope: torch.Tensor, keys: torch.T
                       visible: torch.Tensor) -> torch.Tensor:
     """``max_h (q_index . keys + q_rope . k_rope)`` ``[b, s, L]``, -inf where not ``visible [b, s, L]``.
     ``q_index [b, s, h, r_idx]``, ``keys [b, L, r_idx]``, ``q_rope [b, s, h, p]``, ``k_rope [b, L, p]``.
-    (Also the masked-dense path of ``mlakit.sparse``.)"""
+    (Also the masked dense path of ``MLAttention``.) One head at a time, so that a long
+    eval window holds one ``[b, s, L]`` score tensor, not one per head."""
     math_dtype = torch.float64 if q_index.dtype == torch.float64 else torch.float32
-    scores = torch.einsum("bshr,blr->bshl", q_index.to(math_dtype), keys.to(math_dtype))
-    if q_rope.shape[-1]:
-        scores = scores + torch.einsum("bshp,blp->bshl", q_rope.to(math_dtype), k_rope.to(math_dtype))
-    return scores.amax(dim=2).masked_fill(~visible, float("-inf"))  # [b, s, L]
+    query = torch.cat([q_index, q_rope], dim=-1).to(math_dtype)  # [b, s, h, r_idx + p]
+    key = torch.cat([keys, k_rope], dim=-1).to(math_dtype).transpose(1, 2)  # [b, r_idx + p, L]
+    best = None
+    for h in range(query.shape[2]):
+        scores = torch.matmul(query[:, :, h], key)  # [b, s, L]
+        best = scores if best is None else torch.maximum(best, scores)
+    return best.masked_fill(~visible, float("-inf"))  # [b, s, L]
 
 
 def mla_sparse_index_reference(q_latent: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor,

@@ -88,7 +88,7 @@ def interpreter_results():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case_id", list(_sparse_runner.SPARSE_CASES))
+@pytest.mark.parametrize("case_id", [*_sparse_runner.SPARSE_CASES, "model-decode"])
 def test_sparse_kernels_interpreter(interpreter_results, case_id):
     result = interpreter_results[case_id]
     assert "error" not in result, result.get("traceback", result["error"])

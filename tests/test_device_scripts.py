@@ -76,3 +76,11 @@ def test_heal_check_smoke(tmp_path):
     first, second = (json.loads((tmp_path / d / "heal.json").read_text()) for d in ("heal", "shift"))
     assert second["rows"]["0.75"]["free"] == first["rows"]["0.75"]["free"]
     assert second["rows"]["0.75"]["heal"]["tokens"] == first["rows"]["0.75"]["heal"]["tokens"]
+
+
+def test_sparse_check_smoke(tmp_path):
+    out = run_script("sparse_check.py", "--smoke", "--out", str(tmp_path / "sparse"))
+    assert "all correctness cases ok" in out and out.rstrip().endswith("done")
+    assert "| batch | context | k | r_idx | dense us | sparse us |" in out
+    assert "| batch | context | dense ms/step | sparse ms/step |" in out
+    assert json.loads((tmp_path / "sparse" / "sparse.json").read_text())["attention"]

@@ -232,7 +232,10 @@ class MLAttention(nn.Module):
         q_nope, q_rope = self.query(q).split([self.nope_dim, self.rope_dim], dim=-1)  # [b, s, h, *]
         q_rope = apply_rope(q_rope, cos, sin)
         latent, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # [b, s, r], [b, s, p]
+        if options.latent_ranks is not None:
+            latent = self._keep_ranks(latent, options.latent_ranks)
         absorbed = options.mla_path == "absorbed"
+        sparse = options.sparse and self.kernel_fits  # (no sliding window: the selection knows none)
         if cache is None:
             latent, k_rope = self._norm_and_rotate(latent, k_rope, cos, sin)
             if options.kv_cache_dtype is not None:  # the latent (and RoPE key) as a cache would store them
@@ -242,10 +245,13 @@ class MLAttention(nn.Module):
         else:
             self._write_cache(latent, k_rope, positions, cos, sin, cache, options)
             if absorbed and options.kernels and self.kernel_fits:
-                out = self._decode_absorbed(q_nope, q_rope, cache)
+                decode = self._decode_sparse if sparse else self._decode_absorbed
+                out = decode(q_nope, q_rope, cache, options)
                 return self.wo(out.reshape(b, s, self.n_heads * self.v_dim))
             kv = cache.dequantized(b, mask.shape[-1]).to(x.dtype)  # [b, L, r + p], as stored
             latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        if sparse:
+            mask = self._sparse_mask(q_nope, q_rope, latent, k_rope, positions, mask, cache is None, options)
         if absorbed:
             out = self._attend_absorbed(q_nope, q_rope, latent, k_rope, _causal(s, x.device) if mask is None else mask)
         else:
@@ -282,7 +288,56 @@ class MLAttention(nn.Module):
         )  # [b, h, s, v]
         return out.transpose(1, 2)  # [b, s, h, v]
 
-    def _decode_absorbed(self, q_nope, q_rope, cache: LatentCache | QuantLatentCache) -> torch.Tensor:
+    def _keep_ranks(self, latent: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+        """``latent [b, s, r]`` with channels ``>= ranks[i]`` of sequence ``i`` zeroed: zero
+        channels add nothing to a score and give nothing to the output, so the sequence
+        runs as the truncated model (``mlakit.elastic``), with the cache at full width."""
+        b, _, r = latent.shape
+        drop = torch.arange(r, device=latent.device)[None, :] >= ranks[:b, None].to(latent.device)  # [b, r]
+        return latent.masked_fill(drop[:, None, :], 0.0)
+
+    def _sparse_mask(self, q_nope, q_rope, latent, k_rope, positions, mask, uncached: bool,
+                     options: ForwardOptions) -> torch.Tensor:
+        """``mask [b, s, L]`` narrowed to each query's sparse selection (mlakit.kernels.mla_sparse:
+        the same index and the same rule as the kernels). Masked dense: the reference and
+        the eval path, not the fast one (that is ``_decode_sparse``)."""
+        from mlakit.kernels.mla_sparse import index_scores_math, select_positions
+
+        s, length = q_nope.shape[1], latent.shape[1]
+        if uncached:  # keys are the new tokens themselves, from position 0 (eval windows)
+            query_pos = torch.arange(s, device=latent.device).expand(q_nope.shape[0], s)
+            mask = _causal(s, latent.device) if mask is None else mask
+        else:  # keys are cache slots: slot == position
+            query_pos = positions
+        index_rank = min(options.sparse_index_rank or self.kv_lora_rank, self.kv_lora_rank)
+        w_uk = self.up_projections()[0][..., :index_rank]  # [h, nope, r_idx]
+        q_index = torch.einsum("bshn,hnr->bshr", q_nope, w_uk)  # [b, s, h, r_idx]
+        visible = mask.expand(q_nope.shape[0], s, length)
+        scores = index_scores_math(q_index, q_rope, latent[..., :index_rank], k_rope, visible)  # [b, s, L]
+        chosen = select_positions(scores, query_pos, options.sparse_topk, options.sparse_window,
+                                  options.sparse_sink)  # [b, s, k]
+        hits = torch.zeros(scores.shape, dtype=torch.int32, device=scores.device)
+        hits.scatter_add_(-1, chosen.long().clamp(min=0), (chosen >= 0).to(torch.int32))
+        return visible & (hits > 0)
+
+    def _decode_sparse(self, q_nope, q_rope, cache: LatentCache, options: ForwardOptions) -> torch.Tensor:
+        """``_decode_absorbed`` over each query's top-k selection (mlakit.kernels.mla_sparse)."""
+        from mlakit.kernels import absorb_output, absorb_query
+        from mlakit.kernels.mla_sparse import mla_sparse_decode
+
+        if isinstance(cache, QuantLatentCache):
+            raise ValueError("sparse decode reads a 16-bit latent cache; quantised caches are not supported yet")
+        b = q_nope.shape[0]
+        kv = cache.kv[:b]  # [b, L_max, r + p]
+        w_uk, w_uv = self.up_projections()
+        q_latent = absorb_query(q_nope, w_uk).to(kv.dtype)  # [b, s, h, r]
+        out_latent = mla_sparse_decode(q_latent, q_rope.to(kv.dtype), kv, cache.lengths[:b], self.scale,
+                                       self.kv_lora_rank, topk=options.sparse_topk, window=options.sparse_window,
+                                       sink=options.sparse_sink, index_rank=options.sparse_index_rank)
+        return absorb_output(out_latent.to(q_nope.dtype), w_uv.transpose(1, 2))  # [b, s, h, v]
+
+    def _decode_absorbed(self, q_nope, q_rope, cache: LatentCache | QuantLatentCache,
+                         options: ForwardOptions = DEFAULT) -> torch.Tensor:
         """Absorbed attention of the new tokens over the whole latent cache (already holding
         them), through the decode kernel, which reads the cache as stored. The new tokens must sit at
         consecutive positions ending at ``cache.lengths - 1`` (what generation does)."""

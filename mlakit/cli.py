@@ -32,6 +32,10 @@ def _load(args: argparse.Namespace):
     device = checks.device(getattr(args, "device", None))
     dtype_name = getattr(args, "dtype", None) or ("bfloat16" if device.startswith("cuda") else "float32")
     loaded = load(args.model, dtype=getattr(torch, dtype_name), device=device)
+    if getattr(args, "runtime_rank", None) == "auto":  # the rank for this request's context length
+        from mlakit.elastic import auto_latent_rank
+
+        args.runtime_rank = auto_latent_rank(loaded.model, _context_length(args, loaded.tokenizer))
     if getattr(args, "runtime_rank", None) is not None:  # an elastic checkpoint at a smaller cache
         from mlakit.elastic import truncate_latent_rank
 
@@ -42,6 +46,30 @@ def _load(args: argparse.Namespace):
         loaded.model = truncate_latent_rank(loaded.model, args.runtime_rank)
         loaded.source = f"{loaded.source} (runtime rank {args.runtime_rank})"
     return loaded
+
+
+def _context_length(args: argparse.Namespace, tokenizer) -> int:
+    """Tokens a request spans (``--runtime-rank auto``): the prompt plus the new tokens for
+    generate; the protocol's window for eval."""
+    if getattr(args, "prompt", None) is None:
+        from mlakit.evaluate import EVAL_WINDOW_LEN
+
+        return EVAL_WINDOW_LEN
+    if tokenizer is None:
+        raise MlakitError(f"{args.model} has no tokenizer (pip install transformers, or add tokenizer files)")
+    return len(tokenizer(args.prompt).input_ids) + args.max_new_tokens
+
+
+def _forward_options(args: argparse.Namespace, model):
+    """``ForwardOptions`` from the --sparse-* flags (the default where none is given)."""
+    from mlakit.options import ForwardOptions
+
+    if getattr(args, "sparse_topk", None) is None:
+        return ForwardOptions()
+    if not model.config.is_mla:
+        raise MlakitError("--sparse-topk needs an MLA model (convert it first: mlakit convert)")
+    return ForwardOptions(sparse_topk=args.sparse_topk, sparse_window=args.sparse_window,
+                          sparse_sink=args.sparse_sink, sparse_index_rank=args.sparse_index_rank)
 
 
 # ------------------------------------------------------------------ generate
@@ -134,6 +162,7 @@ def _generate(args: argparse.Namespace, job) -> int:
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
     options = ForwardOptions(kv_cache_dtype=args.kv_cache_dtype)
+    options = _forward_options(args, loaded.model)
     generate(loaded.model, [prompt_ids], params, on_step=stream, compile=fast, options=options)
     text = tokenizer.decode(generated, skip_special_tokens=True)
     if args.json:
@@ -198,7 +227,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_model_args(args)
     from mlakit.evaluate import evaluate, format_result
 
-    result = evaluate(_load(args), progress=not args.json)
+    loaded = _load(args)
+    result = evaluate(loaded, progress=not args.json, options=_forward_options(args, loaded.model))
     print(json.dumps(result.to_dict()) if args.json else format_result(result))
     return 0
 
@@ -335,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(gen)
     _runtime_rank_arg(gen)
     _kv_cache_dtype_arg(gen)
+    _sparse_args(gen)
     gen.set_defaults(func=cmd_generate)
 
     info = sub.add_parser("info", help="describe a model: architecture, size, attention kind, KV bytes per token")
@@ -350,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     _device_args(ev)
     _runtime_rank_arg(ev)
+    _sparse_args(ev)
     ev.set_defaults(func=cmd_eval)
 
     conv = sub.add_parser("convert", help="convert an MHA/GQA model to MLA (no training)",
@@ -412,10 +444,36 @@ def _device_args(parser: argparse.ArgumentParser, default_device: str | None = N
                         help="weights and cache dtype (default: bfloat16 on cuda, float32 on cpu)")
 
 
+def _runtime_rank(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a rank (integer) or 'auto', got {text!r}") from None
+
+
 def _runtime_rank_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runtime-rank", type=int, default=None, metavar="R",
+    parser.add_argument("--runtime-rank", type=_runtime_rank, default=None, metavar="R",
                         help="MLA: keep only the first R latent channels per layer (a smaller cache; best on "
-                             "checkpoints healed with --elastic-ranks)")
+                             "checkpoints healed with --elastic-ranks). 'auto': R by the request's length "
+                             "(prompt + new tokens; eval: its window): full rank up to 4096 tokens, then the "
+                             "rank whose cache matches full rank's at 4096, at least a quarter of the full "
+                             "rank (mlakit.elastic.auto_latent_rank, docs/sparse.md)")
+
+
+def _sparse_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sparse-topk", type=int, default=None, metavar="K",
+                        help="MLA: top-K sparse attention: each query attends to the K cache slots of best index "
+                             "score plus --sparse-window recent and --sparse-sink first ones (docs/sparse.md); "
+                             "generate: the decode steps (the prompt is prefilled dense); eval: every position "
+                             "(a masked dense computation, exact but not fast)")
+    parser.add_argument("--sparse-window", type=int, default=64, help="with --sparse-topk: recent slots always kept "
+                                                                      "(default 64)")
+    parser.add_argument("--sparse-sink", type=int, default=4, help="with --sparse-topk: first slots always kept "
+                                                                   "(default 4)")
+    parser.add_argument("--sparse-index-rank", type=int, default=64,
+                        help="with --sparse-topk: latent channels of the index score, plus the RoPE key (default 64)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

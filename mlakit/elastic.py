@@ -38,6 +38,34 @@ def truncated_ranks(model: Transformer, rank: int) -> list[int]:
     return [min(rank, r) for r in model.config.kv_lora_ranks()]
 
 
+# ``auto_latent_rank``: full rank up to this many tokens; past it, the rank whose cache holds
+# as many latent values as full rank's does at this length.
+AUTO_FULL_RANK_TOKENS = 4096
+
+
+def auto_latent_rank(model: Transformer, context: int) -> int:
+    """The runtime rank for a request spanning ``context`` tokens (``--runtime-rank auto``).
+
+    Rule (memory pressure by context length): up to ``AUTO_FULL_RANK_TOKENS`` tokens the
+    full rank; beyond, ``full * AUTO_FULL_RANK_TOKENS / context`` rounded down to a multiple
+    of 8, so that a sequence's latent cache stays at most what full rank needs at 4096
+    tokens, but never below a quarter of the full rank (elastic healing trains down to
+    about that; below it quality falls off, docs/sparse.md). ``full`` is the largest
+    layer rank; ``truncate_latent_rank`` caps every layer at its own."""
+    check_elastic_model(model, "choosing a runtime rank")
+    full = max(model.config.kv_lora_ranks())
+    if context <= AUTO_FULL_RANK_TOKENS:
+        return full
+    fitted = (full * AUTO_FULL_RANK_TOKENS // context) // 8 * 8
+    return max(fitted, -(-full // 4), 1)
+
+
+def auto_latent_ranks(model: Transformer, contexts) -> list[int]:
+    """``auto_latent_rank`` per sequence: what ``ForwardOptions(latent_ranks=...)`` takes to run
+    a batch of requests each at its own rank in one engine."""
+    return [auto_latent_rank(model, int(c)) for c in contexts]
+
+
 def truncate_latent_rank(model: Transformer, rank: int) -> Transformer:
     """A new MLA model keeping the first ``min(rank, r_l)`` latent channels of every
     layer (same dtype and device; ``model`` is left as it is)."""

@@ -121,6 +121,13 @@ class Engine:
     ``torch.compile`` (``compiled_block_call``; the first step compiles, under a
     minute for an 8B model on a GPU). Both remove small kernels, which dominate a
     batch-1 step once the CUDA graph has removed the launch overhead.
+
+    ``options.sparse_topk`` (MLA) decodes with top-k sparse attention; the prefill stays
+    dense. ``options.latent_ranks`` (MLA, elastic checkpoints) runs sequence ``i`` at its own
+    runtime rank; the engine keeps the ranks in a static buffer (``set_latent_ranks``
+    changes them between requests without re-capturing a graph). The cache keeps its
+    full width: per-sequence ranks save compute reads only where a kernel skips the
+    zero channels, and memory only with paged, variable-width storage (not done).
     """
 
     def __init__(self, model: Transformer, batch: int, max_len: int, cuda_graph: bool | None = None,
@@ -132,11 +139,16 @@ class Engine:
         self.model = model
         # MLA: prefill decompressed ("naive", the default) or "absorbed"; decode is absorbed.
         # ``options`` carries the rest (kernels on/off) into both.
-        self.prefill_options = options.replace(mla_path=prefill_mode)
-        self.decode_options = options.replace(mla_path="absorbed")
         self.batch = batch
         self.max_len = max_len
         self.device = model.device
+        self.latent_ranks = None  # [batch] int32, a static buffer (None: every sequence at full rank)
+        if options.latent_ranks is not None:
+            self.latent_ranks = torch.zeros(batch, dtype=torch.int32, device=self.device)
+            self.set_latent_ranks(options.latent_ranks)
+        options = options.replace(latent_ranks=self.latent_ranks)
+        self.prefill_options = options.replace(mla_path=prefill_mode, sparse_topk=None)  # prefill: dense
+        self.decode_options = options.replace(mla_path="absorbed")
         self.cache = model.new_cache(batch, max_len, dtype=cache_dtype, kv_cache_dtype=options.kv_cache_dtype,
                                      quantize_rope=options.quantize_rope)
         self.cuda_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
@@ -153,6 +165,16 @@ class Engine:
 
     def reset(self) -> None:
         self.cache.reset()
+
+    def set_latent_ranks(self, ranks: Sequence[int] | torch.Tensor) -> None:
+        """The runtime rank of each of the ``batch`` sequences (for the next prefill; an engine
+        made with ``options.latent_ranks`` only)."""
+        if self.latent_ranks is None:
+            raise ValueError("this engine runs at full rank: make it with options.latent_ranks to set ranks")
+        ranks = torch.as_tensor(ranks, dtype=torch.int32).flatten()
+        if ranks.numel() != self.batch or bool((ranks < 1).any()):
+            raise ValueError(f"latent ranks: one rank >= 1 per sequence ({self.batch}), got {ranks.tolist()}")
+        self.latent_ranks.copy_(ranks.to(self.device))
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -293,7 +315,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], params: Sampl
              options: ForwardOptions = DEFAULT) -> list[list[int]]:
     """The generated tokens of every prompt (stop token included when one was hit).
     ``on_step`` receives every step's new tokens as ``generate_stream`` yields them.
-    ``compile``: the engine's fast mode (see ``Engine``)."""
+    ``compile``: the engine's fast mode; ``options``: its forward options (see ``Engine``)."""
     if on_step is None:
         tokens, counts = generate_batch(model, prompts, params, compile=compile, options=options)
         return [row[:n] for row, n in zip(tokens.tolist(), counts.tolist())]

@@ -107,8 +107,12 @@ def kv_figures(config) -> tuple[float, int, float]:
 
 
 @torch.inference_mode()
-def window_nll(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> torch.Tensor:
-    """Summed next-token NLL (float64) over all windows ``[n, L]``, each from position 0."""
+def window_nll(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False,
+               options=None) -> torch.Tensor:
+    """Summed next-token NLL (float64) over all windows ``[n, L]``, each from position 0.
+    ``options`` (mlakit.options.ForwardOptions; None: the default) runs the forward, e.g.
+    through top-k sparse attention (a masked dense computation: the reference, not fast)."""
+    from mlakit.options import DEFAULT
     from tqdm.auto import tqdm
 
     device = model.device
@@ -116,20 +120,21 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 4, progress: bool
     starts = range(0, windows.shape[0], batch_size)
     for start in tqdm(starts, desc=f"eval {PROTOCOL}", unit="batch", disable=not progress, leave=False):
         batch = windows[start:start + batch_size].to(device)
-        logits = model(batch[:, :-1]).float()  # [b, L-1, vocab]
+        logits = model(batch[:, :-1], options=options or DEFAULT).float()  # [b, L-1, vocab]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                                 reduction="sum")
         total += nll.double().cpu()
     return total
 
 
-def evaluate(loaded, batch_size: int = 4, progress: bool = True) -> EvalResult:
-    """wikitext2-smollm2-v1 perplexity of a loaded model (original or converted)."""
+def evaluate(loaded, batch_size: int = 4, progress: bool = True, options=None) -> EvalResult:
+    """wikitext2-smollm2-v1 perplexity of a loaded model (original or converted); ``options``
+    as in ``window_nll``."""
     import time
 
     start = time.perf_counter()
     windows = eval_windows(protocol_tokens(loaded.tokenizer))
-    nll_sum = window_nll(loaded.model, windows, batch_size, progress)
+    nll_sum = window_nll(loaded.model, windows, batch_size, progress, options=options)
     n = windows.shape[0] * (windows.shape[1] - 1)
     loss = (nll_sum / n).to(torch.float32)
     ppl = float(torch.exp(loss))

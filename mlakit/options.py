@@ -8,7 +8,9 @@ healing trains with the default; nothing is set on a module and nothing needs re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 MLA_PATHS = ("naive", "absorbed")
 
@@ -30,6 +32,20 @@ class ForwardOptions:
     # itself holds that format (Transformer.new_cache(..., kv_cache_dtype=)).
     kv_cache_dtype: str | None = None
     quantize_rope: bool = False  # MLA: quantise the shared RoPE key too (default: kept 16-bit)
+    # MLA top-k sparse attention (docs/sparse.md): each query attends to the ``sparse_topk``
+    # cache slots of best index score, plus the first ``sparse_sink`` and the last
+    # ``sparse_window`` up to itself. The index is the score over the latent's first
+    # ``sparse_index_rank`` channels (None: all) plus the RoPE key, max over heads.
+    # None: dense. Where absorbed attention runs mla_decode this runs the sparse kernels;
+    # elsewhere (uncached windows, kernels off) a masked dense computation (the reference).
+    sparse_topk: int | None = None
+    sparse_window: int = 64
+    sparse_sink: int = 4
+    sparse_index_rank: int | None = 64
+    # MLA runtime rank per sequence (mlakit.elastic): ``[b]`` ints; sequence b keeps its
+    # latent's first ``latent_ranks[b]`` channels (the rest are zeroed before the cache),
+    # which is ``truncate_latent_rank`` of an elastic checkpoint, per sequence. None: all.
+    latent_ranks: torch.Tensor | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.mla_path not in MLA_PATHS:
@@ -38,6 +54,17 @@ class ForwardOptions:
             from mlakit.quant import cache_format
 
             cache_format(self.kv_cache_dtype)  # an unknown name fails here, with the choices
+        if self.sparse_topk is not None and self.sparse_topk < 1:
+            raise ValueError(f"sparse_topk must be >= 1 (or None: dense), got {self.sparse_topk}")
+        if self.sparse_window < 0 or self.sparse_sink < 0:
+            raise ValueError(f"sparse_window and sparse_sink must be >= 0, got {self.sparse_window}, "
+                             f"{self.sparse_sink}")
+        if self.sparse_index_rank is not None and self.sparse_index_rank < 1:
+            raise ValueError(f"sparse_index_rank must be >= 1 (or None: all channels), got {self.sparse_index_rank}")
+
+    @property
+    def sparse(self) -> bool:
+        return self.sparse_topk is not None
 
     def replace(self, **changes) -> "ForwardOptions":
         from dataclasses import replace

@@ -100,3 +100,9 @@ def test_dist_check_smoke():
     out = run_script("dist_check.py", "--smoke")
     assert "heal-fsdp2-v1" in out and "decode-e2e-v1" in out
     assert "| tiny | 2 | 4 x 64 |" in out and "| mla | 2 |" in out and "error" not in out.lower()
+def test_sparse_check_smoke(tmp_path):
+    out = run_script("sparse_check.py", "--smoke", "--out", str(tmp_path / "sparse"))
+    assert "all correctness cases ok" in out and out.rstrip().endswith("done")
+    assert "| batch | context | k | r_idx | dense us | sparse us |" in out
+    assert "| batch | context | dense ms/step | sparse ms/step |" in out
+    assert json.loads((tmp_path / "sparse" / "sparse.json").read_text())["attention"]

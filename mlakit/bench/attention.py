@@ -215,6 +215,22 @@ def _mla_rows(rows: _Rows, bench: Bench, batch: int, context: int, heads: int, r
     return group_rows
 
 
+def _sparse_group_rows(rows: _Rows, bench: Bench, dense_rows: List[Dict], batch: int, context: int, heads: int,
+                       rank: int, rope: int, dev, dtype, sparse, cuda_graphs: bool) -> List[Dict]:
+    """Top-k sparse decode rows (mlakit.bench.sparse) beside the dense ones, on fresh random inputs."""
+    from mlakit.bench.sparse import sparse_rows
+
+    cache = torch.randn(batch, context, rank + rope, dtype=dtype, device=dev)  # [b, L, r + p]
+    q_latent = torch.randn(batch, 1, heads, rank, dtype=dtype, device=dev)
+    q_rope = torch.randn(batch, 1, heads, rope, dtype=dtype, device=dev)
+    lengths = torch.full((batch,), context, dtype=torch.int32, device=dev)
+    out = sparse_rows(rows.add, dense_rows, q_latent, q_rope, cache, lengths, 1.0 / math.sqrt(rank + rope), sparse,
+                      bench, capture_cuda_graph if cuda_graphs else None)
+    del cache, q_latent, q_rope
+    torch.cuda.empty_cache()
+    return out
+
+
 def run_attention_bench(
     grid: Sequence[Tuple[int, int]] = DEFAULT_GRID,
     heads: int = 32,
@@ -231,8 +247,10 @@ def run_attention_bench(
     rep_ms: int = 100,
     copy_bytes: int = 2 << 30,
     log: Optional[Callable[[str], None]] = None,
+    sparse=None,
 ) -> List[Dict]:
-    """Run decode-attn-v1 and return one dict per (row, method), the copy ceiling first."""
+    """Run decode-attn-v1 and return one dict per (row, method), the copy ceiling first.
+    ``sparse`` (a ForwardOptions with ``sparse_topk``) adds the sparse rows (mlakit.bench.sparse)."""
     if not torch.cuda.is_available():
         raise RuntimeError(f"{PROTOCOL} needs a CUDA GPU")
     dev = torch.device(device)
@@ -258,6 +276,9 @@ def run_attention_bench(
             group_rows += _sdpa_rows(rows, bench, batch, context, heads, head_dim, kv_head_counts, dev, dtype)
         group_rows += _mla_rows(rows, bench, batch, context, heads, kv_lora_rank, rope_dim, dev, dtype,
                                 include_baselines, include_flash_mla, mla_config, cuda_graphs)
+        if sparse is not None:
+            group_rows += _sparse_group_rows(rows, bench, group_rows, batch, context, heads, kv_lora_rank, rope_dim,
+                                             dev, dtype, sparse, cuda_graphs)
         # Speed-ups against the faster of the two GQA-8 formulations.
         gqa8 = [r["us"] for r in group_rows if r["method"].startswith("SDPA GQA-8") and r.get("us")]
         for r in group_rows:
@@ -305,8 +326,23 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--no-flash-mla", action="store_true", help="skip FlashMLA even if importable")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement (ms)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--sparse-topk", type=int, default=None, metavar="K",
+                        help="add rows of top-K sparse MLA decode (docs/sparse.md) beside the dense kernels")
+    parser.add_argument("--sparse-window", type=int, default=64, help="with --sparse-topk: recent slots always kept")
+    parser.add_argument("--sparse-sink", type=int, default=4, help="with --sparse-topk: first slots always kept")
+    parser.add_argument("--sparse-index-rank", type=int, default=64,
+                        help="with --sparse-topk: latent channels of the index (plus the RoPE key)")
     parser.set_defaults(func=run_from_args)
     return parser
+
+
+def _sparse_options(args: argparse.Namespace):
+    if getattr(args, "sparse_topk", None) is None:
+        return None
+    from mlakit.options import ForwardOptions
+
+    return ForwardOptions(sparse_topk=args.sparse_topk, sparse_window=args.sparse_window,
+                          sparse_sink=args.sparse_sink, sparse_index_rank=args.sparse_index_rank)
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -323,7 +359,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         grid=args.grid, heads=heads, head_dim=args.head_dim, kv_lora_rank=rank, rope_dim=rope,
         kv_head_counts=kv_heads, include_baselines=not args.no_baselines,
         include_flash_mla=not args.no_flash_mla, rep_ms=args.rep_ms,
-        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        log=lambda msg: print(msg, file=sys.stderr, flush=True), sparse=_sparse_options(args),
     )
     print(format_table(rows))
     if args.json:

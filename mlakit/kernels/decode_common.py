@@ -199,14 +199,14 @@ def default_config(batch: int, s_q: int, heads: int, rank: int, rope_dim: int, m
         # small ranks (converted small models): small tiles, long key blocks.
         block_n, num_warps, num_stages, occupancy = 128, 4, 3, 2
     if device.type == "cuda":
-        num_sms = num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        sms = num_sms(device.index if device.index is not None else torch.cuda.current_device())
     else:
-        num_sms = 4  # interpreter: a few splits so that the combine pass gets exercised
+        sms = 4  # interpreter: a few splits so that the combine pass gets exercised
     # Flash-decoding: split the KV so that the programs fill the SMs in whole waves.
     # Rounding *down* matters: 16 sequences x 9 splits = 144 programs on 132 SMs would
     # need a second, nearly empty wave.  More splits than SMs only add combine work.
     programs = batch * row_blocks
-    num_splits = max(1, min(occupancy * num_sms // programs, triton.cdiv(max_len, block_n), num_sms))
+    num_splits = max(1, min(occupancy * sms // programs, triton.cdiv(max_len, block_n), sms))
     return dict(block_h=block_h, block_n=block_n, num_warps=num_warps, num_stages=num_stages, num_splits=num_splits)
 
 

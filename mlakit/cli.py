@@ -129,10 +129,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------ eval
 def cmd_eval(args: argparse.Namespace) -> int:
-    from mlakit.evaluate import evaluate, format_result
+    from mlakit.protocols import evaluate_protocols, format_results, results_dict, selected
 
-    result = evaluate(_load(args), progress=not args.json)
-    print(json.dumps(result.to_dict()) if args.json else format_result(result))
+    selected(args.protocol)  # a bad choice fails before the model loads
+    loaded = _load(args)
+    results = evaluate_protocols(loaded, args.protocol, progress=not args.json)
+    if not args.json:
+        print("\n".join(format_results(results)))
+    elif args.protocol == "wikitext2":  # the one-protocol object, as before --protocol existed
+        print(json.dumps(next(iter(results.values())).to_dict()))
+    else:
+        print(json.dumps(results_dict(loaded.source, results)))
     return 0
 
 
@@ -225,11 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(info, default_device="cpu")
     info.set_defaults(func=cmd_info)
 
-    ev = sub.add_parser("eval", help="perplexity on the protocol (wikitext2-smollm2-v1)",
-                        description="wikitext2-smollm2-v1 of shared/PROTOCOL.md: 40 windows x 512 tokens from "
-                                    "token 131072 of wikitext-2 test, each from an empty cache; ppl = exp(mean NLL).")
+    ev = sub.add_parser("eval", help="quality on the protocols (wikitext2, long context, out-of-domain text)",
+                        description="Quality protocols of PROTOCOL.md and docs/protocols.md. wikitext2: "
+                                    "wikitext2-smollm2-v1, 40 windows x 512 tokens from token 131072 of wikitext-2 "
+                                    "test, each from an empty cache; ppl = exp(mean NLL). longctx: "
+                                    "longctx-smollm2-v1, the same range as 5 windows x 4096 tokens (ppl, also by "
+                                    "position) and passkey-v1 (20 trials at 1024, 4096 and 7680 tokens through the "
+                                    "generation engine; about 20 minutes on a 2-core CPU, seconds on a GPU). ood: "
+                                    "ood-smollm2-v1, ppl on fiction and expository prose (scripts/fetch_ood_text.py "
+                                    "fetches the texts). all: every one.")
     ev.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--protocol", choices=("wikitext2", "longctx", "ood", "all"), default="wikitext2",
+                    help="which protocols to run (default wikitext2)")
+    ev.add_argument("--json", action="store_true",
+                    help="print one JSON object (--protocol wikitext2: that result's fields; otherwise "
+                         "{model, results: {protocol name: fields}})")
     _device_args(ev)
     _runtime_rank_arg(ev)
     ev.set_defaults(func=cmd_eval)

@@ -196,7 +196,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mlakit.convert.demo import main_job
 
-    main_job(_convert_options(args), out=args.output)
+    main_job(_convert_options(args), out=args.output, passkey=args.passkey)
     return 0
 
 
@@ -267,9 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: convert the default model, evaluate both, print a table",
                           description="Convert the default model at a default budget, evaluate original and "
-                                      "converted on wikitext2-smollm2-v1, print KV bytes, saving, ppl and samples.")
+                                      "converted on wikitext2-smollm2-v1 (512-token windows) and the long-window "
+                                      "ppl of longctx-smollm2-v1 (5 x 4096 tokens), print KV bytes, saving, both "
+                                      "ppl and samples; --passkey adds passkey-v1.")
     _convert_budget_args(demo)
     demo.add_argument("-o", "--output", metavar="OUT", default=None, help="also save the converted checkpoint")
+    demo.add_argument("--passkey", action="store_true",
+                      help="also run passkey-v1 (60 greedy generations at 1024/4096/7680 tokens per model; "
+                           "PASSKEY_CPU_COST on this CPU-only demo; the original's result is cached after the first run)")
     demo.set_defaults(func=cmd_demo)
 
     from mlakit.heal.cli import register as add_heal_parser

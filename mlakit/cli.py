@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "test, each from an empty cache; ppl = exp(mean NLL). longctx: "
                                     "longctx-smollm2-v1, the same range as 5 windows x 4096 tokens (ppl, also by "
                                     "position) and passkey-v1 (20 trials at 1024, 4096 and 7680 tokens through the "
-                                    "generation engine; about 20 minutes on a 2-core CPU, seconds on a GPU). ood: "
+                                    "generation engine; tens of minutes on a 2-core CPU). ood: "
                                     "ood-smollm2-v1, ppl on fiction and expository prose (scripts/fetch_ood_text.py "
                                     "fetches the texts). all: every one.")
     ev.add_argument("model", metavar="MODEL", help=MODEL_HELP)
@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", metavar="OUT", default=None, help="also save the converted checkpoint")
     demo.add_argument("--passkey", action="store_true",
                       help="also run passkey-v1 (60 greedy generations at 1024/4096/7680 tokens per model; "
-                           "PASSKEY_CPU_COST on this CPU-only demo; the original's result is cached after the first run)")
+                           "tens of minutes per model on a 2-core CPU, where the demo runs; the original's result is cached after the "
+                           "first run)")
     demo.set_defaults(func=cmd_demo)
 
     from mlakit.heal.cli import register as add_heal_parser

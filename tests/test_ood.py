@@ -133,3 +133,18 @@ def test_missing_texts_are_one_error_line(tiny_checkpoint, capsys, monkeypatch, 
     assert main(["eval", str(tiny_checkpoint), "--protocol", "ood", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("mlakit: error: ") and "fetch_ood_text" in err
+
+
+def test_calibration_tokens_are_the_start_of_each_text():
+    directory = texts_or_skip()
+    from convert.helpers import byte_tokenizer
+
+    pytest.importorskip("transformers")
+    tokenizer = byte_tokenizer()
+    for spec in ood.TEXTS:
+        text = ood.read_text(directory / spec.file)
+        calib = ood.calibration_tokens(tokenizer, spec.name)
+        assert calib.numel() == 8192
+        assert tokenizer.decode(calib.tolist()) == text[:8192]  # ASCII text: one byte, one token
+    with pytest.raises(MlakitError, match="calibration tokens"):
+        ood.calibration_tokens(tokenizer, "fiction", 8193)

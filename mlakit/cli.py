@@ -274,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", metavar="OUT", default=None, help="also save the converted checkpoint")
     demo.add_argument("--passkey", action="store_true",
                       help="also run passkey-v1 (60 greedy generations at 1024/4096/7680 tokens per model; "
-                           "tens of minutes per model on a 2-core CPU, where the demo runs; the original's result is cached after the "
-                           "first run)")
+                           "tens of minutes per model on a 2-core CPU, where the demo runs; the original's "
+                           "result is cached after the first run)")
     demo.set_defaults(func=cmd_demo)
 
     from mlakit.heal.cli import register as add_heal_parser

@@ -147,7 +147,9 @@ def run_length(loaded, length: int, trials: int = TRIALS, progress: bool = False
                          seconds=time.perf_counter() - start, found=found, outputs=outputs)
 
 
-def evaluate_passkey(loaded, lengths=LENGTHS, trials: int = TRIALS, progress: bool = True) -> PasskeyResult:
+def evaluate_passkey(loaded, lengths=None, trials: int | None = None, progress: bool = True) -> PasskeyResult:
+    """passkey-v1 at ``lengths`` (default the protocol's) with ``trials`` trials each (default 20)."""
+    lengths, trials = lengths or LENGTHS, trials or TRIALS
     if loaded.tokenizer is None:
         raise MlakitError(f"{PROTOCOL} tokenises its prompts with the model's tokenizer, and the model has none")
     start = time.perf_counter()

@@ -33,8 +33,7 @@ def evaluate_protocols(loaded, choice: str = "all", passkey_lengths=None, passke
         elif group == "longctx":
             results[ev.LONG_PROTOCOL] = ev.evaluate_long_window(loaded, progress=progress)
             results[passkey.PROTOCOL] = passkey.evaluate_passkey(
-                loaded, lengths=passkey_lengths or passkey.LENGTHS, trials=passkey_trials or passkey.TRIALS,
-                progress=progress)
+                loaded, lengths=passkey_lengths, trials=passkey_trials, progress=progress)
         else:
             results[ood.PROTOCOL] = ood.evaluate_ood(loaded, progress=progress)
     return results

@@ -61,15 +61,16 @@ def _context_length(args: argparse.Namespace, tokenizer) -> int:
 
 
 def _forward_options(args: argparse.Namespace, model):
-    """``ForwardOptions`` from the --sparse-* flags (the default where none is given)."""
+    """``ForwardOptions`` from the --kv-cache-dtype and --sparse-* flags (the default where none is given)."""
     from mlakit.options import ForwardOptions
 
+    cache = ForwardOptions(kv_cache_dtype=getattr(args, "kv_cache_dtype", None))
     if getattr(args, "sparse_topk", None) is None:
-        return ForwardOptions()
+        return cache
     if not model.config.is_mla:
         raise MlakitError("--sparse-topk needs an MLA model (convert it first: mlakit convert)")
-    return ForwardOptions(sparse_topk=args.sparse_topk, sparse_window=args.sparse_window,
-                          sparse_sink=args.sparse_sink, sparse_index_rank=args.sparse_index_rank)
+    return cache.replace(sparse_topk=args.sparse_topk, sparse_window=args.sparse_window,
+                         sparse_sink=args.sparse_sink, sparse_index_rank=args.sparse_index_rank)
 
 
 # ------------------------------------------------------------------ generate
@@ -161,7 +162,6 @@ def _generate(args: argparse.Namespace, job) -> int:
     if not args.json:
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-    options = ForwardOptions(kv_cache_dtype=args.kv_cache_dtype)
     options = _forward_options(args, loaded.model)
     generate(loaded.model, [prompt_ids], params, on_step=stream, compile=fast, options=options)
     text = tokenizer.decode(generated, skip_special_tokens=True)
@@ -225,11 +225,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ eval
 def cmd_eval(args: argparse.Namespace) -> int:
     _check_model_args(args)
-    from mlakit.evaluate import evaluate, format_result
+    from mlakit.protocols import evaluate_protocols, format_results, results_dict, selected
 
+    selected(args.protocol)  # a bad choice fails before the model loads
     loaded = _load(args)
-    result = evaluate(loaded, progress=not args.json, options=_forward_options(args, loaded.model))
-    print(json.dumps(result.to_dict()) if args.json else format_result(result))
+    results = evaluate_protocols(loaded, args.protocol, progress=not args.json,
+                                 options=_forward_options(args, loaded.model))
+    if not args.json:
+        print("\n".join(format_results(results)))
+    elif args.protocol == "wikitext2":  # the one-protocol object, as before --protocol existed
+        print(json.dumps(next(iter(results.values())).to_dict()))
+    else:
+        print(json.dumps(results_dict(loaded.source, results)))
     return 0
 
 
@@ -322,7 +329,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     options.check()
     if args.output is not None:
         checks.output(args.output, overwrite=True, directory=True)
-    main_job(options, out=args.output)
+    main_job(options, out=args.output, passkey=args.passkey)
     return 0
 
 
@@ -374,13 +381,24 @@ def build_parser() -> argparse.ArgumentParser:
     _device_args(info, default_device="cpu")
     info.set_defaults(func=cmd_info)
 
-    ev = sub.add_parser("eval", help="perplexity on the protocol (wikitext2-smollm2-v1)",
-                        description="wikitext2-smollm2-v1 of shared/PROTOCOL.md: 40 windows x 512 tokens from "
-                                    "token 131072 of wikitext-2 test, each from an empty cache; ppl = exp(mean NLL).")
+    ev = sub.add_parser("eval", help="quality on the protocols (wikitext2, long context, out-of-domain text)",
+                        description="Quality protocols of PROTOCOL.md and docs/protocols.md. wikitext2: "
+                                    "wikitext2-smollm2-v1, 40 windows x 512 tokens from token 131072 of wikitext-2 "
+                                    "test, each from an empty cache; ppl = exp(mean NLL). longctx: "
+                                    "longctx-smollm2-v1, the same range as 5 windows x 4096 tokens (ppl, also by "
+                                    "position) and passkey-v1 (20 trials at 1024, 4096 and 7680 tokens through the "
+                                    "generation engine; tens of minutes on a 2-core CPU). ood: "
+                                    "ood-smollm2-v1, ppl on fiction and expository prose (scripts/fetch_ood_text.py "
+                                    "fetches the texts). all: every one.")
     ev.add_argument("model", metavar="MODEL", help=MODEL_HELP)
-    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.add_argument("--protocol", choices=("wikitext2", "longctx", "ood", "all"), default="wikitext2",
+                    help="which protocols to run (default wikitext2)")
+    ev.add_argument("--json", action="store_true",
+                    help="print one JSON object (--protocol wikitext2: that result's fields; otherwise "
+                         "{model, results: {protocol name: fields}})")
     _device_args(ev)
     _runtime_rank_arg(ev)
+    _kv_cache_dtype_arg(ev)
     _sparse_args(ev)
     ev.set_defaults(func=cmd_eval)
 
@@ -400,9 +418,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: convert the default model, evaluate both, print a table",
                           description="Convert the default model at a default budget, evaluate original and "
-                                      "converted on wikitext2-smollm2-v1, print KV bytes, saving, ppl and samples.")
+                                      "converted on wikitext2-smollm2-v1 (512-token windows) and the long-window "
+                                      "ppl of longctx-smollm2-v1 (5 x 4096 tokens), print KV bytes, saving, both "
+                                      "ppl and samples; --passkey adds passkey-v1.")
     _convert_budget_args(demo)
     demo.add_argument("-o", "--output", metavar="OUT", default=None, help="also save the converted checkpoint")
+    demo.add_argument("--passkey", action="store_true",
+                      help="also run passkey-v1 (60 greedy generations at 1024/4096/7680 tokens per model; "
+                           "tens of minutes per model on a 2-core CPU, where the demo runs; the original's "
+                           "result is cached after the first run)")
     demo.set_defaults(func=cmd_demo)
 
     from mlakit.heal.cli import register as add_heal_parser

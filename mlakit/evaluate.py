@@ -5,7 +5,13 @@
 - calibration (for the converter): token ids ``[0, 32768)`` only;
 - evaluation: 40 non-overlapping windows of 512 tokens from token 131072, each run
   from an empty cache; loss = mean next-token NLL over the 511 predicted positions of
-  all windows; ppl = exp(loss) in float32.
+  all windows; ppl = exp(loss) in float32;
+
+and the long-window half of longctx-smollm2-v1: the same evaluation range cut into 5
+windows of 4096 tokens, each from an empty cache, loss = mean NLL over the 4095 predicted
+positions of each window, with the loss also bucketed by the predicted token's position
+in its window (how much the model gains from distant context). The passkey half is
+``mlakit.passkey``; out-of-domain text is ``mlakit.ood``; all of them together, ``mlakit.protocols``.
 """
 
 from __future__ import annotations
@@ -107,29 +113,38 @@ def kv_figures(config) -> tuple[float, int, float]:
 
 
 @torch.inference_mode()
-def window_nll(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False,
-               options=None) -> torch.Tensor:
-    """Summed next-token NLL (float64) over all windows ``[n, L]``, each from position 0.
-    ``options`` (mlakit.options.ForwardOptions; None: the default) runs the forward, e.g.
-    through top-k sparse attention (a masked dense computation: the reference, not fast)."""
+def position_nll(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False,
+                 desc: str = PROTOCOL, options=None) -> torch.Tensor:
+    """Next-token NLL ``[L - 1]`` (float64) summed over all windows ``[n, L]``, each run from
+    position 0; entry j is the loss of predicting the window's token j + 1. The loss itself
+    is computed in float32 whatever the model's dtype. ``options`` (mlakit.options.ForwardOptions;
+    None: the default) runs the forward: through a quantised cache's values as stored, or
+    top-k sparse attention (a masked dense computation: the reference, not fast)."""
     from mlakit.options import DEFAULT
     from tqdm.auto import tqdm
 
     device = model.device
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)  # [L-1]
     starts = range(0, windows.shape[0], batch_size)
-    for start in tqdm(starts, desc=f"eval {PROTOCOL}", unit="batch", disable=not progress, leave=False):
-        batch = windows[start:start + batch_size].to(device)
+    for start in tqdm(starts, desc=f"eval {desc}", unit="batch", disable=not progress, leave=False):
+        batch = windows[start:start + batch_size].to(device)  # [b, L]
         logits = model(batch[:, :-1], options=options or DEFAULT).float()  # [b, L-1, vocab]
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                                reduction="sum")
-        total += nll.double().cpu()
+                                                reduction="none").view(batch.shape[0], -1)  # [b, L-1]
+        total += nll.sum(dim=0).double().cpu()
+        del logits, nll
     return total
+
+
+def window_nll(model, windows: torch.Tensor, batch_size: int = 4, progress: bool = False,
+               options=None) -> torch.Tensor:
+    """Summed next-token NLL (float64) over all windows ``[n, L]``, each from position 0."""
+    return position_nll(model, windows, batch_size, progress, options=options).sum()
 
 
 def evaluate(loaded, batch_size: int = 4, progress: bool = True, options=None) -> EvalResult:
     """wikitext2-smollm2-v1 perplexity of a loaded model (original or converted); ``options``
-    as in ``window_nll``."""
+    as in ``position_nll``."""
     import time
 
     start = time.perf_counter()
@@ -149,3 +164,78 @@ def format_result(result: EvalResult) -> str:
     return (f"[{result.protocol}] {result.model}: ppl {result.ppl:.2f}{'' if finite else ' (not finite)'} "
             f"over {result.tokens} tokens; KV {result.kv_values_per_token_layer:g} values/token/layer, "
             f"saving {100 * result.kv_saving:.1f}%")
+
+
+# ------------------------------------------------------------------ longctx-smollm2-v1: long windows
+LONG_PROTOCOL = "longctx-smollm2-v1"
+LONG_WINDOWS = 5
+LONG_WINDOW_LEN = 4096
+# buckets of the predicted token's position j in its window (j = 1 .. 4095): the loss at
+# long range against the loss with little context
+POSITION_BUCKETS = ((1, 512), (512, 1024), (1024, 2048), (2048, 4096))
+
+
+def long_windows(tokens: torch.Tensor) -> torch.Tensor:
+    """``[5, 4096]``: the wikitext2 evaluation range ``[131072, 151552)`` in long windows."""
+    end = EVAL_START + LONG_WINDOWS * LONG_WINDOW_LEN
+    if tokens.numel() < end:
+        raise MlakitError(f"the protocol text has {tokens.numel()} tokens, fewer than the {end} it needs")
+    return tokens[EVAL_START:end].view(LONG_WINDOWS, LONG_WINDOW_LEN)
+
+
+@dataclass
+class LongWindowResult:
+    protocol: str
+    model: str
+    ppl: float
+    nll: float
+    tokens: int  # predicted positions
+    windows: int
+    window_len: int
+    # "[a,b)" -> {"nll", "ppl", "tokens"} over the predicted tokens at window positions a <= j < b
+    by_position: dict[str, dict[str, float]]
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bucket_losses(nll_by_position: torch.Tensor, windows: int,
+                  buckets=POSITION_BUCKETS) -> dict[str, dict[str, float]]:
+    """The mean loss per bucket of predicted positions, from ``nll_by_position [L - 1]``
+    (entry j - 1 is the summed loss of predicting token j)."""
+    out = {}
+    for lo, hi in buckets:
+        hi = min(hi, nll_by_position.numel() + 1)
+        if lo >= hi:
+            continue
+        n = (hi - lo) * windows
+        loss = (nll_by_position[lo - 1:hi - 1].sum() / n).to(torch.float32)
+        out[f"[{lo},{hi})"] = {"nll": float(loss), "ppl": float(torch.exp(loss)), "tokens": n}
+    return out
+
+
+def evaluate_long_window(loaded, progress: bool = True, windows: torch.Tensor | None = None,
+                         options=None) -> LongWindowResult:
+    """longctx-smollm2-v1's long-window perplexity: windows one at a time (a 4096-token
+    window's float32 logits alone take 0.8 GB for the default model's vocabulary).
+    ``windows``: other windows than the protocol's (tests)."""
+    import time
+
+    start = time.perf_counter()
+    if windows is None:
+        windows = long_windows(protocol_tokens(loaded.tokenizer))
+    by_position = position_nll(loaded.model, windows, batch_size=1, progress=progress, desc=LONG_PROTOCOL,
+                               options=options)
+    n = windows.shape[0] * (windows.shape[1] - 1)
+    loss = (by_position.sum() / n).to(torch.float32)
+    return LongWindowResult(protocol=LONG_PROTOCOL, model=loaded.source, ppl=float(torch.exp(loss)), nll=float(loss),
+                            tokens=n, windows=windows.shape[0], window_len=windows.shape[1],
+                            by_position=bucket_losses(by_position, windows.shape[0]),
+                            seconds=time.perf_counter() - start)
+
+
+def format_long_window(result: LongWindowResult) -> str:
+    buckets = ", ".join(f"{k} {v['ppl']:.2f}" for k, v in result.by_position.items())
+    return (f"[{result.protocol}] {result.model}: long-window ppl {result.ppl:.2f} over {result.windows} x "
+            f"{result.window_len} tokens; by position {buckets}")

@@ -106,3 +106,30 @@ def test_sparse_check_smoke(tmp_path):
     assert "| batch | context | k | r_idx | dense us | sparse us |" in out
     assert "| batch | context | dense ms/step | sparse ms/step |" in out
     assert json.loads((tmp_path / "sparse" / "sparse.json").read_text())["attention"]
+
+
+def test_longctx_check_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    from mlakit import MlakitError, ood
+    from mlakit.evaluate import data_path
+
+    try:
+        data_path()
+    except MlakitError:
+        pytest.skip("the protocol text is not here")
+    if not ood.available():
+        pytest.skip("the ood-smollm2-v1 texts are not here (scripts/fetch_ood_text.py)")
+    out = run_script("longctx_check.py", "--smoke", "--out", str(tmp_path / "lc"), "--savings", "0.5", "--heal", "")
+    assert out.rstrip().endswith("done")
+    assert "| model | KV saving | values/token/layer | wikitext2 ppl (512) | long-window ppl |" in out
+    for name in ("| original |", "| MLA 0.5 training-free |", "| MLA 0.5 healed |"):
+        assert name in out
+    for protocol in ("[wikitext2-smollm2-v1]", "[longctx-smollm2-v1]", "[passkey-v1]", "[ood-smollm2-v1]"):
+        assert protocol in out
+    results = json.loads((tmp_path / "lc" / "longctx.json").read_text())
+    assert set(results["rows"]) == {"original", "MLA 0.5 training-free", "MLA 0.5 healed"}
+    rows = results["rows"]
+    assert rows["MLA 0.5 training-free"]["kv_values_per_token_layer"] == pytest.approx(
+        0.5 * rows["original"]["kv_values_per_token_layer"], rel=0.1)
+    again = run_script("longctx_check.py", "--smoke", "--out", str(tmp_path / "lc"), "--savings", "0.5", "--heal", "")
+    assert "$ convert" not in again and "$ heal" not in again  # every step was done

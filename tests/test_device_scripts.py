@@ -100,6 +100,8 @@ def test_dist_check_smoke():
     out = run_script("dist_check.py", "--smoke")
     assert "heal-fsdp2-v1" in out and "decode-e2e-v1" in out
     assert "| tiny | 2 | 4 x 64 |" in out and "| mla | 2 |" in out and "error" not in out.lower()
+
+
 def test_sparse_check_smoke(tmp_path):
     out = run_script("sparse_check.py", "--smoke", "--out", str(tmp_path / "sparse"))
     assert "all correctness cases ok" in out and out.rstrip().endswith("done")

@@ -20,7 +20,8 @@ def _check_model_args(args: argparse.Namespace) -> None:
 
     checks.model_ref(args.model)
     checks.device(getattr(args, "device", None))
-    checks.at_least(getattr(args, "runtime_rank", None), "--runtime-rank", 1)
+    rank = getattr(args, "runtime_rank", None)
+    checks.at_least(None if rank == "auto" else rank, "--runtime-rank", 1)
 
 
 def _load(args: argparse.Namespace):

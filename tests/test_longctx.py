@@ -129,11 +129,10 @@ def test_key_found_reads_the_decoded_digits():
 # ------------------------------------------------------------------ passkey generation
 def greedy_full_forward(model, ids, steps):
     """Greedy tokens from the whole sequence's cache-less forward at every step (naive MLA)."""
-    model.set_mla_mode("naive")
     seq = list(ids)
     with torch.no_grad():
         for _ in range(steps):
-            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))  # default options: naive MLA
     return seq[len(ids):]
 
 
@@ -146,13 +145,13 @@ def test_passkey_generates_through_the_engine_as_a_full_forward_would(monkeypatc
 
     def recording_decode(self, *args, **kwargs):
         out = original_decode(self, *args, **kwargs)
-        steps.append({layer.attention.mode for layer in self.model.layers})
+        steps.append(self.decode_options.mla_path)
         return out
 
     monkeypatch.setattr(Engine, "decode", recording_decode)
     row = pk.run_length(loaded, 200, trials=3)
     assert len(steps) == 3 * (pk.NEW_TOKENS - 1)  # after each prefill, 7 cached decode steps
-    assert all(modes == {"absorbed"} for modes in steps)  # the absorbed MLA decode path
+    assert all(path == "absorbed" for path in steps)  # the absorbed MLA decode path
     assert row.trials == 3 and row.length_target == 200
     for trial in range(3):
         prompt = pk.build_prompt(tokenizer, 200, trial, 3)

@@ -441,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mlakit.bench.cli import register as add_bench_parser
 
     add_bench_parser(sub)
+
+    from mlakit.frontier import register as add_frontier_parser
+
+    add_frontier_parser(sub)
     return parser
 
 

@@ -1,0 +1,131 @@
+#!/usr/bin/env python3
+"""kv-frontier-v1 on the GPU (issue "Quantised caches ... KV-memory frontier"): the default
+model converted and healed with its cache's quantisation in the forward pass, then
+``mlakit frontier`` over the original's cache formats and each checkpoint's latent formats.
+
+    PYTHONUNBUFFERED=1 python3 scripts/device/frontier_check.py --work /tmp/fr --steps convert,heal
+    PYTHONUNBUFFERED=1 python3 scripts/device/frontier_check.py --work /tmp/fr --steps frontier --export "$OUT"
+
+Every step runs the ``mlakit`` command a user would run (as a subprocess) and is skipped when
+its output is already in --work, so a step cut short by a call's time limit continues in the
+next call on the same (warm) machine. Steps:
+
+  convert   mlakit convert default -o WORK/mla-S --kv-saving S, for each S of --savings
+  heal      mlakit heal WORK/mla-S --teacher default --kv-cache-dtype Q (quantisation-aware,
+            straight-through) with --heal's arguments, for each S and Q of --qat
+  frontier  mlakit frontier default --mla <every checkpoint> --dtype float32 --json --plot-dir
+
+``--smoke`` runs the same steps on the CPU with a tiny random byte-level model (seconds; its
+numbers mean nothing; tests/test_device_scripts.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+HEAL = "--seq-len 2048 --train all --compile --batch-size 16 --tokens 20M --teacher-tokens 8M --gen-batch 1024"
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def mlakit(*argv: str) -> tuple[float, str]:
+    """One ``mlakit`` command as a user runs it: (wall minutes, stdout)."""
+    start = time.perf_counter()
+    log("$ mlakit " + " ".join(shlex.quote(a) for a in argv))
+    done = subprocess.run([sys.executable, "-m", "mlakit", *argv], cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"mlakit {argv[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    minutes = (time.perf_counter() - start) / 60
+    log(f"  ({minutes:.1f} min)")
+    return minutes, done.stdout
+
+
+def written(checkpoint: Path) -> bool:
+    """Whether an mlakit checkpoint is complete (its directory appears whole, by rename)."""
+    return (checkpoint / "mlakit.json").exists()
+
+
+def smoke_source(work: Path) -> str:
+    path = work / "llama-kv2"
+    if not (path / "config.json").exists():
+        sys.path.insert(0, str(REPO / "tests"))
+        from convert.helpers import save_tiny_with_tokenizer
+
+        save_tiny_with_tokenizer(work, "llama", 2, max_position_embeddings=4096)
+    return str(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", required=True, help="where checkpoints and the step log go (kept between calls)")
+    parser.add_argument("--export", default=None, help="copy the frontier's files and the step log here ($OUT)")
+    parser.add_argument("--steps", default="convert,heal,frontier")
+    parser.add_argument("--savings", default="0.5", help="comma-separated KV savings to convert at")
+    parser.add_argument("--qat", default="int8", help="cache formats to heal each conversion for (none: skip)")
+    parser.add_argument("--heal", default=HEAL, help=f"mlakit heal's other arguments (default: {HEAL})")
+    parser.add_argument("--heal-minutes", type=float, default=8.0, help="mlakit heal --max-minutes")
+    parser.add_argument("--cache-dtypes", default="bf16,int8,int4")
+    parser.add_argument("--latent-dtypes", default="bf16,int8,int4,int4+rope")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    steps = args.steps.split(",")
+    device = ["--device", "cpu" if args.smoke else "cuda"]
+    source = smoke_source(work) if args.smoke else "default"
+    savings = [s for s in args.savings.split(",") if s]
+    qat = [] if args.qat == "none" else [q for q in args.qat.split(",") if q]
+    log_path = work / "steps.json"
+    record = json.loads(log_path.read_text()) if log_path.exists() else {}
+
+    def done(name: str, minutes: float) -> None:
+        record[name] = minutes
+        log_path.write_text(json.dumps(record, indent=2) + "\n")
+
+    converted = {s: work / f"mla-{s}" for s in savings}
+    healed = {(s, q): work / f"healed-{s}-{q}" for s in savings for q in qat}
+    if "convert" in steps:
+        for s, path in converted.items():
+            if not written(path):
+                extra = ["--calib-tokens", "2048"] if args.smoke else []
+                done(f"convert {s}", mlakit("convert", source, "-o", str(path), "--kv-saving", s, "--overwrite",
+                                            *device, *extra)[0])
+    if "heal" in steps:
+        for (s, q), path in healed.items():
+            if not written(path):
+                extra = shlex.split(args.heal)
+                if args.smoke:
+                    extra = ["--tokens", "4096", "--batch-size", "2", "--seq-len", "128", "--teacher-tokens", "2048",
+                             "--gen-batch", "8"]
+                done(f"heal {s} {q}", mlakit("heal", str(converted[s]), "--teacher", source, "-o", str(path),
+                                             "--kv-cache-dtype", q, "--max-minutes", f"{args.heal_minutes:g}",
+                                             "--no-progress", "--overwrite", *device, *extra)[0])
+    if "frontier" in steps:
+        checkpoints = [str(p) for p in [*converted.values(), *healed.values()] if written(p)]
+        plot_dir = work / "frontier"
+        extra = ["--no-passkey"] if args.smoke else ["--dtype", "float32"]
+        minutes, out = mlakit("frontier", source, "--mla", *checkpoints, "--cache-dtypes", args.cache_dtypes,
+                              "--latent-dtypes", args.latent_dtypes, "--json", "--plot-dir", str(plot_dir),
+                              *device, *extra)
+        done("frontier", minutes)
+        log((plot_dir / "frontier.md").read_text())
+        if args.export:
+            export = Path(args.export)
+            export.mkdir(parents=True, exist_ok=True)
+            for path in [*plot_dir.iterdir(), log_path]:
+                shutil.copy(path, export / path.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -140,7 +140,7 @@ def run_length(loaded, length: int, trials: int = TRIALS, progress: bool = False
     found, outputs = [], []
     for prompt in tqdm(prompts, desc=f"{PROTOCOL} {length}", unit="trial", disable=not progress, leave=False):
         tokens, _ = generate_batch(model, [prompt.ids], params, engine=engine)
-        text = tokenizer.decode(tokens[0].tolist(), skip_special_tokens=True)
+        text = tokenizer.decode([t for t in tokens[0].tolist() if t >= 0], skip_special_tokens=True)  # -1: padding
         outputs.append(text)
         found.append(key_found(prompt.key, text))
     lengths = [len(p.ids) for p in prompts]

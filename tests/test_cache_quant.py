@@ -99,3 +99,36 @@ def test_make_layer_cache_formats_and_default():
     assert isinstance(make_layer_cache(gqa, 0, 1, 4, torch.float32, None, "fp8"), QuantKVCache)
     assert make_layer_cache(gqa, 0, 1, 4, torch.bfloat16, None, "auto").k.dtype == torch.bfloat16
     assert ModelCache(mla, 1, 4).format.name == "auto"
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_quantised_rope_write_under_graph_capture_writes_the_same_bytes(name, monkeypatch):
+    """With the RoPE key quantised the write runs the reference, whose boolean row mask a CUDA
+    graph cannot capture; under capture (every position in range: a decode step) it writes
+    every row instead. Measured on an H200: the mask broke the capture of every +rope format."""
+    import importlib
+
+    from mlakit.quant import cache_format
+
+    ra = importlib.import_module("mlakit.kernels.rope_append")  # the module (the package exports its function)
+
+    fmt = cache_format(name)
+    g = torch.Generator().manual_seed(3)
+    latent, k_rope = torch.randn(2, 1, 64, generator=g), torch.randn(2, 1, 16, generator=g)
+    positions = torch.tensor([[5], [9]])
+    cos, sin = torch.randn(32, 8, generator=g), torch.randn(32, 8, generator=g)
+
+    def write():
+        bufs = [torch.zeros(2, 32, fmt.stored_channels(64), dtype=fmt.storage_dtype),
+                torch.zeros(2, 32, fmt.groups(64)), torch.zeros(2, 32, fmt.stored_channels(16), dtype=fmt.storage_dtype),
+                torch.zeros(2, 32, fmt.groups(16))]
+        ra.rope_append_quant_reference(latent, k_rope, *bufs[:3], positions, cos, sin, fmt, rope_scales=bufs[3])
+        return bufs
+
+    plain = write()
+    monkeypatch.setattr(ra, "_capturing", lambda t: True)
+    captured = write()
+    for a, b in zip(plain, captured):
+        assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a,
+                           b.view(torch.uint8) if b.dtype != torch.float32 else b)
+    assert plain[1][0, 5].abs().sum() > 0 and plain[1][1, 9].abs().sum() > 0  # the rows were written

@@ -351,6 +351,10 @@ def _check_quant_buffers(latent, k_rope, values, scales, rope_cache, rope_scales
             raise TypeError(f"{name} must be {dtype or 'floating point'}, got {t.dtype}")
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def rope_append_quant_reference(latent, k_rope, values, scales, rope_cache, positions, cos, sin, fmt,
                                 norm_weight=None, norm_eps=1e-6, *, rope_scales=None) -> None:
     """Plain PyTorch version of ``rope_append_quant``: ``rope_append_reference``'s rows, quantised
@@ -360,14 +364,18 @@ def rope_append_quant_reference(latent, k_rope, values, scales, rope_cache, posi
     caches = [values, scales, rope_cache] + ([rope_scales] if rope_scales is not None else [])
     _check_inputs(latent, k_rope, values, positions, cos, sin, norm_weight, caches)
     rows, seq_idx, pos, keep = _new_rows(latent, k_rope, values.shape[1], positions, cos, sin, norm_weight, norm_eps)
-    rows = rows[keep].float()  # [n, r + p]
     rank = latent.shape[-1]
-    where = (seq_idx[keep], pos[keep])
-    values[where], scales[where] = quantize(rows[:, :rank], fmt)
-    if rope_scales is None:
-        rope_cache[where] = rows[:, rank:].to(rope_cache.dtype)
+    if _capturing(latent):
+        # a CUDA graph cannot hold the boolean mask's data-dependent shape: under capture (the
+        # engine's decode step) every position is in range, so every row is written
+        rows, where = rows.float(), (seq_idx, pos)
     else:
-        rope_cache[where], rope_scales[where] = quantize(rows[:, rank:], fmt)
+        rows, where = rows[keep].float(), (seq_idx[keep], pos[keep])  # [n, r + p]
+    values[where], scales[where] = quantize(rows[..., :rank], fmt)
+    if rope_scales is None:
+        rope_cache[where] = rows[..., rank:].to(rope_cache.dtype)
+    else:
+        rope_cache[where], rope_scales[where] = quantize(rows[..., rank:], fmt)
 
 
 def rope_append_quant(

@@ -266,7 +266,7 @@ def _convert_options(args: argparse.Namespace, sweep: bool = False):
     return ConvertOptions(kv_saving=args.kv_saving, kv_lora_rank=args.kv_lora_rank, rope_dim=args.rope_dim,
                           rank_allocation=args.rank_allocation, calib_tokens=args.calib_tokens,
                           rope_frequencies="free" if args.rope_frequencies == "both" else args.rope_frequencies,
-                          progress=not getattr(args, "json", False))
+                          latent_rotation=args.latent_rotation, progress=not getattr(args, "json", False))
 
 
 def _savings(text: str) -> list[float]:
@@ -438,13 +438,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
 
+    from mlakit import frontier
     from mlakit.bench.cli import register as add_bench_parser
 
     add_bench_parser(sub)
-
-    from mlakit.frontier import register as add_frontier_parser
-
-    add_frontier_parser(sub)
+    frontier.register(sub)
     return parser
 
 
@@ -461,6 +459,10 @@ def _convert_budget_args(parser: argparse.ArgumentParser) -> None:
                         help="free: the shared RoPE key takes the best (frequency, head-mix) pairs, repeats allowed; "
                         "deepseek: one pair per frequency on an arithmetic progression, which stock DeepSeek-V3 "
                         "engines (export --format hf-deepseek / gguf) can represent; both: --sweep runs each")
+    parser.add_argument("--latent-rotation", choices=("none", "hadamard"), default="none",
+                        help="hadamard: rotate each block of 32 latent channels by a Hadamard matrix with random "
+                             "signs (exact: the model computes the same function) so that an 8/4-bit latent "
+                             "cache (--kv-cache-dtype) loses less; none: the factorised basis (default)")
     parser.add_argument("--calib-tokens", type=int, default=DEFAULT_CALIB_TOKENS,
                         help=f"calibration tokens from the protocol's range [0, 32768) (default {DEFAULT_CALIB_TOKENS})")
 

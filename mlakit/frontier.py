@@ -332,11 +332,11 @@ def run_from_args(args: argparse.Namespace) -> int:
     from mlakit import checks
     from mlakit.loading import load
 
+    original_caches = _formats(args.cache_dtypes, "--cache-dtypes")  # the cheap checks first
+    latent_caches = _formats(args.latent_dtypes, "--latent-dtypes", rope=True)
     checks.model_ref(args.model)
     for ref in args.mla:
         checks.model_ref(ref, "--mla")
-    original_caches = _formats(args.cache_dtypes, "--cache-dtypes")
-    latent_caches = _formats(args.latent_dtypes, "--latent-dtypes", rope=True)
     if args.plot_dir is not None:
         checks.report_dir(args.plot_dir)
     device = checks.device(args.device)

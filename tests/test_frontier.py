@@ -137,13 +137,16 @@ def test_report_files_and_table(tmp_path):
     assert "kv-frontier-v1" in table and "| original | int4 | 240 | 68.8% | 30.80 | 21.40 |  |" in table
 
 
-def test_command_checks_its_arguments_before_loading(capsys):
+def test_command_checks_its_arguments_before_loading(capsys, tmp_path):
     from mlakit.cli import main
 
     assert main(["frontier", "default", "--cache-dtypes", "int8,int3"]) == 2
     assert "--cache-dtypes takes comma-separated formats" in capsys.readouterr().err
-    assert main(["frontier", "default", "--mla", "/no/such/ckpt"]) == 2
-    assert "/no/such/ckpt" in capsys.readouterr().err
+    assert main(["frontier", "default", "--latent-dtypes", "bf16+rope"]) == 2
+    assert "--latent-dtypes takes" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")  # looks like a model until it is loaded
+    assert main(["frontier", str(tmp_path), "--mla", "/no/such/ckpt"]) == 2
+    assert "/no/such/ckpt does not exist" in capsys.readouterr().err
 
 
 def test_command_on_tiny_checkpoints(tmp_path, capsys):

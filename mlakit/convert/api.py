@@ -45,6 +45,9 @@ class ConvertOptions:
     value_fit: str = "attention"  # attention: value up-projections refit on attention-averaged inputs; pca
     query_weighted: bool = True  # RoPE PCA weighted by query energy
     min_rank_fraction: float = 0.5  # adaptive: no layer gets less than this fraction of the uniform rank
+    # hadamard: rotate each block of 32 latent channels (exact; a quantised latent cache loses less:
+    # mlakit.convert.rotate); none: the principal-component basis as factorised
+    latent_rotation: str = "none"
     batch_size: int = 4
     progress: bool = True
     # keep per-layer statistics in this directory instead of memory (convert_checkpoint uses a temporary one)
@@ -61,6 +64,10 @@ class ConvertOptions:
             raise MlakitError(f"nope rotation must be one of {NOPE_ROTATIONS}")
         if self.alpha <= 0:
             raise MlakitError("alpha must be positive")
+        from mlakit.convert.rotate import ROTATIONS
+
+        if self.latent_rotation not in ROTATIONS:
+            raise MlakitError(f"--latent-rotation must be one of {', '.join(ROTATIONS)}, got {self.latent_rotation!r}")
 
 
 @dataclass
@@ -189,6 +196,10 @@ def convert_model(model: Transformer, analysis: Analysis, options: ConvertOption
         if attn.wo.bias is not None:
             state[f"layers.{l}.attention.wo.bias"] = attn.wo.bias.detach()
     mla = build_model(mla_config, state, dtype=dtype, device=model.device)  # shares the non-attention tensors
+    if options.latent_rotation == "hadamard":
+        from mlakit.convert.rotate import rotate_latent
+
+        rotate_latent(mla)
     full = 2 * G * d
     values = mla_config.kv_values_per_token_total() / config.n_layers
     summary = ConvertSummary(

@@ -1,0 +1,66 @@
+"""Which latent basis quantises best (mlakit.convert.rotate), measured on an MLA checkpoint on
+the CPU: each transform of the latent (none, hadamard, equalize, equalize+hadamard), each cache
+format, the ppl of held-out calibration windows (never the evaluation range):
+
+    python scripts/latent_quant_check.py CKPT [--formats bf16,int8,int4] [--protocol]
+
+The equalisation's statistics come from calibration tokens [0, 8192) (as the converter's);
+the ppl from 8 windows x 512 of calibration tokens [16384, 20480). ``--protocol`` adds
+wikitext2-smollm2-v1 (the protocol's 40 windows) for every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from mlakit import evaluate as ev  # noqa: E402
+from mlakit.convert.rotate import ROTATIONS, transform_latent  # noqa: E402
+from mlakit.loading import load  # noqa: E402
+from mlakit.options import ForwardOptions  # noqa: E402
+
+
+def ppl(model, windows, fmt: str) -> float:
+    name, rope = fmt.removesuffix("+rope"), fmt.endswith("+rope")
+    nll = ev.window_nll(model, windows, options=ForwardOptions(kv_cache_dtype=name, quantize_rope=rope))
+    return math.exp(float(nll) / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--formats", default="bf16,int8,int4")
+    parser.add_argument("--transforms", default=",".join(ROTATIONS))
+    parser.add_argument("--protocol", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    base = load(args.checkpoint, dtype=torch.float32)
+    tokens = ev.protocol_tokens(base.tokenizer)
+    stats = ev.calibration_tokens(base.tokenizer, 8192)[:8192].view(16, 512)
+    held_out = tokens[16384:20480].view(8, 512)
+    protocol = ev.eval_windows(tokens) if args.protocol else None
+    formats = args.formats.split(",")
+    head = ["transform"] + [f"{f} (held-out calib)" for f in formats] + ([f"{f} ({ev.PROTOCOL})" for f in formats]
+                                                                         if protocol is not None else [])
+    print(f"checkpoint {args.checkpoint}; ppl through the cache as stored\n")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head), flush=True)
+    for kind in args.transforms.split(","):
+        start = time.perf_counter()
+        model = load(args.checkpoint, dtype=torch.float32).model
+        transform_latent(model, kind, stats)
+        cells = [f"{ppl(model, held_out, f):.2f}" for f in formats]
+        if protocol is not None:
+            cells += [f"{ppl(model, protocol, f):.2f}" for f in formats]
+        print(f"| {kind} | " + " | ".join(cells) + f" |   ({time.perf_counter() - start:.0f} s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_heal_parser(sub)
 
-    from mlakit.export.cli import add_export_parser
+    from mlakit.export.cli import register as add_export_parser
 
     add_export_parser(sub)
 

@@ -102,7 +102,7 @@ class Check(Steps):
     def convert(self, saving: float) -> Path:
         path = self.out / f"mla-{saving:g}"
         row = self.row(f"MLA {saving:g} training-free")
-        if not (path / "config.json").exists():
+        if not (path / "mlakit.json").exists():  # an mlakit checkpoint, written whole
             smoke = ["--calib-tokens", "2048"] if self.args.smoke else []
             row["convert_minutes"] = self.mlakit("convert", self.source, "-o", str(path), "--kv-saving", f"{saving:g}",
                                                  "--device", self.device, "--overwrite", *smoke)
@@ -112,7 +112,7 @@ class Check(Steps):
     def heal(self, saving: float, converted: Path) -> Path:
         path = self.out / f"healed-{saving:g}"
         row = self.row(f"MLA {saving:g} healed")
-        if not (path / "config.json").exists():
+        if not (path / "mlakit.json").exists():  # an mlakit checkpoint, written whole
             extra = shlex.split(self.args.heal)
             if self.args.smoke:
                 extra += ["--tokens", "4096", "--batch-size", "2", "--seq-len", "128", "--teacher-tokens", "2048",

@@ -65,6 +65,14 @@ def add_sparse_args(parser: argparse.ArgumentParser) -> None:
                         help="with --sparse-topk: latent channels of the index score, plus the RoPE key (default 64)")
 
 
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """How a command runs the model it loads: --device/--dtype, --runtime-rank, --kv-cache-dtype, --sparse-*."""
+    add_device_args(parser)
+    add_runtime_rank_arg(parser)
+    add_kv_cache_dtype_arg(parser)
+    add_sparse_args(parser)
+
+
 # ------------------------------------------------------------------ checks, loading, options
 def check_model_args(args: argparse.Namespace) -> None:
     """What every command that loads a model checks first (before any loading)."""

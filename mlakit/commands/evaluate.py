@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mlakit.commands.common import (MODEL_HELP, add_device_args, add_kv_cache_dtype_arg, add_runtime_rank_arg,
-                                    add_sparse_args, check_model_args, forward_options, load_model)
+from mlakit.commands.common import MODEL_HELP, add_run_args, check_model_args, forward_options, load_model
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -25,10 +24,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true",
                     help="print one JSON object (--protocol wikitext2: that result's fields; otherwise "
                          "{model, results: {protocol name: fields}})")
-    add_device_args(ev)
-    add_runtime_rank_arg(ev)
-    add_kv_cache_dtype_arg(ev)
-    add_sparse_args(ev)
+    add_run_args(ev)
     ev.set_defaults(func=run_from_args)
     return ev
 

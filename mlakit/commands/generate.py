@@ -7,8 +7,7 @@ import json
 import os
 import sys
 
-from mlakit.commands.common import (MODEL_HELP, add_device_args, add_kv_cache_dtype_arg, add_runtime_rank_arg,
-                                    add_sparse_args, check_model_args, forward_options, load_model)
+from mlakit.commands.common import MODEL_HELP, add_run_args, check_model_args, forward_options, load_model
 from mlakit.errors import MlakitError
 
 
@@ -32,10 +31,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     gen.add_argument("--tensor-parallel", action="store_true",
                      help="under torchrun --nproc-per-node N: split query heads (GQA: and KV heads) and the MLP "
                           "over N GPUs (MLA: the latent cache is replicated on each); docs/distributed.md")
-    add_device_args(gen)
-    add_runtime_rank_arg(gen)
-    add_kv_cache_dtype_arg(gen)
-    add_sparse_args(gen)
+    add_run_args(gen)
     gen.set_defaults(func=run_from_args)
     return gen
 

@@ -80,12 +80,17 @@ def calibration_tokens(tokenizer: Any, n_tokens: int | None = None) -> torch.Ten
     return protocol_tokens(tokenizer)[start:start + n]
 
 
-def eval_windows(tokens: torch.Tensor) -> torch.Tensor:
-    """``[40, 512]`` evaluation windows."""
-    end = EVAL_START + EVAL_WINDOWS * EVAL_WINDOW_LEN
+def protocol_windows(tokens: torch.Tensor, windows: int, window_len: int) -> torch.Tensor:
+    """``[windows, window_len]``: consecutive windows of the evaluation range, from token 131072."""
+    end = EVAL_START + windows * window_len
     if tokens.numel() < end:
         raise MlakitError(f"the protocol text has {tokens.numel()} tokens, fewer than the {end} it needs")
-    return tokens[EVAL_START:end].view(EVAL_WINDOWS, EVAL_WINDOW_LEN)
+    return tokens[EVAL_START:end].view(windows, window_len)
+
+
+def eval_windows(tokens: torch.Tensor) -> torch.Tensor:
+    """``[40, 512]`` evaluation windows."""
+    return protocol_windows(tokens, EVAL_WINDOWS, EVAL_WINDOW_LEN)
 
 
 @dataclass
@@ -177,10 +182,7 @@ POSITION_BUCKETS = ((1, 512), (512, 1024), (1024, 2048), (2048, 4096))
 
 def long_windows(tokens: torch.Tensor) -> torch.Tensor:
     """``[5, 4096]``: the wikitext2 evaluation range ``[131072, 151552)`` in long windows."""
-    end = EVAL_START + LONG_WINDOWS * LONG_WINDOW_LEN
-    if tokens.numel() < end:
-        raise MlakitError(f"the protocol text has {tokens.numel()} tokens, fewer than the {end} it needs")
-    return tokens[EVAL_START:end].view(LONG_WINDOWS, LONG_WINDOW_LEN)
+    return protocol_windows(tokens, LONG_WINDOWS, LONG_WINDOW_LEN)
 
 
 @dataclass

@@ -45,3 +45,32 @@ def device() -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         pytest.skip("MLAKIT_TEST_DEVICE=cuda but no CUDA GPU")
     return torch.device(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tmp_path_factory):
+    """(original, converted): directories of a tiny byte-level llama (2 KV heads, 1024
+    positions, saved with its tokenizer) and of its conversion by ``mlakit convert`` (latent
+    rank 12, RoPE key 4), for the tests that run the commands on them (read them, write
+    elsewhere). Skips without transformers or the protocol text."""
+    pytest.importorskip("transformers")
+    from convert.helpers import save_tiny_with_tokenizer
+    from mlakit import evaluate
+    from mlakit.cli import main
+    from mlakit.errors import MlakitError
+
+    try:
+        evaluate.data_path()
+    except MlakitError:
+        pytest.skip("the protocol text is not here")
+    tmp = tmp_path_factory.mktemp("tiny-converted")
+    _, original = save_tiny_with_tokenizer(tmp, "llama", 2, max_position_embeddings=1024)
+    converted = tmp / "mla"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["convert", str(original), "-o", str(converted), "--kv-lora-rank", "12", "--rope-dim", "4",
+                     "--calib-tokens", "1024", "--json"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return original, converted

@@ -4,32 +4,14 @@ converted byte-level llama); the rank rule itself."""
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 
-from convert.helpers import save_tiny_with_tokenizer  # noqa: E402
 from mlakit import ModelConfig, Transformer  # noqa: E402
-from mlakit import evaluate as ev  # noqa: E402
 from mlakit.cli import main  # noqa: E402
 from mlakit.elastic import AUTO_FULL_RANK_TOKENS, auto_latent_rank, auto_latent_ranks  # noqa: E402
-from mlakit.errors import MlakitError  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(original, converted) directories of a tiny byte-level llama."""
-    try:
-        ev.data_path()
-    except MlakitError:
-        pytest.skip("the protocol text is not here")
-    tmp = tmp_path_factory.mktemp("sparse-cli")
-    _, original = save_tiny_with_tokenizer(tmp, "llama", 2, max_position_embeddings=1024)
-    converted = tmp / "mla"
-    torch.set_num_threads(1)
-    assert main(["convert", str(original), "-o", str(converted), "--kv-lora-rank", "12", "--rope-dim", "4",
-                 "--calib-tokens", "1024", "--json"]) == 0
-    return original, converted
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 def _run(capsys, argv):
@@ -42,8 +24,8 @@ GEN = ["--prompt", "The quick brown fox jumps over the lazy dog. " * 3, "--max-n
        "--device", "cpu", "--json"]
 
 
-def test_generate_sparse_covering_the_context_is_dense(tiny, capsys):
-    _, converted = tiny
+def test_generate_sparse_covering_the_context_is_dense(tiny_converted, capsys):
+    _, converted = tiny_converted
     dense = _run(capsys, ["generate", str(converted), *GEN])
     sparse = _run(capsys, ["generate", str(converted), *GEN, "--sparse-topk", "512", "--sparse-index-rank", "4"])
     assert sparse["output_ids"] == dense["output_ids"]
@@ -52,8 +34,8 @@ def test_generate_sparse_covering_the_context_is_dense(tiny, capsys):
     assert len(narrow["output_ids"]) == 12
 
 
-def test_eval_through_the_sparse_path(tiny, capsys):
-    _, converted = tiny
+def test_eval_through_the_sparse_path(tiny_converted, capsys):
+    _, converted = tiny_converted
     dense = _run(capsys, ["eval", str(converted), "--json", "--device", "cpu"])
     covering = _run(capsys, ["eval", str(converted), "--json", "--device", "cpu", "--sparse-topk", "1024"])
     assert covering["ppl"] == pytest.approx(dense["ppl"], rel=1e-5)  # 512-token windows: every key kept
@@ -62,8 +44,8 @@ def test_eval_through_the_sparse_path(tiny, capsys):
     assert narrow["ppl"] != pytest.approx(dense["ppl"], rel=1e-4) and narrow["ppl"] > 1
 
 
-def test_runtime_rank_auto_on_a_short_request_is_full_rank(tiny, capsys):
-    _, converted = tiny
+def test_runtime_rank_auto_on_a_short_request_is_full_rank(tiny_converted, capsys):
+    _, converted = tiny_converted
     full = _run(capsys, ["generate", str(converted), *GEN])
     auto = _run(capsys, ["generate", str(converted), *GEN, "--runtime-rank", "auto"])
     assert auto["output_ids"] == full["output_ids"] and "(runtime rank 12)" in auto["model"]
@@ -73,15 +55,15 @@ def test_runtime_rank_auto_on_a_short_request_is_full_rank(tiny, capsys):
     (["--sparse-topk", "8"], "needs an MLA model"),
     (["--runtime-rank", "auto"], "needs an MLA model"),
 ])
-def test_sparse_and_auto_rank_need_mla(tiny, capsys, argv, message):
-    original, _ = tiny
+def test_sparse_and_auto_rank_need_mla(tiny_converted, capsys, argv, message):
+    original, _ = tiny_converted
     assert main(["generate", str(original), *GEN, *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
 
-def test_bad_sparse_values_are_one_line(tiny, capsys):
-    _, converted = tiny
+def test_bad_sparse_values_are_one_line(tiny_converted, capsys):
+    _, converted = tiny_converted
     assert main(["generate", str(converted), *GEN, "--sparse-topk", "0"]) == 2
     assert "sparse_topk must be >= 1" in capsys.readouterr().err
 

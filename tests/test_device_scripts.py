@@ -134,7 +134,7 @@ def test_longctx_check_smoke(tmp_path):
     assert rows["MLA 0.5 training-free"]["kv_values_per_token_layer"] == pytest.approx(
         0.5 * rows["original"]["kv_values_per_token_layer"], rel=0.1)
     again = run_script("longctx_check.py", "--smoke", "--out", str(tmp_path / "lc"), "--savings", "0.5", "--heal", "")
-    assert "$ convert" not in again and "$ heal" not in again  # every step was done
+    assert "$ mlakit convert" not in again and "$ mlakit heal" not in again  # every step was done
 
 
 def test_frontier_check_smoke(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from mlakit import ModelConfig, Transformer
 from mlakit.errors import MlakitError
 from mlakit.export import export_hf_deepseek, to_deepseek
-from mlakit.export.cli import add_export_parser
+from mlakit.export import cli as export_cli
 from mlakit.export.hf_deepseek import DELTA, mlakit_key_to_hf, rope_spec
 from mlakit.loading import save_checkpoint
 
@@ -135,7 +135,7 @@ def test_cli_export(tmp_path, capsys, rel_err):
     model = Transformer(mla(qkv_bias=True, tie_embeddings=True)).init_random(seed=2, std=0.2)
     save_checkpoint(model, tmp_path / "ckpt")
     parser = argparse.ArgumentParser()
-    add_export_parser(parser.add_subparsers(dest="command"))
+    export_cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["export", str(tmp_path / "ckpt"), "--format", "hf-deepseek", "-o",
                               str(tmp_path / "hf"), "--json"])
     assert args.func(args) == 0

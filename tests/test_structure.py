@@ -13,11 +13,10 @@ LAYERS = {
     2: ["config", "rope", "cache"],
     3: ["attention", "model", "parallel"],
     4: ["loading", "speed", "engine", "elastic", "sparse"],
-    5: ["convert", "heal", "export", "bench", "report", "frontier", "checks", "evaluate", "passkey", "ood", "protocols"],
-    6: ["cli", "__main__", "__init__"],
+    5: ["convert", "heal", "export", "bench", "report", "frontier", "checks", "evaluate", "passkey", "ood", "protocols",
+        "commands.common"],
+    6: ["cli", "commands", "__main__", "__init__"],
 }
-# Functions still over the limit, each to be split (named in the closing note; none may be added)
-LONG_FUNCTIONS_LEFT = {"export_gguf", "to_deepseek", "_heal", "heal_model"}
 CLI_MODULES = ("heal.cli", "export.cli", "bench.cli", "convert.cli")  # each tool's own command module
 
 
@@ -29,10 +28,11 @@ def module_name(path: Path) -> str:
 def layer_of(name: str) -> int:
     if name.endswith(".cli") or name in CLI_MODULES or name in ("cli", "__main__", "__init__"):
         return 6
-    top = name.split(".")[0]
-    for layer, names in LAYERS.items():
-        if top in names:
-            return layer
+    parts = name.split(".")
+    for n in range(len(parts), 0, -1):  # the longest name LAYERS gives: "commands.common" before "commands"
+        for layer, names in LAYERS.items():
+            if ".".join(parts[:n]) in names:
+                return layer
     raise AssertionError(f"mlakit/{name.replace('.', '/')}.py has no layer in docs/architecture.md")
 
 
@@ -93,7 +93,6 @@ def test_modules_and_functions_stay_short():
         if "kernels" in path.parts:
             continue
         for node in ast.walk(ast.parse(source)):
-            if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100
-                    and node.name not in LONG_FUNCTIONS_LEFT):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 100:
                 long.append(f"{rel}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
     assert not long, "\n".join(sorted(long))

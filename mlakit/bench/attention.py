@@ -309,7 +309,7 @@ def format_table(rows: List[Dict]) -> str:
 
 # ---------------------------------------------------------------------- CLI
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``attention`` to the ``mlakit bench`` benchmarks."""
+    """Add ``attention`` to the ``mlakit bench`` benchmarks (``mlakit.bench.cli.run_from_args`` runs it)."""
     parser = subparsers.add_parser(
         "attention", help="decode-attn-v1: one attention layer, MHA/GQA/MQA (SDPA) vs MLA kernels",
         description="decode-attn-v1: decode time of one attention layer per (batch, context), "
@@ -332,7 +332,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--sparse-sink", type=int, default=4, help="with --sparse-topk: first slots always kept")
     parser.add_argument("--sparse-index-rank", type=int, default=64,
                         help="with --sparse-topk: latent channels of the index (plus the RoPE key)")
-    parser.set_defaults(func=run_from_args)
     return parser
 
 

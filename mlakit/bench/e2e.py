@@ -437,7 +437,7 @@ def run_e2e(opts: E2EOptions, log: Optional[Callable[[str], None]] = None,
 
 # ---------------------------------------------------------------------- CLI
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add ``e2e`` to the ``mlakit bench`` benchmarks."""
+    """Add ``e2e`` to the ``mlakit bench`` benchmarks (``mlakit.bench.cli.run_from_args`` runs it)."""
     parser = subparsers.add_parser(
         "e2e", help="decode-e2e-v1: whole model, MHA/GQA/MQA/MLA decode and prefill",
         description="decode-e2e-v1: decode tokens/s, memory and largest batch of a model's "
@@ -482,7 +482,6 @@ def register(subparsers) -> argparse.ArgumentParser:
                              "random weights (default for a preset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_from_args)
     return parser
 
 

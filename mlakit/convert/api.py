@@ -196,10 +196,6 @@ def convert_model(model: Transformer, analysis: Analysis, options: ConvertOption
         if attn.wo.bias is not None:
             state[f"layers.{l}.attention.wo.bias"] = attn.wo.bias.detach()
     mla = build_model(mla_config, state, dtype=dtype, device=model.device)  # shares the non-attention tensors
-    if options.latent_rotation == "hadamard":
-        from mlakit.convert.rotate import rotate_latent
-
-        rotate_latent(mla)
     full = 2 * G * d
     values = mla_config.kv_values_per_token_total() / config.n_layers
     summary = ConvertSummary(
@@ -215,7 +211,13 @@ def convert(model: Transformer, tokens: torch.Tensor, options: ConvertOptions) -
     options.check()
     check_source(model.config)
     resolve_budget(model.config, options)  # bad budgets fail before the calibration
-    return convert_model(model, analyse(model, tokens, options), options)
+    mla, summary = convert_model(model, analyse(model, tokens, options), options)
+    if options.latent_rotation != "none":  # an exact change of the latent's basis (mlakit.convert.rotate)
+        from mlakit.convert.rotate import transform_latent
+
+        n = tokens.numel() // options.calib_seq_len * options.calib_seq_len
+        transform_latent(mla, options.latent_rotation, tokens[:n].view(-1, options.calib_seq_len))
+    return mla, summary
 
 
 def convert_checkpoint(source: str, out: str | None, options: ConvertOptions, device: str = "cpu",

@@ -1,4 +1,4 @@
-"""``mlakit export``: thin command; wire it with ``add_export_parser(subparsers)``."""
+"""``mlakit export``: the subcommand's arguments (``register``) and its one call (``run_from_args``)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def check_args(args: argparse.Namespace) -> None:
     checks.output(args.output, args.overwrite, directory=args.format == "hf-deepseek")
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace) -> int:
     from mlakit.io import output_lock
 
     check_args(args)
@@ -73,7 +73,7 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_export_parser(subparsers) -> argparse.ArgumentParser:
+def register(subparsers) -> argparse.ArgumentParser:
     """Add ``export`` to the ``mlakit`` subcommands (``build_parser``'s ``sub``)."""
     parser = subparsers.add_parser(
         "export", help="write an MLA model as a DeepSeek-V3 HF directory or a deepseek2 GGUF file",
@@ -93,5 +93,5 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
                              ".gguf file or 'default'; otherwise the model's byte-level BPE tokenizer)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.set_defaults(func=cmd_export)
+    parser.set_defaults(func=run_from_args)
     return parser

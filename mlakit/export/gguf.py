@@ -157,6 +157,23 @@ def export_gguf(model: Transformer, path: str | os.PathLike, qtype: str = "f32",
     cfg = model.config
     path = Path(path)
     check_output(path, overwrite, directory=False)
+    tok_fields = _tokenizer_fields(tokenizer_gguf, tokenizer, cfg.vocab_size)
+    form = to_deepseek(model, rms_norm_eps=cfg.norm_eps, min_nope_dim=1)
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2])
+        _add_metadata(gguf, writer, cfg, form, qtype, name)
+        for key, value, vtype, sub in tok_fields:
+            writer.add_key_value(key, value, vtype, sub_type=sub)
+        _add_tensors(gguf, writer, cfg, form, qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return form
+
+
+def _tokenizer_fields(tokenizer_gguf, tokenizer, vocab_size: int) -> list[tuple[str, Any, Any, Any]]:
+    """The tokenizer's GGUF fields: copied from ``tokenizer_gguf``, else built from the HF ``tokenizer``."""
     if tokenizer_gguf is not None:
         tok_fields = tokenizer_fields_from_gguf(tokenizer_gguf)
     elif tokenizer is not None:
@@ -164,80 +181,78 @@ def export_gguf(model: Transformer, path: str | os.PathLike, qtype: str = "f32",
     else:
         raise MlakitError("llama.cpp needs a tokenizer in the GGUF file: the model has none; give --tokenizer-gguf FILE")
     n_tokens = len(next(v for k, v, *_ in tok_fields if k == "tokenizer.ggml.tokens"))
-    if n_tokens != cfg.vocab_size:
-        raise MlakitError(f"the tokenizer has {n_tokens} tokens but the model's vocabulary is {cfg.vocab_size}")
+    if n_tokens != vocab_size:
+        raise MlakitError(f"the tokenizer has {n_tokens} tokens but the model's vocabulary is {vocab_size}")
+    return tok_fields
 
-    form = to_deepseek(model, rms_norm_eps=cfg.norm_eps, min_nope_dim=1)
+
+def _add_metadata(gguf, writer, cfg, form, qtype: str, name: str | None) -> None:
+    """The deepseek2 architecture's fields (every layer dense; MLA run as MQA over the latent)."""
     hc = form.config
     n_layers, r, p = cfg.n_layers, hc["kv_lora_rank"], hc["qk_rope_head_dim"]
-    nope, v_dim, h = hc["qk_nope_head_dim"], hc["v_head_dim"], hc["num_attention_heads"]
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype]
+    writer.add_name(name or "mlakit MLA export")
+    writer.add_file_type(int(file_type))
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.dim)
+    writer.add_block_count(n_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(hc["num_attention_heads"])
+    writer.add_head_count_kv(1)  # MLA is run as MQA over the latent
+    writer.add_layer_norm_rms_eps(hc["rms_norm_eps"])
+    writer.add_rope_freq_base(hc["rope_theta"])
+    writer.add_rope_dimension_count(p)
+    if form.rope is not None and form.rope.factor != 1.0:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(form.rope.factor)
+    writer.add_leading_dense_block_count(n_layers)
+    writer.add_q_lora_rank(hc["q_lora_rank"] or 0)
+    writer.add_kv_lora_rank(r)
+    writer.add_key_length(r + p)
+    writer.add_value_length(r)
+    writer.add_key_length_mla(hc["qk_nope_head_dim"] + p)
+    writer.add_value_length_mla(hc["v_head_dim"])
+    writer.add_expert_feed_forward_length(cfg.intermediate_size)
+    writer.add_expert_count(0)
+    writer.add_expert_used_count(0)
+    writer.add_expert_shared_count(0)
 
-    with atomic_file(path, overwrite=overwrite) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2])
-        writer.add_name(name or "mlakit MLA export")
-        writer.add_file_type(int(file_type))
-        writer.add_vocab_size(cfg.vocab_size)
-        writer.add_context_length(cfg.max_seq_len)
-        writer.add_embedding_length(cfg.dim)
-        writer.add_block_count(n_layers)
-        writer.add_feed_forward_length(cfg.intermediate_size)
-        writer.add_head_count(h)
-        writer.add_head_count_kv(1)  # MLA is run as MQA over the latent
-        writer.add_layer_norm_rms_eps(hc["rms_norm_eps"])
-        writer.add_rope_freq_base(hc["rope_theta"])
-        writer.add_rope_dimension_count(p)
-        if form.rope is not None and form.rope.factor != 1.0:
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(form.rope.factor)
-        writer.add_leading_dense_block_count(n_layers)
-        writer.add_q_lora_rank(hc["q_lora_rank"] or 0)
-        writer.add_kv_lora_rank(r)
-        writer.add_key_length(r + p)
-        writer.add_value_length(r)
-        writer.add_key_length_mla(nope + p)
-        writer.add_value_length_mla(v_dim)
-        writer.add_expert_feed_forward_length(cfg.intermediate_size)
-        writer.add_expert_count(0)
-        writer.add_expert_used_count(0)
-        writer.add_expert_shared_count(0)
-        for key, value, vtype, sub in tok_fields:
-            writer.add_key_value(key, value, vtype, sub_type=sub)
 
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, n_layers)
+def _add_tensors(gguf, writer, cfg, form, qtype: str) -> None:
+    """Every tensor of ``form`` under its GGUF name (``kv_b_proj`` split into ``k_b`` and ``v_b``)."""
+    hc = form.config
+    r, p = hc["kv_lora_rank"], hc["qk_rope_head_dim"]
+    nope, v_dim, h = hc["qk_nope_head_dim"], hc["v_head_dim"], hc["num_attention_heads"]
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, cfg.n_layers)
 
-        def add(hf_name: str, tensor: torch.Tensor) -> None:
-            base, _, kind = hf_name.rpartition(".")
-            mapped = names.get_name(base)
-            if mapped is None:
-                raise MlakitError(f"no GGUF name for {hf_name}")
-            data, raw = _tensor_data(gguf, mapped, tensor, qtype)
-            writer.add_tensor(f"{mapped}.{kind}", data, raw_dtype=raw)
+    def add(hf_name: str, tensor: torch.Tensor) -> None:
+        base, _, kind = hf_name.rpartition(".")
+        mapped = names.get_name(base)
+        if mapped is None:
+            raise MlakitError(f"no GGUF name for {hf_name}")
+        data, raw = _tensor_data(gguf, mapped, tensor, qtype)
+        writer.add_tensor(f"{mapped}.{kind}", data, raw_dtype=raw)
 
-        rope_gain = 1.0
-        if form.rope is not None and form.rope.factor != 1.0:
-            # llama.cpp's deepseek2 graph multiplies the rotated query and key by
-            # 1 + 0.1 ln(factor) whenever a frequency scale is set (YaRN's magnitude
-            # correction, applied for linear scaling too): divide it out of the RoPE rows.
-            # Measured with llama-cpp-python 0.3.36: logits rel. error 1e-6 with, 0.21 without.
-            rope_gain = 1.0 / (1.0 + 0.1 * math.log(form.rope.factor))
-        for hf_name, tensor in form.tensors.items():
-            if rope_gain != 1.0 and hf_name.endswith(("kv_a_proj_with_mqa.weight", "q_proj.weight", "q_b_proj.weight")):
-                tensor = tensor.clone()
-                if "kv_a" in hf_name:
-                    tensor[r:] *= rope_gain
-                else:
-                    tensor.view(h, nope + p, -1)[:, nope:] *= rope_gain
-            if hf_name.endswith("kv_b_proj.weight"):
-                kv_b = tensor.view(h, nope + v_dim, r)
-                k_b, v_b = kv_b.split([nope, v_dim], dim=1)
-                add(hf_name.replace("kv_b_proj", "k_b_proj"), k_b.transpose(1, 2).contiguous())  # [h, r, nope]
-                add(hf_name.replace("kv_b_proj", "v_b_proj"), v_b.contiguous())  # [h, v, r]
+    rope_gain = 1.0
+    if form.rope is not None and form.rope.factor != 1.0:
+        # llama.cpp's deepseek2 graph multiplies the rotated query and key by
+        # 1 + 0.1 ln(factor) whenever a frequency scale is set (YaRN's magnitude
+        # correction, applied for linear scaling too): divide it out of the RoPE rows.
+        # Measured with llama-cpp-python 0.3.36: logits rel. error 1e-6 with, 0.21 without.
+        rope_gain = 1.0 / (1.0 + 0.1 * math.log(form.rope.factor))
+    for hf_name, tensor in form.tensors.items():
+        if rope_gain != 1.0 and hf_name.endswith(("kv_a_proj_with_mqa.weight", "q_proj.weight", "q_b_proj.weight")):
+            tensor = tensor.clone()
+            if "kv_a" in hf_name:
+                tensor[r:] *= rope_gain
             else:
-                add(hf_name, tensor)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-    return form
+                tensor.view(h, nope + p, -1)[:, nope:] *= rope_gain
+        if hf_name.endswith("kv_b_proj.weight"):
+            kv_b = tensor.view(h, nope + v_dim, r)
+            k_b, v_b = kv_b.split([nope, v_dim], dim=1)
+            add(hf_name.replace("kv_b_proj", "k_b_proj"), k_b.transpose(1, 2).contiguous())  # [h, r, nope]
+            add(hf_name.replace("kv_b_proj", "v_b_proj"), v_b.contiguous())  # [h, v, r]
+        else:
+            add(hf_name, tensor)

@@ -208,109 +208,160 @@ def to_deepseek(model: Transformer, rms_norm_eps: float = HF_LATENT_EPS, min_nop
     """
     cfg = model.config
     check_exportable(cfg)
-    sd = {k: v.detach().to("cpu", torch.float64) for k, v in model.state_dict().items()}
-    dim, h = cfg.dim, cfg.n_heads
-    e_src, e_t = cfg.norm_eps, rms_norm_eps
-    beta = math.sqrt(e_t / e_src)
-    ranks = cfg.kv_lora_ranks()
-    r_max = max(ranks)
-    nope, rope, v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-    nope_out = max(nope, min_nope_dim)
-    rope_out = max(rope, 2)  # transformers and llama.cpp need a RoPE key: zero channels if there is none
-    q_scale = math.sqrt((nope_out + rope_out) / (nope + rope))  # folds the softmax-scale change of padding
-    has_q_bias = "layers.0.attention.wq.bias" in sd
-    q_lora = cfg.q_lora_rank if cfg.q_lora_rank else (dim + 1 if has_q_bias else None)
-    attention_bias = cfg.qkv_bias or cfg.o_bias
+    rewrite = _Rewrite(model, rms_norm_eps, min_nope_dim)
     form = DeepseekForm(config={}, tensors={}, rope=rope_spec(cfg))
-    notes = form.notes
-    if beta != 1.0:
-        notes.append(f"rms_norm_eps {e_src:g} -> {e_t:g}: residual stream scaled by {beta:.6g} (exact)")
-    if len(set(ranks)) > 1:
-        notes.append(f"per-layer kv_lora_rank {ranks} padded to {r_max} with zero latent channels (exact; "
-                     f"cache {sum(ranks) + rope * cfg.n_layers} -> {(r_max + rope) * cfg.n_layers} values/token)")
-    if nope_out != nope:
-        notes.append(f"qk_nope_head_dim {nope} padded to {nope_out} with zeros; softmax scale folded into q")
-    if rope_out != rope:
-        notes.append(f"no RoPE key: qk_rope_head_dim padded to {rope_out} with zeros; softmax scale folded into q")
-    if has_q_bias and not cfg.q_lora_rank:
-        notes.append(f"query bias carried by a q-LoRA of rank {dim + 1} (constant channel)")
-    if form.rope.factor != 1.0 or form.rope.theta != cfg.rope_theta:
-        notes.append(f"RoPE key frequencies = theta {form.rope.theta:.6g}, linear factor {form.rope.factor:.6g} "
-                     f"(max rel. difference {form.rope.max_rel_err:.1e})")
+    form.notes.extend(rewrite.notes(form.rope))
+    out = rewrite.outer_tensors()
+    for i, r in enumerate(rewrite.ranks):
+        out.update(rewrite.layer_tensors(i, r))
+    form.linearised_bound = rewrite.worst
+    if rewrite.worst:
+        q_bias = " / query bias" if rewrite.has_q_bias and not cfg.q_lora_rank else ""
+        form.notes.append(f"norms linearised (no latent norm{q_bias} in the source): worst-case relative error "
+                          f"{rewrite.worst:.1e} over all inputs")
+    form.tensors = {mlakit_key_to_hf(k): v for k, v in out.items()}
+    form.config = _hf_config(cfg, form, rms_norm_eps=rewrite.e_t, q_lora_rank=rewrite.q_lora,
+                             kv_lora_rank=rewrite.r_max, nope=rewrite.nope_out, rope=rewrite.rope_out,
+                             attention_bias=rewrite.attention_bias)
+    return form
 
-    out: dict[str, torch.Tensor] = {}
-    out["tok_embeddings.weight"] = sd["tok_embeddings.weight"] * beta
-    out["norm.weight"] = sd["norm.weight"] / beta if cfg.tie_embeddings else sd["norm.weight"]
-    if not cfg.tie_embeddings:
-        out["output.weight"] = sd["output.weight"]
 
-    worst = 0.0
+class _Rewrite:
+    """One ``to_deepseek`` call: the source's tensors (float64, mlakit names), the target's
+    shapes, and the worst-case relative error of the norms made linear so far."""
 
-    def linearised(max_sq_mean: float) -> tuple[float, torch.Tensor]:
+    def __init__(self, model: Transformer, rms_norm_eps: float, min_nope_dim: int) -> None:
+        cfg = self.cfg = model.config
+        self.sd = {k: v.detach().to("cpu", torch.float64) for k, v in model.state_dict().items()}
+        self.dim, self.h = cfg.dim, cfg.n_heads
+        self.e_src, self.e_t = cfg.norm_eps, rms_norm_eps
+        self.beta = math.sqrt(self.e_t / self.e_src)
+        self.ranks = cfg.kv_lora_ranks()
+        self.r_max = max(self.ranks)
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.nope_out = max(self.nope, min_nope_dim)
+        self.rope_out = max(self.rope, 2)  # transformers and llama.cpp need a RoPE key: zero channels if there is none
+        # folds the softmax-scale change of padding
+        self.q_scale = math.sqrt((self.nope_out + self.rope_out) / (self.nope + self.rope))
+        self.has_q_bias = "layers.0.attention.wq.bias" in self.sd
+        self.q_lora = cfg.q_lora_rank if cfg.q_lora_rank else (self.dim + 1 if self.has_q_bias else None)
+        self.attention_bias = cfg.qkv_bias or cfg.o_bias
+        self.worst = 0.0
+
+    def notes(self, spec: RopeSpec) -> list[str]:
+        """What the rewrite changes, one line each (beside the exact function)."""
+        cfg, notes = self.cfg, []
+        e_src, e_t, rope = self.e_src, self.e_t, self.rope
+        if self.beta != 1.0:
+            notes.append(f"rms_norm_eps {e_src:g} -> {e_t:g}: residual stream scaled by {self.beta:.6g} (exact)")
+        if len(set(self.ranks)) > 1:
+            notes.append(f"per-layer kv_lora_rank {self.ranks} padded to {self.r_max} with zero latent channels "
+                         f"(exact; cache {sum(self.ranks) + rope * cfg.n_layers} -> "
+                         f"{(self.r_max + rope) * cfg.n_layers} values/token)")
+        if self.nope_out != self.nope:
+            notes.append(f"qk_nope_head_dim {self.nope} padded to {self.nope_out} with zeros; softmax scale folded "
+                         "into q")
+        if self.rope_out != rope:
+            notes.append(f"no RoPE key: qk_rope_head_dim padded to {self.rope_out} with zeros; softmax scale folded "
+                         "into q")
+        if self.has_q_bias and not cfg.q_lora_rank:
+            notes.append(f"query bias carried by a q-LoRA of rank {self.dim + 1} (constant channel)")
+        if spec.factor != 1.0 or spec.theta != cfg.rope_theta:
+            notes.append(f"RoPE key frequencies = theta {spec.theta:.6g}, linear factor {spec.factor:.6g} "
+                         f"(max rel. difference {spec.max_rel_err:.1e})")
+        return notes
+
+    def linearised(self, max_sq_mean: float) -> tuple[float, torch.Tensor]:
         """alpha and the norm weight value sqrt(eps)/alpha for a norm made linear."""
-        nonlocal worst
+        e_t = self.e_t
         alpha = math.sqrt(DELTA * e_t / max(max_sq_mean, 1e-30))
-        worst = max(worst, 0.5 * alpha ** 2 * max_sq_mean / e_t)
+        self.worst = max(self.worst, 0.5 * alpha ** 2 * max_sq_mean / e_t)
         return alpha, torch.tensor(math.sqrt(e_t) / alpha, dtype=torch.float64)
 
-    def q_rows(w: torch.Tensor) -> torch.Tensor:
+    def q_rows(self, w: torch.Tensor) -> torch.Tensor:
         """Per-head query rows [nope, rope] -> [nope zero-padded, rope interleaved (zero-padded)], scaled."""
+        h, nope, rope = self.h, self.nope, self.rope
         w = w.view(h, nope + rope, *w.shape[1:])
         w_nope, w_rope = w[:, :nope], w[:, nope:][:, half_to_interleaved_rotation(rope)]
-        w = torch.cat([w.new_zeros(h, nope_out - nope, *w.shape[2:]), w_nope, w_rope,
-                       w.new_zeros(h, rope_out - rope, *w.shape[2:])], dim=1)
-        return (w * q_scale).reshape(h * (nope_out + rope_out), *w.shape[2:])
+        w = torch.cat([w.new_zeros(h, self.nope_out - nope, *w.shape[2:]), w_nope, w_rope,
+                       w.new_zeros(h, self.rope_out - rope, *w.shape[2:])], dim=1)
+        return (w * self.q_scale).reshape(h * (self.nope_out + self.rope_out), *w.shape[2:])
 
-    for i, r in enumerate(ranks):
-        s, o = f"layers.{i}.", f"layers.{i}."
+    def outer_tensors(self) -> dict[str, torch.Tensor]:
+        """The embeddings, the final norm and the head (untied)."""
+        sd, cfg, out = self.sd, self.cfg, {}
+        out["tok_embeddings.weight"] = sd["tok_embeddings.weight"] * self.beta
+        out["norm.weight"] = sd["norm.weight"] / self.beta if cfg.tie_embeddings else sd["norm.weight"]
+        if not cfg.tie_embeddings:
+            out["output.weight"] = sd["output.weight"]
+        return out
+
+    def layer_tensors(self, i: int, r: int) -> dict[str, torch.Tensor]:
+        """Layer ``i`` (latent rank ``r``): norms, MLP, output projection, query, latent and RoPE key."""
+        sd, out = self.sd, {}
+        s = f"layers.{i}."
         a = s + "attention."
         gain = sd[s + "attention_norm.weight"]
         for name in ("attention_norm.weight", "ffn_norm.weight", "feed_forward.w1.weight", "feed_forward.w3.weight"):
-            out[o + name] = sd[s + name]
-        out[o + "feed_forward.w2.weight"] = sd[s + "feed_forward.w2.weight"] * beta
+            out[s + name] = sd[s + name]
+        out[s + "feed_forward.w2.weight"] = sd[s + "feed_forward.w2.weight"] * self.beta
         # output projection (its bias, if the layout has one, is zero unless the model has one)
-        out[a + "wo.weight"] = sd[a + "wo.weight"] * beta
-        if attention_bias:
-            out[a + "wo.bias"] = sd.get(a + "wo.bias", torch.zeros(dim, dtype=torch.float64)) * beta
-        # query
+        out[a + "wo.weight"] = sd[a + "wo.weight"] * self.beta
+        if self.attention_bias:
+            out[a + "wo.bias"] = sd.get(a + "wo.bias", torch.zeros(self.dim, dtype=torch.float64)) * self.beta
+        out.update(self.query(a, gain))
+        out.update(self.latent(a, r, gain))
+        return out
+
+    def query(self, a: str, gain: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The query of attention ``a``: q-LoRA (its norm moved to the target eps), the query bias
+        as a q-LoRA of rank dim + 1 (a constant channel, its norm made linear), or one projection."""
+        sd, cfg, dim, out = self.sd, self.cfg, self.dim, {}
         if cfg.q_lora_rank:
-            g = math.sqrt(e_t / e_src)  # move the real q norm to the target eps, exactly
+            g = math.sqrt(self.e_t / self.e_src)  # move the real q norm to the target eps, exactly
             out[a + "wq_a.weight"] = sd[a + "wq_a.weight"] * g
-            if attention_bias:
-                out[a + "wq_a.bias"] = sd.get(a + "wq_a.bias", torch.zeros(q_lora, dtype=torch.float64)) * g
+            if self.attention_bias:
+                out[a + "wq_a.bias"] = sd.get(a + "wq_a.bias", torch.zeros(self.q_lora, dtype=torch.float64)) * g
             out[a + "q_norm.weight"] = sd[a + "q_norm.weight"]
-            out[a + "wq_b.weight"] = q_rows(sd[a + "wq_b.weight"])
-        elif has_q_bias:
+            out[a + "wq_b.weight"] = self.q_rows(sd[a + "wq_b.weight"])
+        elif self.has_q_bias:
             max_h_sq = dim * gain.square().max().item()  # |h|^2 <= dim * max gain^2
-            alpha, w_norm = linearised((max_h_sq + 1.0) / (dim + 1))
+            alpha, w_norm = self.linearised((max_h_sq + 1.0) / (dim + 1))
             wa = torch.zeros(dim + 1, dim, dtype=torch.float64)
             wa[:dim] = torch.eye(dim, dtype=torch.float64) * alpha
             ba = torch.zeros(dim + 1, dtype=torch.float64)
             ba[dim] = alpha
             out[a + "wq_a.weight"], out[a + "wq_a.bias"] = wa, ba
             out[a + "q_norm.weight"] = w_norm.expand(dim + 1).clone()
-            out[a + "wq_b.weight"] = q_rows(torch.cat([sd[a + "wq.weight"], sd[a + "wq.bias"][:, None]], dim=1))
+            out[a + "wq_b.weight"] = self.q_rows(torch.cat([sd[a + "wq.weight"], sd[a + "wq.bias"][:, None]], dim=1))
         else:
-            out[a + "wq.weight"] = q_rows(sd[a + "wq.weight"])
-        # latent + RoPE key
+            out[a + "wq.weight"] = self.q_rows(sd[a + "wq.weight"])
+        return out
+
+    def latent(self, a: str, r: int, gain: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The latent and RoPE key of attention ``a`` (rank ``r`` padded to the largest), the latent
+        norm (the source's moved to the target eps, or one made linear) and the up-projection."""
+        sd, out = self.sd, {}
+        dim, h, r_max, e_t, e_src = self.dim, self.h, self.r_max, self.e_t, self.e_src
+        nope, rope, v_dim, nope_out, rope_out = self.nope, self.rope, self.v_dim, self.nope_out, self.rope_out
         w = sd[a + "wkv_a.weight"]
         b = sd.get(a + "wkv_a.bias")
         w_lat, w_rope = w[:r], w[r:][half_to_interleaved_rotation(rope)]
         b_lat = b[:r] if b is not None else None
         b_rope = b[r:][half_to_interleaved_rotation(rope)] if b is not None else None
-        if cfg.latent_norm:
+        if self.cfg.latent_norm:
             # RMSNorm_rmax([g c, 0]; e_t) * w' == RMSNorm_r(c; e_src) * w  with g^2 = (r_max/r) e_t/e_src
             g = math.sqrt(r_max / r * e_t / e_src)
             norm_w = torch.cat([sd[a + "kv_norm.weight"] * math.sqrt(r / r_max),
                                 torch.ones(r_max - r, dtype=torch.float64)])
         else:
             max_sq = _max_norm_sq(w_lat, gain, dim, b_lat) / r_max
-            g, w_value = linearised(max_sq)
+            g, w_value = self.linearised(max_sq)
             norm_w = w_value.expand(r_max).clone()
         pad = torch.zeros(r_max - r, dim, dtype=torch.float64)
         rope_pad = torch.zeros(rope_out - rope, dim, dtype=torch.float64)
         out[a + "wkv_a.weight"] = torch.cat([w_lat * g, pad, w_rope, rope_pad])
-        if attention_bias:
+        if self.attention_bias:
             zeros = torch.zeros(r + rope, dtype=torch.float64)
             b_lat = b_lat if b_lat is not None else zeros[:r]
             b_rope = b_rope if b_rope is not None else zeros[:rope]
@@ -322,15 +373,7 @@ def to_deepseek(model: Transformer, rms_norm_eps: float = HF_LATENT_EPS, min_nop
             wkv_b = torch.cat([wkv_b.new_zeros(h, nope_out - nope, r), wkv_b], dim=1)
         wkv_b = torch.cat([wkv_b, wkv_b.new_zeros(h, nope_out + v_dim, r_max - r)], dim=2)
         out[a + "wkv_b.weight"] = wkv_b.reshape(h * (nope_out + v_dim), r_max)
-    form.linearised_bound = worst
-    if worst:
-        notes.append(f"norms linearised (no latent norm{' / query bias' if has_q_bias and not cfg.q_lora_rank else ''}"
-                     f" in the source): worst-case relative error {worst:.1e} over all inputs")
-
-    form.tensors = {mlakit_key_to_hf(k): v for k, v in out.items()}
-    form.config = _hf_config(cfg, form, rms_norm_eps=e_t, q_lora_rank=q_lora, kv_lora_rank=r_max,
-                             nope=nope_out, rope=rope_out, attention_bias=attention_bias)
-    return form
+        return out
 
 
 def _hf_config(cfg: ModelConfig, form: DeepseekForm, rms_norm_eps: float, q_lora_rank: int | None,

@@ -90,8 +90,6 @@ def heal(model: str, teacher: str, out: str | Path, options: HealOptions,
 
 
 def _heal(model, teacher, out, options, data_options, data, data_range, device, overwrite, resume, log, job):
-    from mlakit.loading import load, save_checkpoint
-
     out = Path(out)
     options.check()
     main = job is None or job.is_main
@@ -100,6 +98,39 @@ def _heal(model, teacher, out, options, data_options, data, data_range, device, 
         if not main:
             log, options = (lambda *a, **k: None), replace(options, progress=False)
     data_options = data_options or TeacherDataOptions(seq_len=options.seq_len)
+    state_dir = _check_run(out, options, data_options, data, overwrite, resume, main, job)
+    start = time.perf_counter()
+    student, source = _load_models(model, teacher, options, device, job)
+    tokenizer = source.tokenizer or student.tokenizer
+    load_seconds = time.perf_counter() - start
+
+    t = time.perf_counter()
+    windows, data_info = _run_data(source.model, tokenizer, options, data_options, data, data_range, log, job)
+    data_seconds = time.perf_counter() - t
+    epochs = options.tokens / windows.numel()
+    log(f"data: {windows.shape[0]} windows x {windows.shape[1]} tokens ({windows.numel():,}); "
+        f"training on {options.tokens:,} tokens ({epochs:.1f} epochs), {options.steps} steps, "
+        f"train={options.train}, lr {options.learning_rate:g}")
+
+    if options.max_minutes is not None:  # the time limit counts from this call, data generation included
+        options = replace(options, max_minutes=max(0.0, options.max_minutes - (time.perf_counter() - start) / 60))
+    t = time.perf_counter()
+    result: HealResult = heal_model(student.model, source.model, windows, options, state_dir, resume, log=log,
+                                    job=job)
+    seconds = {"load": load_seconds, "data": data_seconds, "train": time.perf_counter() - t}
+    summary = _summary(model, teacher, out, options, result, device, data_info, seconds)
+    full_log = {**summary, "log": result.log}
+    if job is not None:
+        summary["processes"] = job.world_size
+        return _finish_sharded(student.model, out, tokenizer, summary, full_log, result.finished, state_dir,
+                               overwrite, job)
+    return _finish(student.model, out, tokenizer, summary, full_log, result, state_dir, overwrite)
+
+
+def _check_run(out: Path, options: HealOptions, data_options: TeacherDataOptions, data, overwrite: bool,
+               resume: bool, main: bool, job) -> Path:
+    """Before loading anything: the settings, OUT and an unfinished run's state (removed with
+    ``overwrite``, read with ``resume``); returns the state's directory."""
     if data_options.seq_len != options.seq_len:
         raise MlakitError("the teacher text and the training windows need the same --seq-len")
     if data is None:
@@ -121,7 +152,14 @@ def _heal(model, teacher, out, options, data_options, data, data_range, device, 
         from mlakit.heal.distill import load_state
 
         load_state(state_dir)  # a damaged or pickled state fails now, not after loading and the data
-    start = time.perf_counter()
+    return state_dir
+
+
+def _load_models(model: str, teacher: str, options: HealOptions, device: str, job):
+    """(student, teacher) ``LoadedModel``s, checked: an MLA student, one vocabulary, elastic ranks it has."""
+    from mlakit.heal.elastic import elastic_choices
+    from mlakit.loading import load
+
     # several processes: the student waits on the CPU, and FSDP2 moves each rank's shard to its GPU
     student = load(model, dtype=torch.float32, device="cpu" if job is not None else device)
     if not student.model.config.is_mla:
@@ -131,55 +169,50 @@ def _heal(model, teacher, out, options, data_options, data, data_range, device, 
     source = load(teacher, dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32, device=device)
     if source.model.config.vocab_size != student.model.config.vocab_size:
         raise MlakitError(f"{model} and the teacher {teacher} have different vocabularies")
-    tokenizer = source.tokenizer or student.tokenizer
-    from mlakit.heal.elastic import elastic_choices
-
     elastic_choices(student.model, options.elastic_ranks, options.elastic_min_fraction)  # fail before the data
-    load_seconds = time.perf_counter() - start
+    return student, source
 
-    t = time.perf_counter()
+
+def _run_data(teacher, tokenizer, options: HealOptions, data_options: TeacherDataOptions, data, data_range, log,
+              job) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``_training_data`` in one process; under a job rank 0 reads or writes the text and every
+    rank then holds it (and reads its share of each batch)."""
     if job is None:
-        windows, data_info = _training_data(source.model, tokenizer, options, data_options, data, data_range, log)
-    else:  # rank 0 reads or writes the text; every rank then holds it and reads its share of each batch
-        from mlakit.parallel import broadcast_object
+        return _training_data(teacher, tokenizer, options, data_options, data, data_range, log)
+    from mlakit.parallel import broadcast_object
 
-        failure = None
-        if main:
-            try:
-                windows, data_info = _training_data(source.model, tokenizer, options, data_options, data,
-                                                    data_range, log)
-            except MlakitError as error:
-                failure = str(error)
-        windows, data_info, failure = broadcast_object((windows, data_info, failure) if main else None, job)
-        if failure is not None:
-            raise MlakitError(failure)
-    data_seconds = time.perf_counter() - t
-    epochs = options.tokens / windows.numel()
-    log(f"data: {windows.shape[0]} windows x {windows.shape[1]} tokens ({windows.numel():,}); "
-        f"training on {options.tokens:,} tokens ({epochs:.1f} epochs), {options.steps} steps, "
-        f"train={options.train}, lr {options.learning_rate:g}")
+    windows = data_info = failure = None
+    if job.is_main:
+        try:
+            windows, data_info = _training_data(teacher, tokenizer, options, data_options, data, data_range, log)
+        except MlakitError as error:
+            failure = str(error)
+    windows, data_info, failure = broadcast_object((windows, data_info, failure) if job.is_main else None, job)
+    if failure is not None:
+        raise MlakitError(failure)
+    return windows, data_info
 
-    if options.max_minutes is not None:  # the time limit counts from this call, data generation included
-        options = replace(options, max_minutes=max(0.0, options.max_minutes - (time.perf_counter() - start) / 60))
-    t = time.perf_counter()
-    result: HealResult = heal_model(student.model, source.model, windows, options, state_dir, resume, log=log,
-                                    job=job)
+
+def _summary(model, teacher, out: Path, options: HealOptions, result: HealResult, device: str, data_info,
+             seconds: dict[str, float]) -> dict[str, Any]:
     history = result.log
-    train_seconds = time.perf_counter() - t
-    summary = {"model": str(model), "teacher": str(teacher), "output": str(out), "finished": result.finished,
-               "step": result.step, "steps": result.steps, "tokens": result.step * options.batch_size * options.seq_len,
-               "device": _device_name(device), "data": data_info,
-               "seconds": {"load": load_seconds, "data": data_seconds, "train": train_seconds},
-               "kl_before": history.get("kl_before"),
-               "kl_after": history["val"][-1]["kl"] if history["val"] else None,
-               "tokens_per_second": history.get("tokens_per_second"),
-               "tokens_per_second_overall": history.get("tokens_per_second_overall"),
-               "compile": options.compile, "layerwise": history.get("layerwise")}
-    full_log = {**summary, "log": history}
-    if job is not None:
-        summary["processes"] = job.world_size
-        return _finish_sharded(student.model, out, tokenizer, summary, full_log, result.finished, state_dir,
-                               overwrite, job)
+    return {"model": str(model), "teacher": str(teacher), "output": str(out), "finished": result.finished,
+            "step": result.step, "steps": result.steps, "tokens": result.step * options.batch_size * options.seq_len,
+            "device": _device_name(device), "data": data_info, "seconds": seconds,
+            "kl_before": history.get("kl_before"),
+            "kl_after": history["val"][-1]["kl"] if history["val"] else None,
+            "tokens_per_second": history.get("tokens_per_second"),
+            "tokens_per_second_overall": history.get("tokens_per_second_overall"),
+            "compile": options.compile, "layerwise": history.get("layerwise")}
+
+
+def _finish(model, out: Path, tokenizer, summary, full_log, result: HealResult, state_dir: Path,
+            overwrite: bool) -> dict[str, Any]:
+    """The end of a run in one process: OUT written with its log and plot (and the state
+    removed), or, unfinished, the log and plot beside the state."""
+    from mlakit.loading import save_checkpoint
+
+    history = result.log
     if not result.finished:
         write_text(state_dir / LOG_FILENAME, json.dumps(full_log) + "\n")
         if importlib.util.find_spec("matplotlib") is not None:
@@ -195,7 +228,7 @@ def _heal(model, teacher, out, options, data_options, data, data_range, device, 
         (directory / LOG_FILENAME).write_text(json.dumps(full_log) + "\n")
         plotted.append(plot_loss(history, directory / PLOT_FILENAME))
 
-    save_checkpoint(student.model, out, tokenizer, overwrite=overwrite, extra=log_files)
+    save_checkpoint(model, out, tokenizer, overwrite=overwrite, extra=log_files)
     summary["plot"] = str(out / PLOT_FILENAME) if plotted[0] else None
     shutil.rmtree(state_dir, ignore_errors=True)  # the run is complete: OUT replaces its state
     return summary

@@ -1,4 +1,4 @@
-"""``mlakit heal``: the subcommand's arguments and its one call."""
+"""``mlakit heal``: the subcommand's arguments (``register``) and its one call (``run_from_args``)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     heal.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     heal.add_argument("--no-progress", action="store_true", help="no progress bars")
     heal.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    heal.set_defaults(func=cmd_heal)
+    heal.set_defaults(func=run_from_args)
     return heal
 
 
@@ -163,7 +163,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise MlakitError(f"--max-minutes must be >= 0, got {args.max_minutes:g}")
 
 
-def cmd_heal(args: argparse.Namespace) -> int:
+def run_from_args(args: argparse.Namespace) -> int:
     import sys
 
     import torch

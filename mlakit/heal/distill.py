@@ -419,9 +419,7 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
     ``job`` (``mlakit.parallel.init()``, several processes): both models are sharded with
     FSDP2 and each rank trains on its share of every batch (``mlakit.heal.sharded``); every
     rank passes the same windows; only rank 0 logs and writes the state."""
-    from tqdm.auto import tqdm
-
-    from mlakit.heal.elastic import LatentMask, elastic_choices, sample_rank
+    from mlakit.heal.elastic import elastic_choices
     from mlakit.heal.sharded import Ranks
 
     options.check()
@@ -429,13 +427,12 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
     ranks.check(options)
     if not ranks.is_main:
         log = _quiet
-    run_start = segment_start = time.perf_counter()
+    run_start = time.perf_counter()
     windows, train_windows, val_windows = _split_windows(student, teacher, windows, options)
-    n_val = val_windows.shape[0]
     choices = elastic_choices(student, options.elastic_ranks, options.elastic_min_fraction)
     teacher.eval().requires_grad_(False)
     student.train()  # trained on the naive path (the default options)
-    params = select_trainable(student, options.train)
+    select_trainable(student, options.train)
     names = trainable_names(student, options.train)
     params = ranks.shard(student, teacher, names)
     data_id = data_fingerprint(windows)
@@ -444,8 +441,8 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
     history: dict[str, Any] = {"options": asdict(options), "steps": options.steps, "step": [], "tokens": [],
                                "loss": [], "kl": [], "lr": [], "rank": [], "step_seconds": [], "val": [],
                                "layerwise": None,
-                               "train_windows": train_windows.shape[0], "val_windows": n_val, "wall_seconds": 0.0,
-                               "trainable_parameters": sum(p.numel() for p in params)}
+                               "train_windows": train_windows.shape[0], "val_windows": val_windows.shape[0],
+                               "wall_seconds": 0.0, "trainable_parameters": sum(p.numel() for p in params)}
     distiller = Distiller(student, teacher, options)
     if job is not None:
         distiller.reduce_mean = ranks.mean
@@ -463,65 +460,96 @@ def heal_model(student: Transformer, teacher: Transformer, windows: torch.Tensor
                                   weight_decay=options.weight_decay, fused=(student.device.type == "cuda") or None)
     if state is not None:
         ranks.load_optimizer(student, optimizer, state["optimizer"], names)
-
-    def save(step: int) -> None:
-        if state_dir is not None:
-            _save_state(state_dir, step, student, optimizer, names, history, options, data_id, ranks)
-
+    loop = _TrainingLoop(distiller, optimizer, params, names, ranks, history, state_dir, data_id, val_windows,
+                         run_start)
     if state is None:
-        save(0)  # layer-wise initialisation (if any) is not repeated by a resume
+        loop.save(0)  # layer-wise initialisation (if any) is not repeated by a resume
     order = BatchOrder(train_windows, options.batch_size, options.seed, shift=options.shift_windows)
-    mask = LatentMask(student) if choices else None
-    if options.compile:  # after the layer-wise phase and the first validation, which stay eager
-        distiller.compile()
-    tokens_per_step = options.batch_size * options.seq_len
-    bar = tqdm(total=options.steps, initial=step, desc="heal", unit="step", disable=not (options.progress and ranks.is_main))
-    finished = True
-    speed = None
-    first_step, loop_start = step, time.perf_counter()
-    try:
-        while step < options.steps:
-            t0 = time.perf_counter()
-            lr = learning_rate(options, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            rank = None
-            if mask is not None:
-                rank = mask.rank = sample_rank(choices, options.seed, step, options.elastic_full_share)
-            batch = ranks.share(order.batch(step)).to(student.device)  # this rank's share of the global batch
-            loss_value, kl = _train_step(distiller, optimizer, params, batch, ranks, options.grad_clip)
-            step += 1
-            dt = time.perf_counter() - t0
-            speed = tokens_per_step / dt if speed is None else 0.9 * speed + 0.1 * tokens_per_step / dt
-            _record(history, bar, step=step, tokens=step * tokens_per_step, loss=loss_value, kl=float(kl), lr=lr,
-                    rank=rank, step_seconds=round(dt, 5), speed=speed)
-            if not math.isfinite(loss_value):
-                raise MlakitError(f"the loss is not finite at step {step} (lower --lr?)")
-            last = step == options.steps
-            out_of_time = (options.max_minutes is not None
-                           and time.perf_counter() - run_start > 60 * options.max_minutes)
-            if step % options.checkpoint_every == 0 or last or out_of_time:
+    return loop.run(step, order, choices, log)
+
+
+class _TrainingLoop:
+    """The steps of one ``heal_model`` call after its start (or resume): this rank's
+    parameters and their optimizer, the log, the held-out windows, where the state goes."""
+
+    def __init__(self, distiller: Distiller, optimizer, params, names, ranks, history: dict[str, Any],
+                 state_dir: Path | None, data_id: str, val_windows: torch.Tensor, run_start: float) -> None:
+        self.distiller, self.optimizer, self.params, self.names, self.ranks = distiller, optimizer, params, names, ranks
+        self.options, self.student = distiller.options, distiller.student
+        self.history, self.state_dir, self.data_id, self.val_windows = history, state_dir, data_id, val_windows
+        self.run_start = self.segment_start = run_start
+
+    def save(self, step: int) -> None:
+        if self.state_dir is not None:
+            _save_state(self.state_dir, step, self.student, self.optimizer, self.names, self.history, self.options,
+                        self.data_id, self.ranks)
+
+    def run(self, step: int, order: BatchOrder, choices, log) -> HealResult:
+        """Steps from ``step`` to the last, or until ``max_minutes`` (then not ``finished``)."""
+        from tqdm.auto import tqdm
+
+        from mlakit.heal.elastic import LatentMask, sample_rank
+
+        options, history = self.options, self.history
+        mask = LatentMask(self.student) if choices else None
+        if options.compile:  # after the layer-wise phase and the first validation, which stay eager
+            self.distiller.compile()
+        tokens_per_step = options.batch_size * options.seq_len
+        bar = tqdm(total=options.steps, initial=step, desc="heal", unit="step",
+                   disable=not (options.progress and self.ranks.is_main))
+        finished = True
+        speed = None
+        first_step, loop_start = step, time.perf_counter()
+        try:
+            while step < options.steps:
+                t0 = time.perf_counter()
+                lr = learning_rate(options, step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                rank = None
                 if mask is not None:
-                    mask.rank = None  # validate at the full rank
-                history["val"].append({"step": step, "tokens": step * tokens_per_step,
-                                       "kl": distiller.validate(val_windows)})
-                history["wall_seconds"] += time.perf_counter() - segment_start
-                segment_start = time.perf_counter()
-                save(step)
-            if out_of_time and not last:
-                finished = False
-                log(f"\nstopped after {options.max_minutes:g} minutes at step {step}/{options.steps}; "
-                    "run again with --resume to continue")
-                break
-    finally:
-        bar.close()
-        if mask is not None:
-            mask.remove()
-        if options.compile:
-            distiller.uncompile()
-        student.eval().requires_grad_(False)
-    history["tokens_per_second"] = speed  # a moving average of the last steps' speed
-    # this call's steps over its whole loop: compilation and held-out evaluations included
-    history["tokens_per_second_overall"] = (step - first_step) * tokens_per_step / max(1e-9, time.perf_counter()
-                                                                                         - loop_start)
-    return HealResult(finished=finished, step=step, steps=options.steps, log=history)
+                    rank = mask.rank = sample_rank(choices, options.seed, step, options.elastic_full_share)
+                batch = self.ranks.share(order.batch(step)).to(self.student.device)  # this rank's share of the batch
+                loss_value, kl = _train_step(self.distiller, self.optimizer, self.params, batch, self.ranks,
+                                             options.grad_clip)
+                step += 1
+                dt = time.perf_counter() - t0
+                speed = tokens_per_step / dt if speed is None else 0.9 * speed + 0.1 * tokens_per_step / dt
+                _record(history, bar, step=step, tokens=step * tokens_per_step, loss=loss_value, kl=float(kl), lr=lr,
+                        rank=rank, step_seconds=round(dt, 5), speed=speed)
+                if not math.isfinite(loss_value):
+                    raise MlakitError(f"the loss is not finite at step {step} (lower --lr?)")
+                if not self._after_step(step, mask, tokens_per_step):
+                    finished = False
+                    log(f"\nstopped after {options.max_minutes:g} minutes at step {step}/{options.steps}; "
+                        "run again with --resume to continue")
+                    break
+        finally:
+            bar.close()
+            if mask is not None:
+                mask.remove()
+            if options.compile:
+                self.distiller.uncompile()
+            self.student.eval().requires_grad_(False)
+        history["tokens_per_second"] = speed  # a moving average of the last steps' speed
+        # this call's steps over its whole loop: compilation and held-out evaluations included
+        history["tokens_per_second_overall"] = (step - first_step) * tokens_per_step / max(1e-9, time.perf_counter()
+                                                                                             - loop_start)
+        return HealResult(finished=finished, step=step, steps=options.steps, log=history)
+
+    def _after_step(self, step: int, mask, tokens_per_step: int) -> bool:
+        """The held-out KL and the state at each checkpoint, the last step and when the time is
+        out; False: out of time before the last step (stop here)."""
+        options = self.options
+        last = step == options.steps
+        out_of_time = (options.max_minutes is not None
+                       and time.perf_counter() - self.run_start > 60 * options.max_minutes)
+        if step % options.checkpoint_every == 0 or last or out_of_time:
+            if mask is not None:
+                mask.rank = None  # validate at the full rank
+            self.history["val"].append({"step": step, "tokens": step * tokens_per_step,
+                                        "kl": self.distiller.validate(self.val_windows)})
+            self.history["wall_seconds"] += time.perf_counter() - self.segment_start
+            self.segment_start = time.perf_counter()
+            self.save(step)
+        return not (out_of_time and not last)

@@ -9,14 +9,8 @@ On a Hopper GPU ``mla_decode`` runs the decode kernel of ``mlakit.kernels.mla_de
 (Gluon: TMA and wgmma) where it applies, the Triton kernel elsewhere (docs/kernels.md).
 """
 
-from mlakit.kernels.mla_decode import (
-    HAS_TRITON,
-    INTERPRET,
-    absorb_output,
-    absorb_query,
-    mla_decode,
-    mla_decode_reference,
-)
+from mlakit.kernels.decode_common import HAS_TRITON, INTERPRET, mla_decode_reference
+from mlakit.kernels.mla_decode import absorb_output, absorb_query, mla_decode
 from mlakit.kernels.mla_decode_quant import mla_decode_quant, mla_decode_quant_reference
 from mlakit.kernels.rope_append import rope_append, rope_append_quant, rope_append_quant_reference, rope_append_reference
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
 
 import torch
 
@@ -33,49 +32,97 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 # ---------------------------------------------------------------------------
-# Argument checks shared by the kernel wrapper and the reference
+# Argument checks shared by the decode kernels (dense, quantised, sparse), their references
+# and the quantised cache append
 # ---------------------------------------------------------------------------
 
 
-def check_decode_args(q_latent, q_rope, kv_cache, lengths, kv_lora_rank, allow_fp64=False) -> int:
-    """Validate shapes/dtypes/devices; return rope_dim.  float64 only for the reference."""
+def check_queries(q_latent, q_rope, kv_lora_rank, allow_fp64=False) -> int:
+    """``q_latent [batch, s_q, heads, kv_lora_rank]`` and ``q_rope [batch, s_q, heads, rope_dim]``
+    of one supported dtype (float64 only for the references); returns rope_dim."""
     if q_latent.dim() != 4:
         raise ValueError(f"q_latent must be [batch, s_q, heads, kv_lora_rank], got shape {tuple(q_latent.shape)}")
     if q_rope.dim() != 4:
         raise ValueError(f"q_rope must be [batch, s_q, heads, rope_dim], got shape {tuple(q_rope.shape)}")
-    if kv_cache.dim() != 3:
-        raise ValueError(
-            f"kv_cache must be [max_batch, max_len, kv_lora_rank + rope_dim], got shape {tuple(kv_cache.shape)}"
-        )
-    if lengths.dim() != 1:
-        raise ValueError(f"lengths must be [batch], got shape {tuple(lengths.shape)}")
     batch, s_q, heads, rank = q_latent.shape
     if rank != kv_lora_rank:
         raise ValueError(f"q_latent last dim {rank} != kv_lora_rank {kv_lora_rank}")
     if tuple(q_rope.shape[:3]) != (batch, s_q, heads):
         raise ValueError(f"q_rope {tuple(q_rope.shape)} must share [batch, s_q, heads] with q_latent {tuple(q_latent.shape)}")
+    supported = SUPPORTED_DTYPES + ((torch.float64,) if allow_fp64 else ())
+    for name, t in (("q_latent", q_latent), ("q_rope", q_rope)):
+        if t.dtype not in supported:
+            raise TypeError(f"{name} dtype {t.dtype} not supported ({', '.join(str(d)[6:] for d in supported)})")
+    if q_rope.dtype != q_latent.dtype:
+        raise TypeError(f"q_latent ({q_latent.dtype}) and q_rope ({q_rope.dtype}) must share one dtype")
+    return q_rope.shape[3]
+
+
+def check_latent_cache(kv_cache, q_latent, q_rope, kv_lora_rank) -> None:
+    """The packed cache ``[max_batch >= batch, max_len, kv_lora_rank + rope_dim]`` in the queries' dtype."""
+    if kv_cache.dim() != 3:
+        raise ValueError(
+            f"kv_cache must be [max_batch, max_len, kv_lora_rank + rope_dim], got shape {tuple(kv_cache.shape)}"
+        )
     rope_dim = q_rope.shape[3]
     if kv_cache.shape[2] != kv_lora_rank + rope_dim:
         raise ValueError(
             f"kv_cache last dim {kv_cache.shape[2]} != kv_lora_rank {kv_lora_rank} + rope_dim {rope_dim}"
         )
-    if kv_cache.shape[0] < batch:
-        raise ValueError(f"kv_cache holds {kv_cache.shape[0]} sequences, fewer than batch {batch}")
+    check_capacity(kv_cache, q_latent.shape[0])
+    if kv_cache.dtype != q_latent.dtype:
+        raise TypeError(
+            f"q_latent ({q_latent.dtype}), q_rope ({q_rope.dtype}) and kv_cache ({kv_cache.dtype}) must share one dtype"
+        )
+
+
+def check_quant_buffers(fmt, rank: int, rope_dim: int, values, scales, rope, rope_scales, rope_name: str) -> None:
+    """The buffers of a quantised latent cache in format ``fmt`` (``mlakit.quant``): ``values``
+    and ``scales`` of the latent, the RoPE key ``rope`` (16-bit, or quantised with ``rope_scales``),
+    all ``[max_batch, max_len, *]`` alike."""
+    expect = [("values", values, fmt.stored_channels(rank), fmt.storage_dtype),
+              ("scales", scales, fmt.groups(rank), fmt.scale_dtype)]
+    if rope_scales is None:
+        expect.append((rope_name, rope, rope_dim, None))
+    else:
+        expect += [(rope_name, rope, fmt.stored_channels(rope_dim), fmt.storage_dtype),
+                   ("rope_scales", rope_scales, fmt.groups(rope_dim), fmt.scale_dtype)]
+    for name, t, channels, dtype in expect:
+        if t.dim() != 3 or t.shape[:2] != values.shape[:2] or t.shape[2] != channels:
+            raise ValueError(f"{name} must be [max_batch, max_len, {channels}] like values "
+                             f"{tuple(values.shape[:2])}, got {tuple(t.shape)}")
+        if (t.dtype != dtype) if dtype is not None else not t.is_floating_point():
+            raise TypeError(f"{name} must be {dtype or 'floating point'}, got {t.dtype}")
+
+
+def check_capacity(cache, batch: int, name: str = "kv_cache") -> None:
+    if cache.shape[0] < batch:
+        raise ValueError(f"{name} holds {cache.shape[0]} sequences, fewer than batch {batch}")
+
+
+def check_lengths(lengths, batch: int) -> None:
+    """``lengths [batch]``, int32 or int64."""
+    if lengths.dim() != 1:
+        raise ValueError(f"lengths must be [batch], got shape {tuple(lengths.shape)}")
     if lengths.shape[0] != batch:
         raise ValueError(f"lengths has {lengths.shape[0]} entries, batch is {batch}")
     if lengths.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"lengths must be int32 or int64, got {lengths.dtype}")
-    supported = SUPPORTED_DTYPES + ((torch.float64,) if allow_fp64 else ())
-    for name, t in (("q_latent", q_latent), ("q_rope", q_rope), ("kv_cache", kv_cache)):
-        if t.dtype not in supported:
-            raise TypeError(f"{name} dtype {t.dtype} not supported ({', '.join(str(d)[6:] for d in supported)})")
-    if not (q_latent.dtype == q_rope.dtype == kv_cache.dtype):
-        raise TypeError(
-            f"q_latent ({q_latent.dtype}), q_rope ({q_rope.dtype}) and kv_cache ({kv_cache.dtype}) must share one dtype"
-        )
-    devices = {t.device for t in (q_latent, q_rope, kv_cache, lengths)}
+
+
+def check_one_device(*tensors) -> None:
+    devices = {t.device for t in tensors if t is not None}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+
+
+def check_decode_args(q_latent, q_rope, kv_cache, lengths, kv_lora_rank, allow_fp64=False) -> int:
+    """Validate shapes/dtypes/devices of a decode over the packed cache; return rope_dim.
+    float64 only for the reference."""
+    rope_dim = check_queries(q_latent, q_rope, kv_lora_rank, allow_fp64)
+    check_latent_cache(kv_cache, q_latent, q_rope, kv_lora_rank)
+    check_lengths(lengths, q_latent.shape[0])
+    check_one_device(q_latent, q_rope, kv_cache, lengths)
     return rope_dim
 
 

@@ -21,23 +21,22 @@ Layout (fixed by the engine):
 
 This file holds:
     mla_decode            -- dispatching wrapper (Triton on CUDA / interpreter, else reference)
-    mla_decode_reference  -- plain PyTorch, fp32 math
     absorb_query / absorb_output -- the two weight absorptions as single batched matmuls
-    _mla_decode_split_kernel / _mla_decode_combine_kernel -- the Triton kernels
+    _mla_decode_split_kernel -- the Triton kernel
+The reference (``mla_decode_reference``), the launch configuration and the merge of the
+split-KV partials are ``decode_common``'s; import them from there.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Optional
 
 import torch
 
 from mlakit.kernels import mla_decode_gluon as _gluon  # Hopper kernel
-from mlakit.kernels.decode_common import (  # noqa: F401  (re-exported: the dispatch's public helpers)
-    HAS_TRITON, INTERPRET, LAST_COMPILED, LOG2E, check_decode_args, default_config, merge_partials,
-    mla_decode_reference, num_sms, split_partials, triton, tl, use_triton,
+from mlakit.kernels.decode_common import (
+    HAS_TRITON, LAST_COMPILED, LOG2E, check_decode_args, default_config, merge_partials, mla_decode_reference,
+    split_partials, triton, tl, use_triton,
 )
 
 # ---------------------------------------------------------------------------

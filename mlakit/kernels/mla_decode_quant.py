@@ -33,6 +33,11 @@ from mlakit.kernels.decode_common import (
     LOG2E,
     HAS_TRITON,
     LAST_COMPILED,
+    check_capacity,
+    check_lengths,
+    check_one_device,
+    check_quant_buffers,
+    check_queries,
     use_triton,
     default_config,
     merge_partials,
@@ -46,47 +51,19 @@ if HAS_TRITON:
     import triton.language as tl
 
 _QUANT_CODES = {"int8": 1, "fp8": 2, "int4": 3}  # the kernel's QUANT constexpr (0: 16-bit)
-_QUERY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _check_args(q_latent, q_rope, values, scales, k_rope, rope_scales, lengths, kv_lora_rank, fmt,
                 allow_fp64=False) -> int:
     """Validate shapes/dtypes/devices; return rope_dim."""
-    if q_latent.dim() != 4 or q_rope.dim() != 4:
-        raise ValueError(f"q_latent and q_rope must be [batch, s_q, heads, *], got {tuple(q_latent.shape)} "
-                         f"and {tuple(q_rope.shape)}")
-    batch, s_q, heads, rank = q_latent.shape
-    rope_dim = q_rope.shape[3]
-    if rank != kv_lora_rank or tuple(q_rope.shape[:3]) != (batch, s_q, heads):
-        raise ValueError(f"q_latent {tuple(q_latent.shape)} / q_rope {tuple(q_rope.shape)} do not match "
-                         f"kv_lora_rank {kv_lora_rank}")
+    rope_dim = check_queries(q_latent, q_rope, kv_lora_rank, allow_fp64)
     if not fmt.quantized:
         raise ValueError(f"mla_decode_quant needs a quantised format, got {fmt.name} (use mla_decode)")
-    expect = [("values", values, fmt.stored_channels(rank), fmt.storage_dtype),
-              ("scales", scales, fmt.groups(rank), fmt.scale_dtype)]
-    if rope_scales is None:
-        expect.append(("k_rope", k_rope, rope_dim, None))
-    else:
-        expect += [("k_rope", k_rope, fmt.stored_channels(rope_dim), fmt.storage_dtype),
-                   ("rope_scales", rope_scales, fmt.groups(rope_dim), fmt.scale_dtype)]
-    for name, t, channels, dtype in expect:
-        if t.dim() != 3 or t.shape[:2] != values.shape[:2] or t.shape[2] != channels:
-            raise ValueError(f"{name} must be [max_batch, max_len, {channels}] like values "
-                             f"{tuple(values.shape[:2])}, got {tuple(t.shape)}")
-        if (t.dtype != dtype) if dtype is not None else not t.is_floating_point():
-            raise TypeError(f"{name} must be {dtype or 'floating point'}, got {t.dtype}")
-    if values.shape[0] < batch:
-        raise ValueError(f"the cache holds {values.shape[0]} sequences, fewer than batch {batch}")
-    if lengths.dim() != 1 or lengths.shape[0] != batch or lengths.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"lengths must be [batch = {batch}] int32/int64, got {tuple(lengths.shape)} {lengths.dtype}")
-    supported = _QUERY_DTYPES + ((torch.float64,) if allow_fp64 else ())
-    if q_latent.dtype not in supported or q_rope.dtype != q_latent.dtype:
-        raise TypeError(f"q_latent ({q_latent.dtype}) and q_rope ({q_rope.dtype}) must share one of "
-                        f"{', '.join(str(d)[6:] for d in supported)}")
-    tensors = [q_latent, q_rope, values, scales, k_rope, lengths] + ([rope_scales] if rope_scales is not None else [])
-    devices = {t.device for t in tensors}
-    if len(devices) != 1:
-        raise ValueError(f"all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    check_quant_buffers(fmt, kv_lora_rank, rope_dim, values, scales, k_rope, rope_scales, "k_rope")
+    batch = q_latent.shape[0]
+    check_capacity(values, batch, "the cache")
+    check_lengths(lengths, batch)
+    check_one_device(q_latent, q_rope, values, scales, k_rope, lengths, rope_scales)
     return rope_dim
 
 
@@ -259,7 +236,7 @@ def mla_decode_quant(
     fp64 runs the reference); returns ``[batch, s_q, heads, kv_lora_rank]`` in q's dtype.
 
     Runs the Triton kernel for CUDA tensors (fp8 needs sm_89+) and for CPU tensors under
-    TRITON_INTERPRET=1, the reference otherwise. ``config``: keys of ``mla_decode.default_config``."""
+    TRITON_INTERPRET=1, the reference otherwise. ``config``: keys of ``decode_common.default_config``."""
     fmt = cache_format(fmt)
     if torch.compiler.is_compiling() and out is None and config is None:
         return torch.ops.mlakit.mla_decode_quant(q_latent.contiguous(), q_rope.contiguous(), values, scales, k_rope,

@@ -36,6 +36,9 @@ from mlakit.kernels.decode_common import (
     HAS_TRITON,
     LOG2E,
     check_decode_args,
+    check_latent_cache,
+    check_one_device,
+    check_queries,
     merge_partials,
     num_sms,
     split_partials,
@@ -139,16 +142,15 @@ def _check_index_rank(index_rank: int, kv_lora_rank: int) -> None:
 
 
 def _check_attend_args(q_latent, q_rope, kv_cache, indices, kv_lora_rank) -> None:
-    batch = q_latent.shape[0] if q_latent.dim() == 4 else 0
-    lengths = torch.zeros(batch, dtype=torch.int32, device=kv_cache.device)  # shapes only
-    check_decode_args(q_latent, q_rope, kv_cache, lengths, kv_lora_rank, allow_fp64=True)
+    """``check_decode_args`` with the selected slots ``indices [batch, s_q, k]`` in place of the lengths."""
+    check_queries(q_latent, q_rope, kv_lora_rank, allow_fp64=True)
+    check_latent_cache(kv_cache, q_latent, q_rope, kv_lora_rank)
     if indices.dim() != 3 or tuple(indices.shape[:2]) != tuple(q_latent.shape[:2]):
         raise ValueError(f"indices must be [batch, s_q, k] matching q_latent {tuple(q_latent.shape)}, "
                          f"got {tuple(indices.shape)}")
     if indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
-    if indices.device != kv_cache.device:
-        raise ValueError(f"indices on {indices.device}, the cache on {kv_cache.device}")
+    check_one_device(q_latent, q_rope, kv_cache, indices)
 
 
 # ---------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from mlakit.kernels.decode_common import HAS_TRITON, INTERPRET
+from mlakit.kernels.decode_common import HAS_TRITON, INTERPRET, check_quant_buffers
 from mlakit.quant import cache_format, quantize
 
 if HAS_TRITON:
@@ -333,22 +333,9 @@ _QUANT_CODES = {"int8": 1, "fp8": 2, "int4": 3}  # the kernel's QUANT constexpr
 
 
 def _check_quant_buffers(latent, k_rope, values, scales, rope_cache, rope_scales, fmt) -> None:
-    rank, rope_dim = latent.shape[-1], k_rope.shape[-1]
     if not fmt.quantized:
         raise ValueError(f"rope_append_quant needs a quantised format, got {fmt.name} (use rope_append)")
-    expect = [("values", values, fmt.stored_channels(rank), fmt.storage_dtype),
-              ("scales", scales, fmt.groups(rank), fmt.scale_dtype)]
-    if rope_scales is None:
-        expect.append(("rope_cache", rope_cache, rope_dim, None))
-    else:
-        expect += [("rope_cache", rope_cache, fmt.stored_channels(rope_dim), fmt.storage_dtype),
-                   ("rope_scales", rope_scales, fmt.groups(rope_dim), fmt.scale_dtype)]
-    for name, t, channels, dtype in expect:
-        if t.dim() != 3 or t.shape[:2] != values.shape[:2] or t.shape[2] != channels:
-            raise ValueError(f"{name} must be [max_batch, max_len, {channels}] like values "
-                             f"{tuple(values.shape[:2])}, got {tuple(t.shape)}")
-        if (t.dtype != dtype) if dtype is not None else not t.is_floating_point():
-            raise TypeError(f"{name} must be {dtype or 'floating point'}, got {t.dtype}")
+    check_quant_buffers(fmt, latent.shape[-1], k_rope.shape[-1], values, scales, rope_cache, rope_scales, "rope_cache")
 
 
 def _capturing(t: torch.Tensor) -> bool:

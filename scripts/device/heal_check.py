@@ -62,32 +62,23 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from _steps import Steps, free_memory, log  # noqa: E402
+
 PHASES = ("convert", "eval-free", "data", "heal", "eval-healed", "elastic", "report")
 ELASTIC_SAVING = 0.75
 ELASTIC_GRID = (0.75, 0.8, 0.85, 0.875)
 
 
-def log(msg: str = "") -> None:
-    print(msg, flush=True)
-
-
-class Run:
+class Run(Steps):
     """Settings, paths and the results file of one --out directory."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.out = Path(args.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.deadline = time.monotonic() + 60 * args.max_minutes
-        self.device = "cpu" if args.smoke else "cuda"
-        if not args.smoke and not torch.cuda.is_available():
-            raise SystemExit("no CUDA GPU: run with --smoke on a CPU")
-        self.results_path = self.out / "heal.json"
+        super().__init__(args, "heal.json")
         if args.from_run and not self.results_path.exists():
             self._start_from(Path(args.from_run))
-        self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
+            self.results = self.read_results()
         if args.smoke:
-            self.teacher = str(self._smoke_teacher())
+            self.teacher = str(self.smoke_model())
             self.heal_args = dict(tokens=args.tokens or 4096, batch_size=2, seq_len=128, checkpoint_every=8,
                                   teacher_tokens=args.teacher_tokens or 2048, gen_batch=args.gen_batch or 8,
                                   val_windows=2)
@@ -114,23 +105,6 @@ class Run:
         self.results_path.write_text(json.dumps(results, indent=2) + "\n")
         log(f"starting from {source}: {', '.join(sorted(p.name for p in source.glob('mla-*')))}, "
             f"plans {sorted(results.get('plans', {}))}")
-
-    def _smoke_teacher(self) -> Path:
-        path = self.out / "llama-kv2"
-        if not (path / "config.json").exists():
-            sys.path.insert(0, str(REPO / "tests"))
-            from convert.helpers import save_tiny_with_tokenizer
-
-            save_tiny_with_tokenizer(self.out, "llama", 2, max_position_embeddings=512)
-        return path
-
-    def save(self) -> None:
-        tmp = self.results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=2) + "\n")
-        os.replace(tmp, self.results_path)
-
-    def minutes_left(self) -> float:
-        return (self.deadline - time.monotonic()) / 60
 
     def path(self, kind: str, saving: float) -> Path:
         return self.out / f"{kind}-{saving:g}"
@@ -245,16 +219,8 @@ def phase_data(run: Run) -> bool:
     run.save()
     log(f"teacher text: {windows.numel():,} tokens ({seconds:.0f}s incl. load)")
     del teacher
-    _free_memory()
+    free_memory()
     return True
-
-
-def _free_memory() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 PROBE_STEPS = 24  # steps of the speed probe; the speed is the median of its second half
@@ -301,7 +267,7 @@ def plan_tokens(run: Run, src: Path, dst: Path, minutes: float, elastic: list[in
         result = heal_model(student.model, teacher.model, windows, replace(probe, compile=False),
                             log=lambda *_: None)
     del student, teacher, original
-    _free_memory()
+    free_memory()
     steady = sorted(result.log["step_seconds"][PROBE_STEPS // 2:])
     speed = per_step / steady[len(steady) // 2]
     left = 60 * minutes - (time.monotonic() - start) - PLAN_RESERVE_S

@@ -39,18 +39,14 @@ sys.path.insert(0, os.path.join(REPO, "tests", "kernels"))  # _kernel_cases: the
 
 import torch  # noqa: E402
 
-import importlib  # noqa: E402
-
 from mlakit.bench.attention import format_table, run_attention_bench  # noqa: E402
 from mlakit.bench.timing import capture_cuda_graph, do_bench_ms, measure_copy_gbps  # noqa: E402
-from mlakit.kernels import mla_decode, mla_decode_reference  # noqa: E402
+from mlakit.kernels import decode_common, mla_decode, mla_decode_reference  # noqa: E402
 
 import _kernel_cases as cases  # noqa: E402
 from _kernel_cases import rel_err  # noqa: E402
 
 
-# The submodule, not the function of the same name that mlakit.kernels re-exports.
-mla_mod = importlib.import_module("mlakit.kernels.mla_decode")
 
 
 def log(msg=""):
@@ -148,7 +144,7 @@ def sweep_shape(batch, context, heads, rank, rope, kernel_cfgs, num_sms, copy_gb
                 fn()
                 torch.cuda.synchronize()
                 err = rel_err(x.out[:1], x.ref)
-                kern = mla_mod.LAST_COMPILED.get("split")
+                kern = decode_common.LAST_COMPILED.get("split")
                 rec.update(graph_timing(fn, x.nbytes, copy_gbps))
                 rec.update(tflops=flops / (rec["us"] * 1e-6) / 1e12, rel_err=err,
                            regs=getattr(kern, "n_regs", None), spills=getattr(kern, "n_spills", None),
@@ -353,7 +349,7 @@ def launch_overhead_study():
         host_us = (time.perf_counter() - t0) / 200 * 1e6
         torch.cuda.synchronize()
         eager, graph = bench_ms(fn) * 1e3, bench_ms(capture_cuda_graph(fn)) * 1e3
-        cfg = mla_mod.default_config(batch, 1, 32, 512, 64, context, dev, dtype)
+        cfg = decode_common.default_config(batch, 1, 32, 512, 64, context, dev, dtype)
         log(f"  b={batch} ctx={context} eager {eager:.1f} us, graph {graph:.1f} us, host enqueue {host_us:.1f} us/call, cfg {cfg}")
         rows.append(dict(batch=batch, context=context, eager_us=eager, graph_us=graph, host_us=host_us, cfg=cfg))
         del cache

@@ -28,8 +28,6 @@ protocols shrunk to its 512 positions (< 2 minutes; its numbers mean nothing).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shlex
 import subprocess
 import sys
@@ -41,11 +39,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from _steps import Steps, free_memory, log  # noqa: E402
+
 SAVINGS = (0.5, 0.75, 0.875)
-
-
-def log(msg: str = "") -> None:
-    print(msg, flush=True)
 
 
 def shrink_protocols_for_smoke() -> None:
@@ -57,36 +53,14 @@ def shrink_protocols_for_smoke() -> None:
     passkey.LENGTHS, passkey.TRIALS, passkey.LENGTH_TOLERANCE = (300,), 2, 40
 
 
-class Check:
+class Check(Steps):
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.out = Path(args.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.device = "cpu" if args.smoke else "cuda"
-        if not args.smoke and not torch.cuda.is_available():
-            raise SystemExit("no CUDA GPU: run with --smoke on a CPU")
-        self.deadline = time.monotonic() + 60 * args.max_minutes
-        self.results_path = self.out / "longctx.json"
-        self.results = json.loads(self.results_path.read_text()) if self.results_path.exists() else {}
-        self.source = str(self._smoke_model()) if args.smoke else "default"
+        super().__init__(args, "longctx.json")
+        self.source = str(self.smoke_model()) if args.smoke else "default"
         self._tokenizer = None
 
-    def _smoke_model(self) -> Path:
-        path = self.out / "llama-kv2"
-        if not (path / "config.json").exists():
-            sys.path.insert(0, str(REPO / "tests"))
-            from convert.helpers import save_tiny_with_tokenizer
-
-            save_tiny_with_tokenizer(self.out, "llama", 2, max_position_embeddings=512)
-        return path
-
-    def save(self) -> None:
-        tmp = self.results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=2) + "\n")
-        os.replace(tmp, self.results_path)
-
     def time_left(self) -> bool:
-        return time.monotonic() < self.deadline
+        return self.minutes_left() > 0
 
     def row(self, name: str) -> dict:
         return self.results.setdefault("rows", {}).setdefault(name, {})
@@ -122,13 +96,13 @@ class Check:
                    eval={name: r.to_dict() for name, r in results.items()},
                    eval_minutes=(time.perf_counter() - start) / 60)
         del loaded
-        _free()
+        free_memory()
         self.save()
 
     def convert(self, saving: float) -> Path:
         path = self.out / f"mla-{saving:g}"
         row = self.row(f"MLA {saving:g} training-free")
-        if not (path / "config.json").exists():
+        if not (path / "mlakit.json").exists():  # an mlakit checkpoint, written whole
             smoke = ["--calib-tokens", "2048"] if self.args.smoke else []
             row["convert_minutes"] = self.mlakit("convert", self.source, "-o", str(path), "--kv-saving", f"{saving:g}",
                                                  "--device", self.device, "--overwrite", *smoke)
@@ -138,7 +112,7 @@ class Check:
     def heal(self, saving: float, converted: Path) -> Path:
         path = self.out / f"healed-{saving:g}"
         row = self.row(f"MLA {saving:g} healed")
-        if not (path / "config.json").exists():
+        if not (path / "mlakit.json").exists():  # an mlakit checkpoint, written whole
             extra = shlex.split(self.args.heal)
             if self.args.smoke:
                 extra += ["--tokens", "4096", "--batch-size", "2", "--seq-len", "128", "--teacher-tokens", "2048",
@@ -159,14 +133,6 @@ def _kv(config) -> tuple[float, int, float]:
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _free() -> None:
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 COLUMNS = (("ppl_512", "wikitext2 ppl (512)", "{:.2f}"), ("ppl_long", "long-window ppl", "{:.2f}"),

@@ -11,35 +11,17 @@ import torch
 
 pytest.importorskip("transformers")
 
-from convert.helpers import save_tiny_with_tokenizer  # noqa: E402
 from mlakit import evaluate as ev  # noqa: E402
 from mlakit.cli import main  # noqa: E402
 from mlakit.heal.distill import STATE_FILENAME  # noqa: E402
-from mlakit.errors import MlakitError  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = ["--device", "cpu", "--batch-size", "2", "--seq-len", "64", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(teacher, converted student) directories of a tiny byte-level llama."""
-    try:
-        ev.data_path()
-    except MlakitError:
-        pytest.skip("the protocol text is not here")
-    tmp = tmp_path_factory.mktemp("heal-cli")
-    _, teacher = save_tiny_with_tokenizer(tmp, "llama", 2, max_position_embeddings=512)
-    student = tmp / "mla"
-    torch.set_num_threads(1)
-    assert main(["convert", str(teacher), "-o", str(student), "--kv-lora-rank", "12", "--rope-dim", "4",
-                 "--calib-tokens", "1024", "--json"]) == 0
-    return teacher, student
-
-
-def test_heal_then_eval_at_runtime_ranks(tiny, tmp_path, capsys):
-    teacher, student = tiny
+def test_heal_then_eval_at_runtime_ranks(tiny_converted, tmp_path, capsys):
+    teacher, student = tiny_converted
     out = tmp_path / "healed"
     capsys.readouterr()
     assert main(["heal", str(student), "--teacher", str(teacher), "-o", str(out), "--tokens", "1k",
@@ -72,8 +54,8 @@ def test_heal_then_eval_at_runtime_ranks(tiny, tmp_path, capsys):
     (["--elastic-ranks", "4,99"], "exceed"),
     (["--doc-tokens", "999"], "--doc-tokens must be in"),
 ])
-def test_bad_heal_input_is_one_line(tiny, tmp_path, argv, message, capsys):
-    teacher, student = tiny
+def test_bad_heal_input_is_one_line(tiny_converted, tmp_path, argv, message, capsys):
+    teacher, student = tiny_converted
     argv = [str(ev.data_path()) if a == "EVAL" else a for a in argv]
     assert main(["heal", str(student), "--teacher", str(teacher), "-o", str(tmp_path / "x"), *FAST, *argv]) == 2
     err = capsys.readouterr().err
@@ -81,16 +63,16 @@ def test_bad_heal_input_is_one_line(tiny, tmp_path, argv, message, capsys):
     assert not (tmp_path / "x").exists()
 
 
-def test_healing_the_original_or_truncating_gqa_is_refused(tiny, tmp_path, capsys):
-    teacher, _ = tiny
+def test_healing_the_original_or_truncating_gqa_is_refused(tiny_converted, tmp_path, capsys):
+    teacher, _ = tiny_converted
     assert main(["heal", str(teacher), "--teacher", str(teacher), "-o", str(tmp_path / "x"), *FAST]) == 2
     assert "not an MLA model" in capsys.readouterr().err
     assert main(["eval", str(teacher), "--runtime-rank", "4", "--device", "cpu"]) == 2
     assert "needs an MLA model" in capsys.readouterr().err
 
 
-def test_stop_and_resume_then_a_subprocess_run(tiny, tmp_path, capsys):
-    teacher, student = tiny
+def test_stop_and_resume_then_a_subprocess_run(tiny_converted, tmp_path, capsys):
+    teacher, student = tiny_converted
     ids = ev.calibration_tokens(AutoTokenizer.from_pretrained(str(teacher)), 4096)
     torch.save(ids, tmp_path / "calib.pt")
     args = ["heal", str(student), "--teacher", str(teacher), "-o", str(tmp_path / "out"), "--tokens", "2k",
@@ -154,14 +136,14 @@ def test_out_of_memory_names_the_remedies(monkeypatch, tmp_path, capsys):
     assert "--batch-size" in err and "--gradient-checkpointing" in err
 
 
-def test_torchrun_heal_on_two_processes_writes_what_one_process_writes(tiny, tmp_path, capsys):
+def test_torchrun_heal_on_two_processes_writes_what_one_process_writes(tiny_converted, tmp_path, capsys):
     """`torchrun --nproc-per-node 2 -m mlakit heal` (gloo, FSDP2): rank 0 alone prints and writes
     OUT, and OUT holds the weights one process writes from the same data (float32 rounding)."""
     import socket
 
     from mlakit.loading import load
 
-    teacher, student = tiny
+    teacher, student = tiny_converted
     ids = ev.calibration_tokens(AutoTokenizer.from_pretrained(str(teacher)), 4096)
     torch.save(ids, tmp_path / "calib.pt")
     args = ["heal", str(student), "--teacher", str(teacher), "--tokens", "512", "--data", str(tmp_path / "calib.pt"),

@@ -300,6 +300,8 @@ def _formats(text: str, flag: str, rope: bool = False) -> list[str]:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
+    from mlakit.commands.common import MODEL_HELP, add_device_args
+
     parser = subparsers.add_parser(
         "frontier", help="kv-frontier-v1: quality against KV bytes, original (quantised K/V) vs MLA checkpoints",
         description="kv-frontier-v1 (PROTOCOL.md): for MODEL (the original) in each --cache-dtypes format and "
@@ -308,8 +310,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "and passkey-v1 at 4096 tokens (20 trials through the generation engine), each computed with "
                     "attention reading the cache as stored. Minutes per point on a GPU; on a 2-core CPU about "
                     "ten minutes per point for the default model.")
-    parser.add_argument("model", metavar="MODEL", help="the original: a Hugging Face directory, a .gguf file, "
-                                                       "an mlakit checkpoint, or 'default' (SmolLM2-135M)")
+    parser.add_argument("model", metavar="MODEL", help=f"the original (MHA/GQA): {MODEL_HELP}")
     parser.add_argument("--mla", nargs="*", default=[], metavar="CKPT",
                         help="MLA checkpoints of MODEL (from mlakit convert / heal)")
     parser.add_argument("--cache-dtypes", default=",".join(ORIGINAL_CACHES), metavar="LIST",
@@ -321,9 +322,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--plot-dir", metavar="DIR", default=None,
                         help="write frontier.md, frontier.png and frontier.json to DIR")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                        help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    add_device_args(parser)
     parser.set_defaults(func=run_from_args)
     return parser
 

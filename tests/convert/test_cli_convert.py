@@ -76,3 +76,23 @@ def test_sweep_writes_table_and_plot(tiny, tmp_path, capsys):
     assert (report / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads((report / "sweep.json").read_text())
     assert len(data["rows"]) == 2 and all(r["ppl"] > 1 for r in data["rows"])
+
+
+def test_latent_rotation_converts_to_the_same_function(tiny, tmp_path, capsys):
+    """``--latent-rotation equalize+hadamard`` changes the latent's basis, not the model: its
+    logits are those of the plain conversion (same calibration, same factorisation)."""
+    import torch
+
+    from mlakit.loading import load
+
+    outs = {}
+    for kind in ("none", "equalize+hadamard"):
+        outs[kind] = tmp_path / kind
+        assert main(["convert", str(tiny), "-o", str(outs[kind]), "--calib-tokens", "1024", "--latent-rotation", kind,
+                     "--json"]) == 0
+    tokens = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain, rotated = (load(str(outs[k])).model(tokens) for k in ("none", "equalize+hadamard"))
+    assert float((rotated - plain).norm() / plain.norm()) <= 1e-5
+    weights = [load(str(outs[k])).model.layers[0].attention.wkv_b.weight for k in ("none", "equalize+hadamard")]
+    assert not torch.allclose(*weights)  # the basis did change

@@ -87,16 +87,23 @@ def test_equalized_latent_has_unit_channels_on_the_calibration():
 
 
 def test_equalized_latent_quantises_with_less_error(rel_err):
-    """Channels of 100x different energy whose up-projection columns make up for it (what the
-    converter produces: docs/protocols.md): one scale per group rounds the small ones away."""
+    """Channels of 100x different energy whose up-projection columns make up for part of it (what
+    the converter produces: docs/protocols.md): one scale per group of 32 rounds the small ones away.
+    Measured on the default model's 50% conversion (docs/convert.md): int4 ppl 134 -> 45.7."""
+    config = ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                         intermediate_size=96, max_seq_len=64, attention="mla", kv_lora_rank=64,
+                         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16)
+    model = Transformer(config).init_random(seed=0, std=0.05).double()  # near-linear: the cache's error shows
+    decay = torch.logspace(0, -2, 64, dtype=torch.float64)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.attention.wkv_a.weight[:64] *= decay[:, None]
+            layer.attention.wkv_b.weight /= decay[None, :] ** 0.5
     tokens = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(2))
     int4 = ForwardOptions(kv_cache_dtype="int4")
-    model = tiny(64)
     with torch.no_grad():
-        for layer in model.layers:  # wkv_b's columns grow as the channel's energy falls
-            layer.attention.wkv_b.weight /= torch.logspace(0, -2, 64, dtype=torch.float64)[None, :] ** 0.5
         ref = model(tokens)
         before = rel_err(model(tokens, options=int4), ref)
         errors = {kind: rel_err(transform_latent(copy.deepcopy(model), kind, calibration())(tokens, options=int4), ref)
                   for kind in ("hadamard", "equalize", "equalize+hadamard")}
-    assert errors["equalize"] * 2 < before and errors["equalize+hadamard"] * 2 < before, (before, errors)
+    assert max(errors.values()) * 1.3 < before and errors["equalize"] * 1.8 < before, (before, errors)

@@ -139,12 +139,15 @@ def test_longctx_check_smoke(tmp_path):
 
 def test_frontier_check_smoke(tmp_path):
     out = run_script("frontier_check.py", "--smoke", "--work", str(tmp_path / "fr"), "--export", str(tmp_path / "x"),
-                     "--cache-dtypes", "bf16,int4", "--latent-dtypes", "int8,int4+rope")
+                     "--cache-dtypes", "bf16,int4", "--latent-dtypes", "int8,int4+rope", "--qat", "int4",
+                     "--rotations", "equalize+hadamard")
     assert "kv-frontier-v1" in out and "| original | int4 |" in out
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["frontier.json", "frontier.md", "frontier.png",
                                                                   "steps.json"]
     points = json.loads((tmp_path / "x" / "frontier.json").read_text())["points"]
     assert [(p["model"].rsplit("/", 1)[-1], p["cache"]) for p in points][2:] == [
-        ("mla-0.5", "int8"), ("mla-0.5", "int4+rope"), ("healed-0.5-int8", "int8"), ("healed-0.5-int8", "int4+rope")]
-    again = run_script("frontier_check.py", "--smoke", "--work", str(tmp_path / "fr"), "--steps", "convert,heal")
+        ("mla-0.5-equalize-hadamard", "int8"), ("mla-0.5-equalize-hadamard", "int4+rope"),
+        ("healed-0.5-equalize-hadamard-int4", "int8"), ("healed-0.5-equalize-hadamard-int4", "int4+rope")]
+    again = run_script("frontier_check.py", "--smoke", "--work", str(tmp_path / "fr"), "--steps", "convert,heal",
+                       "--qat", "int4", "--rotations", "equalize+hadamard")
     assert "$ mlakit" not in again  # every step's output is there: nothing runs twice

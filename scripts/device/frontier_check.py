@@ -10,7 +10,8 @@ Every step runs the ``mlakit`` command a user would run (as a subprocess) and is
 its output is already in --work, so a step cut short by a call's time limit continues in the
 next call on the same (warm) machine. Steps:
 
-  convert   mlakit convert default -o WORK/mla-S --kv-saving S, for each S of --savings
+  convert   mlakit convert default -o WORK/mla-S[-R] --kv-saving S --latent-rotation R, for each S of
+            --savings and R of --rotations (e.g. none,equalize+hadamard)
   heal      mlakit heal WORK/mla-S --teacher default --kv-cache-dtype Q (quantisation-aware,
             straight-through) with --heal's arguments, for each S and Q of --qat
   frontier  mlakit frontier default --mla <every checkpoint> --dtype float32 --json --plot-dir
@@ -71,6 +72,8 @@ def main() -> int:
     parser.add_argument("--export", default=None, help="copy the frontier's files and the step log here ($OUT)")
     parser.add_argument("--steps", default="convert,heal,frontier")
     parser.add_argument("--savings", default="0.5", help="comma-separated KV savings to convert at")
+    parser.add_argument("--rotations", default="none",
+                        help="comma-separated mlakit convert --latent-rotation values (each a checkpoint)")
     parser.add_argument("--qat", default="int8", help="cache formats to heal each conversion for (none: skip)")
     parser.add_argument("--heal", default=HEAL, help=f"mlakit heal's other arguments (default: {HEAL})")
     parser.add_argument("--heal-minutes", type=float, default=8.0, help="mlakit heal --max-minutes")
@@ -92,22 +95,24 @@ def main() -> int:
         record[name] = minutes
         log_path.write_text(json.dumps(record, indent=2) + "\n")
 
-    converted = {s: work / f"mla-{s}" for s in savings}
-    healed = {(s, q): work / f"healed-{s}-{q}" for s in savings for q in qat}
+    rotations = [r for r in args.rotations.split(",") if r]
+    tag = {r: "" if r == "none" else "-" + r.replace("+", "-") for r in rotations}
+    converted = {(s, r): work / f"mla-{s}{tag[r]}" for s in savings for r in rotations}
+    healed = {(s, r, q): work / f"healed-{s}{tag[r]}-{q}" for s in savings for r in rotations for q in qat}
     if "convert" in steps:
-        for s, path in converted.items():
+        for (s, r), path in converted.items():
             if not written(path):
                 extra = ["--calib-tokens", "2048"] if args.smoke else []
-                done(f"convert {s}", mlakit("convert", source, "-o", str(path), "--kv-saving", s, "--overwrite",
-                                            *device, *extra)[0])
+                done(f"convert {s} {r}", mlakit("convert", source, "-o", str(path), "--kv-saving", s, "--overwrite",
+                                                "--latent-rotation", r, *device, *extra)[0])
     if "heal" in steps:
-        for (s, q), path in healed.items():
+        for (s, r, q), path in healed.items():
             if not written(path):
                 extra = shlex.split(args.heal)
                 if args.smoke:
                     extra = ["--tokens", "4096", "--batch-size", "2", "--seq-len", "128", "--teacher-tokens", "2048",
                              "--gen-batch", "8"]
-                done(f"heal {s} {q}", mlakit("heal", str(converted[s]), "--teacher", source, "-o", str(path),
+                done(f"heal {s} {r} {q}", mlakit("heal", str(converted[s, r]), "--teacher", source, "-o", str(path),
                                              "--kv-cache-dtype", q, "--max-minutes", f"{args.heal_minutes:g}",
                                              "--no-progress", "--overwrite", *device, *extra)[0])
     if "frontier" in steps:

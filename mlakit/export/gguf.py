@@ -142,8 +142,11 @@ def _tensor_data(gguf, name: str, tensor: torch.Tensor, qtype: str) -> tuple[np.
 
 def export_gguf(model: Transformer, path: str | os.PathLike, qtype: str = "f32",
                 tokenizer_gguf: str | os.PathLike | None = None, tokenizer: Any | None = None,
-                name: str | None = None, overwrite: bool = False):
+                name: str | None = None, overwrite: bool = False, cache_block: int = 1):
     """Write ``model`` as a ``deepseek2`` GGUF file; returns the ``DeepseekForm`` it was built from.
+
+    ``cache_block``: pad the latent and the RoPE key with zero channels to multiples of
+    it (exact; 32 lets llama.cpp store the cache as q8_0 / q4_0, see ``engines``).
 
     The tokenizer comes from ``tokenizer_gguf`` (copied field by field: the right
     choice for a model that came from a GGUF file) or else from the HF
@@ -167,7 +170,7 @@ def export_gguf(model: Transformer, path: str | os.PathLike, qtype: str = "f32",
     if n_tokens != cfg.vocab_size:
         raise MlakitError(f"the tokenizer has {n_tokens} tokens but the model's vocabulary is {cfg.vocab_size}")
 
-    form = to_deepseek(model, rms_norm_eps=cfg.norm_eps, min_nope_dim=1)
+    form = to_deepseek(model, rms_norm_eps=cfg.norm_eps, min_nope_dim=1, cache_block=cache_block)
     hc = form.config
     n_layers, r, p = cfg.n_layers, hc["kv_lora_rank"], hc["qk_rope_head_dim"]
     nope, v_dim, h = hc["qk_nope_head_dim"], hc["v_head_dim"], hc["num_attention_heads"]

@@ -198,13 +198,17 @@ def _max_norm_sq(weight: torch.Tensor, gain: torch.Tensor, dim: int, bias: torch
     return (sigma * math.sqrt(dim) + b) ** 2
 
 
-def to_deepseek(model: Transformer, rms_norm_eps: float = HF_LATENT_EPS, min_nope_dim: int = 0) -> DeepseekForm:
+def to_deepseek(model: Transformer, rms_norm_eps: float = HF_LATENT_EPS, min_nope_dim: int = 0,
+                cache_block: int = 1) -> DeepseekForm:
     """Rewrite ``model`` into DeepSeek-V3 form (see the module docstring).
 
     ``rms_norm_eps``: the eps the target engine uses for every norm (1e-6 for the
     HF export; the source eps for GGUF, where the file carries it). ``min_nope_dim``:
     pad ``qk_nope_head_dim`` with zero channels up to this (llama.cpp needs >= 1);
-    the softmax scale change is folded into the query.
+    the softmax scale change is folded into the query. ``cache_block``: pad
+    ``kv_lora_rank`` and ``qk_rope_head_dim`` with zero channels to multiples of it
+    (32: what llama.cpp's q8_0 / q4_0 cache blocks need); the RoPE pairs added come
+    after the model's, on the same progression of frequencies (exact; the cache grows).
     """
     cfg = model.config
     check_exportable(cfg)
@@ -213,16 +217,23 @@ def to_deepseek(model: Transformer, rms_norm_eps: float = HF_LATENT_EPS, min_nop
     e_src, e_t = cfg.norm_eps, rms_norm_eps
     beta = math.sqrt(e_t / e_src)
     ranks = cfg.kv_lora_ranks()
-    r_max = max(ranks)
     nope, rope, v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    r_max = -(-max(ranks) // cache_block) * cache_block
     nope_out = max(nope, min_nope_dim)
-    rope_out = max(rope, 2)  # transformers and llama.cpp need a RoPE key: zero channels if there is none
+    # transformers and llama.cpp need a RoPE key (zero channels if there is none), of whole pairs
+    rope_out = -(-max(rope, 2) // math.lcm(2, cache_block)) * math.lcm(2, cache_block)
     q_scale = math.sqrt((nope_out + rope_out) / (nope + rope))  # folds the softmax-scale change of padding
     has_q_bias = "layers.0.attention.wq.bias" in sd
     q_lora = cfg.q_lora_rank if cfg.q_lora_rank else (dim + 1 if has_q_bias else None)
     attention_bias = cfg.qkv_bias or cfg.o_bias
     form = DeepseekForm(config={}, tensors={}, rope=rope_spec(cfg))
     notes = form.notes
+    if cache_block > 1 and (r_max, rope_out) != (max(ranks), max(rope, 2)):
+        notes.append(f"kv_lora_rank {max(ranks)} + rope {rope} padded to {r_max} + {rope_out} (multiples of "
+                     f"{cache_block}) with zero channels (exact; cache {(max(ranks) + rope) * cfg.n_layers} -> "
+                     f"{(r_max + rope_out) * cfg.n_layers} values/token)")
+    if rope and rope_out != rope:  # the pairs added continue the progression: theta'^(-2k/p) = theta''^(-2k/p')
+        form.rope = RopeSpec(form.rope.theta ** (rope_out / rope), form.rope.factor, form.rope.max_rel_err)
     if beta != 1.0:
         notes.append(f"rms_norm_eps {e_src:g} -> {e_t:g}: residual stream scaled by {beta:.6g} (exact)")
     if len(set(ranks)) > 1:
@@ -230,7 +241,7 @@ def to_deepseek(model: Transformer, rms_norm_eps: float = HF_LATENT_EPS, min_nop
                      f"cache {sum(ranks) + rope * cfg.n_layers} -> {(r_max + rope) * cfg.n_layers} values/token)")
     if nope_out != nope:
         notes.append(f"qk_nope_head_dim {nope} padded to {nope_out} with zeros; softmax scale folded into q")
-    if rope_out != rope:
+    if rope == 0:
         notes.append(f"no RoPE key: qk_rope_head_dim padded to {rope_out} with zeros; softmax scale folded into q")
     if has_q_bias and not cfg.q_lora_rank:
         notes.append(f"query bias carried by a q-LoRA of rank {dim + 1} (constant channel)")
@@ -392,8 +403,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def export_hf_deepseek(model: Transformer, path: str | os.PathLike, tokenizer: Any | None = None,
-                       dtype: str = "float32", overwrite: bool = False) -> DeepseekForm:
+                       dtype: str = "float32", overwrite: bool = False, cache_block: int = 1) -> DeepseekForm:
     """Write ``model`` as a DeepSeek-V3 HF directory (config.json, model.safetensors, tokenizer files).
+    ``cache_block``: as ``to_deepseek``'s (zero channels padding the cache's shape).
 
     Everything is written to a temporary sibling directory that is renamed into
     place once complete: an interrupted export leaves no half-written output.
@@ -405,7 +417,7 @@ def export_hf_deepseek(model: Transformer, path: str | os.PathLike, tokenizer: A
     if dtype == "float16":
         raise MlakitError("float16 cannot hold the export's scaled latent weights (values near 1e-9); "
                           "use float32 or bfloat16 (same exponent range as float32)")
-    form = to_deepseek(model)
+    form = to_deepseek(model, cache_block=cache_block)
     path = Path(path)
     with atomic_dir(path, overwrite=overwrite) as tmp:
         config = dict(form.config, dtype=dtype)

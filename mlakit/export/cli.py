@@ -87,7 +87,8 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "export", help="write an MLA model as a DeepSeek-V3 HF directory or a deepseek2 GGUF file",
         description="Export an MLA model for engines with no custom code: a stock DeepSeek-V3 Hugging Face "
-                    "directory (transformers, vLLM, SGLang) or a GGUF file of architecture deepseek2 (llama.cpp). "
+                    "directory (transformers; vLLM for head sizes 576 / 320 only) or a GGUF file of architecture deepseek2 "
+                    "(llama.cpp). Afterwards it prints which engines run the export and where. "
                     "The model's function is kept exactly (see docs/export.md); what cannot be represented is "
                     "refused with a message.")
     parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)

@@ -156,6 +156,15 @@ def vllm_budget(config: ModelConfig, kv_lora_rank: int | None = None) -> Budget:
     if p > config.head_dim:
         raise MlakitError(f"--rank-shape vllm needs a {p}-dim RoPE key of one pair per source frequency: "
                           f"head_dim {config.head_dim} has only {config.head_dim // 2} frequencies")
+    from mlakit.export.hf_deepseek import check_exportable
+
+    try:  # what the conversion will be: a DeepSeek-V3 export must exist for vLLM to run it
+        check_exportable(config.replace(attention="mla", kv_lora_rank=r, qk_rope_head_dim=p,
+                                        qk_nope_head_dim=config.head_dim, v_head_dim=config.head_dim,
+                                        q_lora_rank=None, latent_norm=False, query_pre_attn_scalar=None,
+                                        qk_rope_freq_indices=list(range(p // 2))))
+    except MlakitError as e:
+        raise MlakitError(f"--rank-shape vllm: the converted model could not be exported for vLLM: {e}") from None
     return Budget(values_per_layer=r + p, rope_dim=p)
 
 

@@ -32,6 +32,8 @@ def test_vllm_budget_picks_the_shape_that_saves(config, rank, expected):
     (gqa(2, 64), None, "save nothing against this model's cache of 256"),
     (gqa(4, 64), 512, "save nothing against this model's cache of 512"),  # 576 > 512; 320 not asked for
     (gqa(16, 32), None, "head_dim 32 has only 16 frequencies"),
+    (ModelConfig(vocab_size=256, dim=128, n_layers=2, n_heads=32, n_kv_heads=8, head_dim=64, intermediate_size=160,
+                 arch="qwen3", qk_norm=True), None, "could not be exported for vLLM: DeepSeek-V3 cannot express"),
 ])
 def test_vllm_budget_refusals(config, rank, message):
     with pytest.raises(MlakitError, match=message) as e:

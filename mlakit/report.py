@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mlakit.errors import MlakitError
 from mlakit.evaluate import PROTOCOL, evaluate, format_result
 from mlakit.io import atomic_file, ensure_dir, write_text
 
@@ -21,6 +22,9 @@ def variant_name(allocation: str, rope_frequencies: str) -> str:
 def run_sweep(loaded, savings: list[float], options, allocations=("uniform", "adaptive"),
               rope_frequencies=("free",), log=print) -> dict[str, Any]:
     """Rows of (variant, saving, ppl, ...) plus the original's row; one calibration for all."""
+    if getattr(options, "rank_shape", "free") != "free":
+        raise MlakitError(f"--sweep varies --kv-saving; --rank-shape {options.rank_shape} fixes the budget "
+                          "(give one or the other)")
     from mlakit.convert import analyse, convert_model
     from mlakit.evaluate import calibration_tokens
     from mlakit.loading import LoadedModel

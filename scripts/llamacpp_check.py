@@ -1,6 +1,13 @@
 """Export check on the real default model: mlakit vs transformers (hf-deepseek) vs llama.cpp (GGUF).
 
     python scripts/llamacpp_check.py [--source CKPT] [--out DIR] [--types f32 f16 q8_0]
+    python scripts/llamacpp_check.py --skip-transformers --types --cache-types f16 q8_0 q4_0
+
+``--cache-types``: llama.cpp's KV cache in each type (``K`` for K and V, or ``K/V``), with
+flash attention (a quantised V needs it), for the MLA export (f32 weights; exported with
+``cache_block=32`` -- ``mlakit export --quantised-cache`` -- when its latent or RoPE key is
+not a multiple of llama.cpp's 32-value blocks; MLA takes one type for K and V) and for the
+original model's own GGUF (the default model's file) as the baseline.
 
 Needs: the default model, the protocol text, ``pip install llama-cpp-python``.
 Without ``--source`` the default model (SmolLM2-135M) is converted with mlakit's
@@ -52,12 +59,90 @@ def nll_from_logits(logits: np.ndarray, targets: np.ndarray) -> float:
     return torch.nn.functional.cross_entropy(x, torch.from_numpy(targets), reduction="sum").item()
 
 
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}
+BLOCK_BYTES = {"f32": (1, 4), "f16": (1, 2), "q4_0": (32, 18), "q8_0": (32, 34)}  # values per block, bytes
+
+
+def row_bytes(kind: str, values: int) -> int:
+    per, size = BLOCK_BYTES[kind]
+    return -(-values // per) * size
+
+
+def llama_ppl(path: Path, windows, n_pred: int, threads, type_k: str = "f32", type_v: str = "f32",
+              flash_attn: bool = False, ref0=None):
+    """llama.cpp's protocol ppl (each window from an empty cache) and window 0's logits error."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_batch=512, logits_all=True, verbose=False,
+                          n_threads=threads, type_k=GGML_TYPES[type_k], type_v=GGML_TYPES[type_v],
+                          flash_attn=flash_attn)
+    total, err = 0.0, float("nan")
+    for i, window in enumerate(windows.tolist()):
+        llm.reset()
+        llm.eval(window[:-1])
+        logits = np.array(llm.scores[: len(window) - 1], dtype=np.float64)
+        total += nll_from_logits(logits, np.array(window[1:]))
+        if i == 0 and ref0 is not None:
+            llm.reset()
+            llm.eval(window)
+            err = rel_err(np.array(llm.scores[: len(window)]), ref0)
+    return llm, math.exp(total / n_pred), err
+
+
+def cache_sweep(model, cache_types: list[str], out: Path, windows, n_pred: int, threads, ref0, results: dict,
+                log) -> None:
+    """The MLA export and the original model's GGUF in llama.cpp with each cache type (flash attention on)."""
+    from mlakit.export import export_gguf
+
+    cfg = model.config
+    plain = out / "model-f32.gguf"
+    if not plain.exists():
+        export_gguf(model, plain, qtype="f32", tokenizer_gguf=default_model_path(), overwrite=True)
+    padded = out / "model-f32-block32.gguf"
+    form = export_gguf(model, padded, qtype="f32", tokenizer_gguf=default_model_path(), overwrite=True,
+                       cache_block=32)
+    r_pad, p_pad = form.config["kv_lora_rank"], form.config["qk_rope_head_dim"]
+    r, p = max(cfg.kv_lora_ranks()), max(cfg.qk_rope_head_dim, 2)
+    src = load("default").model.config
+    kv = src.n_kv_heads * src.head_dim
+    rows = results.setdefault("cache_types", [])
+    for spec in cache_types:
+        type_k, _, type_v = spec.partition("/")
+        type_v = type_v or type_k
+        runs = [("original GGUF (" + default_model_path().name + ")", default_model_path(),
+                 row_bytes(type_k, kv) + row_bytes(type_v, kv), f"{kv} K + {kv} V")]
+        # MLA: one cache (K = latent + RoPE key, V a view of it; llama.cpp refuses type_k != type_v)
+        fits = (r % 32 == 0 and (r + p) % 32 == 0) or {type_k, type_v} <= {"f32", "f16"}
+        mla = (plain, r, p) if fits else (padded, r_pad, p_pad)
+        runs.append((f"MLA export (f32 weights, rank {mla[1]} + rope {mla[2]})", mla[0],
+                     row_bytes(type_k, mla[1] + mla[2]), f"{mla[1] + mla[2]} K (V = its first {mla[1]})"))
+        for name, path, nbytes, layout in runs:
+            t = time.perf_counter()
+            try:
+                llm, ppl, err = llama_ppl(path, windows, n_pred, threads, type_k, type_v, flash_attn=True,
+                                          ref0=ref0 if path != default_model_path() else None)
+                llm.close()
+            except ValueError as e:  # llama.cpp refused the context
+                rows.append({"model": name, "cache": spec, "error": str(e)})
+                log(f"{name:58s} cache {spec:9s} refused: {e}")
+                continue
+            row = {"model": name, "cache": spec, "ppl": ppl, "logits_rel_err": err, "bytes_per_token_layer": nbytes,
+                   "layout": layout, "seconds": time.perf_counter() - t}
+            rows.append(row)
+            log(f"{name:58s} cache {spec:9s} ppl {ppl:.4f}  {nbytes} B/token/layer ({layout})  "
+                f"window-0 logits err {err:.2e}  ({row['seconds']:.0f}s)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--source", default=None, help="an MLA checkpoint (default: convert the default model)")
     parser.add_argument("--out", default="/tmp/mlakit-export-check")
     parser.add_argument("--kv-saving", type=float, default=0.5, help="budget of the conversion (without --source)")
-    parser.add_argument("--types", nargs="+", default=["f32", "f16", "q8_0"])
+    parser.add_argument("--types", nargs="*", default=["f32", "f16", "q8_0"],
+                        help="GGUF weight types to check (none: skip)")
+    parser.add_argument("--cache-types", nargs="*", default=[], metavar="K[/V]",
+                        help="llama.cpp cache types for the MLA export and the original GGUF, e.g. f16 q8_0 q4_0 "
+                             "q8_0/q4_0 (flash attention on)")
     parser.add_argument("--windows", type=int, default=40, help="evaluation windows (protocol: 40)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-transformers", action="store_true", help="only mlakit and llama.cpp")
@@ -76,6 +161,12 @@ def main() -> None:
                         "qk_rope_head_dim": model.config.qk_rope_head_dim,
                         "qk_rope_freq_indices": model.config.qk_rope_freq_indices}
     windows = eval_windows(protocol_tokens(tokenizer))[: args.windows]
+    log(f"protocol {PROTOCOL}: {windows.shape[0]} windows x {windows.shape[1]} tokens"
+        + ("" if windows.shape[0] == 40 else " (NOT the protocol's 40 windows)"))
+    results["windows"] = int(windows.shape[0])
+    import llama_cpp
+
+    results["llama_cpp_python"] = llama_cpp.__version__
     n_pred = windows.shape[0] * (windows.shape[1] - 1)
     prompt = tokenizer(PROMPT).input_ids
 
@@ -160,6 +251,8 @@ def main() -> None:
             f"greedy equal {gen == greedy}  ({path.stat().st_size / 2**20:.1f} MiB, {time.perf_counter() - t:.0f}s)")
         if gen != greedy:
             log(f"    llama.cpp greedy: {tokenizer.decode(gen)!r}")
+    if args.cache_types:
+        cache_sweep(model, args.cache_types, out, windows, n_pred, args.threads, ref0, results, log)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log(f"wrote {out / 'results.json'}")
 

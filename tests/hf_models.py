@@ -14,7 +14,7 @@ def tiny_hf_model(arch: str, n_kv_heads: int, seed: int = 0, **overrides):
     )
     common.update(overrides)
     if arch == "llama":
-        config = transformers.LlamaConfig(head_dim=16, **common)
+        config = transformers.LlamaConfig(head_dim=common.pop("head_dim", 16), **common)
         cls = transformers.LlamaForCausalLM
     elif arch == "mistral":
         config = transformers.MistralConfig(head_dim=16, sliding_window=common.pop("sliding_window", None), **common)

@@ -154,3 +154,116 @@ def test_llama_cpp_matches_mlakit(tmp_path, tokenizer_gguf, rel_err, name, qtype
     if qtype == "f32":
         expected = generate(model, [tokens], SamplingParams(max_new_tokens=16, greedy=True))[0][-16:]
         assert greedy == expected
+
+
+# ------------------------------------------------------------------ quantised cache
+def _round_away(v: torch.Tensor) -> torch.Tensor:  # C's roundf: halves away from zero
+    return torch.sign(v) * torch.floor(v.abs() + 0.5)
+
+
+def q8_0(x: torch.Tensor) -> torch.Tensor:
+    """ggml's q8_0 round trip over the last dim (blocks of 32: d = absmax / 127 in float32,
+    q = roundf(x / d), stored d in float16)."""
+    xb = x.float().reshape(*x.shape[:-1], -1, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127.0
+    q = _round_away(xb * torch.where(d > 0, 1.0 / d, torch.zeros_like(d)))
+    return (q.double() * d.half().double()).reshape(x.shape).to(x.dtype)
+
+
+def q4_0(x: torch.Tensor) -> torch.Tensor:
+    """ggml's q4_0 round trip (blocks of 32: d = (signed value of largest magnitude) / -8,
+    q = min(15, trunc(x / d + 8.5)), x' = (q - 8) d, d stored in float16)."""
+    xb = x.float().reshape(*x.shape[:-1], -1, 32)
+    d = torch.gather(xb, -1, xb.abs().argmax(-1, keepdim=True)) / -8.0
+    q = torch.clamp(torch.trunc(xb * torch.where(d != 0, 1.0 / d, torch.zeros_like(d)) + 8.5), max=15)
+    return ((q - 8).double() * d.half().double()).reshape(x.shape).to(x.dtype)
+
+
+def llamacpp_cache_emulation(cache_type):
+    """mlakit's absorbed attention as llama.cpp's CPU flash attention computes it with a
+    quantised cache (ggml-cpu ops.cpp, flash_attn_ext): one cache row per token, K = [latent,
+    RoPE key] quantised in blocks; V = the first kv_lora_rank values of the same stored row;
+    the query quantised to q8_0 (K's vec_dot type) for the score dot products; V dequantised
+    and accumulated in float32."""
+    from mlakit.attention import _softmax
+
+    def attend(self, q_nope, q_rope, latent, k_rope, mask):
+        w_uk, w_uv = self.up_projections()
+        r = latent.shape[-1]
+        q = q8_0(torch.cat([torch.einsum("bshn,hnr->bshr", q_nope, w_uk), q_rope], dim=-1))
+        k = cache_type(torch.cat([latent, k_rope], dim=-1))
+        scores = torch.einsum("bshd,bld->bhsl", q, k) * self.scale
+        probs = _softmax(scores.masked_fill(~mask[:, None], float("-inf")))
+        return torch.einsum("bshr,hvr->bshv", torch.einsum("bhsl,blr->bshr", probs, k[..., :r]), w_uv)
+
+    return attend
+
+
+def llama_logits(path, tokens, type_kv: int, flash_attn: bool = True):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, verbose=False,
+                          n_threads=2, seed=0, type_k=type_kv, type_v=type_kv, flash_attn=flash_attn)
+    llm.eval(tokens)
+    logits = np.array(llm.scores[: len(tokens)], dtype=np.float64)
+    llm.close()
+    return torch.from_numpy(logits)
+
+
+GGML_Q8_0, GGML_Q4_0, GGML_F16 = 8, 2, 1
+
+
+@pytest.mark.parametrize("cache,type_kv", [("q8_0", GGML_Q8_0), ("q4_0", GGML_Q4_0)])
+def test_llama_cpp_quantised_cache_is_the_latent_in_blocks(tmp_path, tokenizer_gguf, rel_err, monkeypatch,
+                                                           cache, type_kv):
+    """llama.cpp's q8_0 / q4_0 cache on an MLA GGUF: its logits equal mlakit's forward with the
+    cache row [latent, RoPE key] and the absorbed query rounded as ggml rounds them (the same
+    arithmetic in float64 here: what is left is float32 accumulation order, measured 7e-7;
+    bound 1e-5). Against mlakit's unquantised forward the same logits are 2.4e-2 (q8_0) and
+    0.34 (q4_0) off on these random weights, so the bound shows the cache is stored as said."""
+    pytest.importorskip("llama_cpp")
+    from mlakit.attention import MLAttention
+    from mlakit.options import ABSORBED
+
+    model = Transformer(mla(kv_lora_rank=32, qk_rope_head_dim=32, qk_nope_head_dim=8, head_dim=64,
+                            qk_rope_freq_indices=list(range(16)))).init_random(seed=1, std=0.2)
+    path = tmp_path / "m.gguf"
+    export_gguf(model, path, qtype="f32", tokenizer_gguf=tokenizer_gguf)
+    tokens = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    theirs = llama_logits(path, tokens, type_kv)
+    with torch.no_grad():
+        exact = model(torch.tensor([tokens]))[0].double()
+        monkeypatch.setattr(MLAttention, "_attend_absorbed", llamacpp_cache_emulation(globals()[cache]))
+        emulated = model(torch.tensor([tokens]), options=ABSORBED)[0].double()
+    assert rel_err(theirs, emulated) <= 1e-5
+    assert rel_err(theirs, exact) > 100 * rel_err(theirs, emulated)
+
+
+def test_llama_cpp_quantised_cache_needs_blocks_of_32(tmp_path, tokenizer_gguf, rel_err):
+    """kv_lora_rank 24 + RoPE 8: llama.cpp refuses a q8_0 cache (its blocks of 32 must divide the
+    K row, 32, and the V view, 24); exported with cache_block=32 (mlakit export --quantised-cache)
+    the same model runs (with a float32 cache, padded = unpadded to 1e-6); MLA needs type_k == type_v and flash
+    attention (a quantised V is a view of the quantised K)."""
+    pytest.importorskip("llama_cpp")
+    from mlakit.export.engines import engines_for
+
+    model = build("converted-shifted")  # rank 24, rope 8 (frequencies 1, 3, 5, 7: linear factor)
+    tokens = torch.randint(0, 49152, (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    plain, padded = tmp_path / "plain.gguf", tmp_path / "padded.gguf"
+    export_gguf(model, plain, qtype="f32", tokenizer_gguf=tokenizer_gguf)
+    form = export_gguf(model, padded, qtype="f32", tokenizer_gguf=tokenizer_gguf, cache_block=32)
+    assert (form.config["kv_lora_rank"], form.config["qk_rope_head_dim"]) == (32, 32)
+    quant = {fit.engine: fit.runs for fit in engines_for(model.config)}["llama.cpp quantised cache (q8_0/q4_0)"]
+    assert not quant
+    with pytest.raises(ValueError, match="context"):
+        llama_logits(plain, tokens, GGML_Q8_0)
+    with torch.no_grad():
+        ours = model(torch.tensor([tokens]))[0].double()
+    assert rel_err(llama_logits(padded, tokens, 0, flash_attn=False), ours) <= 1e-4  # padding is exact: 1.3e-6
+    assert rel_err(llama_logits(padded, tokens, GGML_F16), ours) <= 1e-2  # f16 cache + flash attention: 1.9e-3
+    assert rel_err(llama_logits(padded, tokens, GGML_Q8_0), ours) <= 1e-1  # q8_0 cache on random weights: 2.0e-2
+    with pytest.raises(ValueError, match="context"):
+        llama_logits(padded, tokens, GGML_Q8_0, flash_attn=False)  # a quantised V needs flash attention
+    llama_cpp = pytest.importorskip("llama_cpp")
+    with pytest.raises(ValueError, match="context"):  # MLA: one cache type for K and V
+        llama_cpp.Llama(model_path=str(padded), n_ctx=128, verbose=False, type_k=GGML_Q8_0, type_v=GGML_F16,
+                        flash_attn=True)

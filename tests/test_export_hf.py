@@ -78,6 +78,20 @@ def test_transformers_matches_mlakit(tmp_path, rel_err, name):
         assert ours_ids[-12:] == hf_ids[len(prompt):]
 
 
+@pytest.mark.parametrize("name", ["plain", "per-layer-ranks-norm", "rope-shifted", "no-rope"])
+def test_cache_block_padding_is_exact(tmp_path, rel_err, name):
+    """Latent and RoPE key padded with zero channels to multiples of 32 (llama.cpp's quantised
+    cache blocks): the RoPE pairs added continue the frequency progression; logits unchanged."""
+    model = Transformer(mla(**CASES[name])).init_random(seed=1, std=0.2)
+    tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(3))
+    form = export_hf_deepseek(model, tmp_path / "out", cache_block=32)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["kv_lora_rank"] % 32 == 0 and config["qk_rope_head_dim"] % 32 == 0
+    assert any("multiples of 32" in note for note in form.notes)
+    ours, theirs, _ = logits_pair(model, tmp_path / "out", tokens)
+    assert rel_err(theirs, ours) <= 1e-4
+
+
 def test_bfloat16_export_keeps_the_tiny_latent_weights(tmp_path, rel_err):
     model = Transformer(mla(qkv_bias=True)).init_random(seed=1, std=0.2)
     export_hf_deepseek(model, tmp_path / "bf16", dtype="bfloat16")

@@ -38,10 +38,15 @@ def add_budget_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rope-dim", type=int, default=None, help="dimension of the shared RoPE key (even)")
     parser.add_argument("--rank-allocation", choices=("uniform", "adaptive"), default="uniform",
                         help="same rank in every layer, or per-layer ranks from calibration (same total)")
-    parser.add_argument("--rope-frequencies", choices=("free", "deepseek", "both"), default="free",
-                        help="free: the shared RoPE key takes the best (frequency, head-mix) pairs, repeats allowed; "
+    parser.add_argument("--rope-frequencies", choices=("free", "deepseek", "both"), default=None,
+                        help="free (default; deepseek with --rank-shape vllm): the shared RoPE key takes the best "
+                        "(frequency, head-mix) pairs, repeats allowed; "
                         "deepseek: one pair per frequency on an arithmetic progression, which stock DeepSeek-V3 "
                         "engines (export --format hf-deepseek / gguf) can represent; both: --sweep runs each")
+    parser.add_argument("--rank-shape", choices=("free", "vllm"), default="free",
+                        help="free: the budget of --kv-saving / --kv-lora-rank; vllm: kv_lora_rank 512 (or 256 where "
+                        "512 saves no cache, or as --kv-lora-rank says) + RoPE 64 in every layer, the head sizes "
+                        "576 / 320 vLLM's MLA backends take (docs/export.md)")
     parser.add_argument("--latent-rotation", choices=ROTATIONS, default="none",
                         help="an exact change of the latent's basis so that an 8/4-bit latent cache "
                              "(--kv-cache-dtype) loses less: hadamard rotates each block of 32 channels, equalize "
@@ -58,6 +63,9 @@ def convert_options(args: argparse.Namespace, sweep: bool = False):
 
     if args.rope_frequencies == "both" and not sweep:
         raise MlakitError("--rope-frequencies both is for --sweep; a conversion takes free or deepseek")
+    if args.rank_shape != "free" and sweep:
+        raise MlakitError(f"--sweep varies --kv-saving; --rank-shape {args.rank_shape} fixes the budget")
+    args.rope_frequencies = args.rope_frequencies or ("deepseek" if args.rank_shape == "vllm" else "free")
     checks.finite(args.kv_saving, "--kv-saving")
     if args.kv_saving is not None and args.kv_saving < 0:
         raise MlakitError(f"--kv-saving {args.kv_saving:g} asks for a cache larger than the original")
@@ -75,6 +83,7 @@ def convert_options(args: argparse.Namespace, sweep: bool = False):
                           f"got {args.calib_tokens}")
     return ConvertOptions(kv_saving=args.kv_saving, kv_lora_rank=args.kv_lora_rank, rope_dim=args.rope_dim,
                           rank_allocation=args.rank_allocation, calib_tokens=args.calib_tokens,
+                          rank_shape=args.rank_shape,
                           rope_frequencies="free" if args.rope_frequencies == "both" else args.rope_frequencies,
                           latent_rotation=args.latent_rotation,
                           progress=not getattr(args, "json", False))

@@ -45,6 +45,10 @@ def model_info(model) -> dict:
     for name in ("fp8", "int8", "int4"):  # values + float32 scales (+ the MLA RoPE key in bf16)
         cache = model.new_cache(1, 1, dtype=torch.bfloat16, kv_cache_dtype=name)
         info[f"kv_bytes_per_token_{name}"] = cache.bytes_per_token()
+    if config.is_mla:  # which stock engines run `mlakit export` of it, and where (mlakit.export.engines)
+        from mlakit.export.engines import engines_for
+
+        info["engines"] = [fit.to_dict() for fit in engines_for(config)]
     return info
 
 
@@ -55,9 +59,14 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info))
         return 0
+    engines = info.pop("engines", None)
     width = max(len(k) for k in info)
     for key, value in info.items():
         if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
             value = f"{value:,}"
         print(f"{key:<{width}}  {value}")
+    if engines:
+        from mlakit.export.engines import EngineFit
+
+        print("engines (mlakit export):\n" + "\n".join("  " + EngineFit(**e).line() for e in engines))
     return 0

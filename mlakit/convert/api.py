@@ -26,6 +26,9 @@ DEFAULT_CALIB_TOKENS = 8192
 ROPE_SELECTIONS = ("energy", "rotation")
 NOPE_ROTATIONS = ("expected", "none")
 CONVERTIBLE = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+# free: any budget (--kv-saving / --kv-lora-rank); vllm: kv_lora_rank 512 or 256 with a 64-dim RoPE key in every
+# layer, the shapes vLLM's MLA backends take (mlakit.export.engines)
+RANK_SHAPES = ("free", "vllm")
 
 
 @dataclass
@@ -40,7 +43,8 @@ class ConvertOptions:
     rope_selection: str = "rotation"  # energy | rotation (energy x what leaving it unrotated costs)
     # free: any (frequency, component) pairs, repeats allowed; deepseek: one component per frequency on an
     # arithmetic progression of frequencies, which stock DeepSeek-V3 engines (and the exports) can represent
-    rope_frequencies: str = "free"
+    rope_frequencies: str | None = None  # None: "deepseek" with rank_shape "vllm", else "free"
+    rank_shape: str = "free"  # free | vllm (RANK_SHAPES)
     nope_rotation: str = "expected"  # expected: E[e^{jθΔ}] folded into NoPE queries; none: plain unrotated
     value_fit: str = "attention"  # attention: value up-projections refit on attention-averaged inputs; pca
     query_weighted: bool = True  # RoPE PCA weighted by query energy
@@ -52,6 +56,10 @@ class ConvertOptions:
     progress: bool = True
     # keep per-layer statistics in this directory instead of memory (convert_checkpoint uses a temporary one)
     spill_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.rope_frequencies is None:
+            self.rope_frequencies = "deepseek" if self.rank_shape == "vllm" else "free"
 
     def check(self) -> None:
         if self.rank_allocation not in RANK_ALLOCATIONS:
@@ -68,6 +76,31 @@ class ConvertOptions:
 
         if self.latent_rotation not in ROTATIONS:
             raise MlakitError(f"--latent-rotation must be one of {', '.join(ROTATIONS)}, got {self.latent_rotation!r}")
+        if self.rank_shape not in RANK_SHAPES:
+            raise MlakitError(f"--rank-shape must be one of {RANK_SHAPES}, got {self.rank_shape!r}")
+        if self.rank_shape == "vllm":
+            self._check_vllm()
+
+    def _check_vllm(self) -> None:
+        from mlakit.export.engines import VLLM_SHAPES
+
+        ranks = sorted({r for r, _ in VLLM_SHAPES}, reverse=True)
+        rope = VLLM_SHAPES[0][1]
+        if self.kv_saving is not None:
+            raise MlakitError(f"--rank-shape vllm sets the budget (kv_lora_rank {' or '.join(map(str, ranks))} + "
+                              f"RoPE {rope}); give no --kv-saving")
+        if self.kv_lora_rank is not None and self.kv_lora_rank not in ranks:
+            raise MlakitError(f"--rank-shape vllm takes --kv-lora-rank {' or '.join(map(str, ranks))}, "
+                              f"got {self.kv_lora_rank}")
+        if self.rope_dim is not None and self.rope_dim != rope:
+            raise MlakitError(f"--rank-shape vllm takes --rope-dim {rope} (vLLM's head sizes: "
+                              f"{', '.join(f'{r} + {rope}' for r in ranks)}), got {self.rope_dim}")
+        if self.rank_allocation != "uniform":
+            raise MlakitError("--rank-shape vllm needs --rank-allocation uniform (vLLM has one kv_lora_rank "
+                              "for all layers)")
+        if self.rope_frequencies != "deepseek":
+            raise MlakitError("--rank-shape vllm needs --rope-frequencies deepseek (stock DeepSeek engines rotate "
+                              "the RoPE key with one frequency per pair)")
 
 
 @dataclass
@@ -107,7 +140,39 @@ def check_source(config: ModelConfig) -> None:
 
 
 def resolve_budget(config: ModelConfig, options: ConvertOptions) -> Budget:
+    if options.rank_shape == "vllm":
+        return vllm_budget(config, options.kv_lora_rank)
     return make_budget(config.n_kv_heads, config.head_dim, options.kv_saving, options.kv_lora_rank, options.rope_dim)
+
+
+def vllm_budget(config: ModelConfig, kv_lora_rank: int | None = None) -> Budget:
+    """``--rank-shape vllm``: kv_lora_rank 512 + RoPE 64 where that saves cache against the
+    source, else 256 + 64; refused when neither does (or ``kv_lora_rank`` is given and does not)."""
+    from mlakit.export.engines import VLLM_SHAPES
+
+    full = 2 * config.n_kv_heads * config.head_dim
+    shapes = [(r, p) for r, p in VLLM_SHAPES if kv_lora_rank in (None, r)]
+    saving = [(r, p) for r, p in shapes if r + p < full]
+    if not saving:
+        sizes = " or ".join(f"{r} + {p} = {r + p}" for r, p in shapes)
+        raise MlakitError(
+            f"--rank-shape vllm: vLLM's MLA shapes ({sizes} values per token per layer) save nothing against this "
+            f"model's cache of {full} ({config.n_kv_heads} KV heads x {config.head_dim} x 2); convert with "
+            "--kv-saving instead (any shape: transformers and llama.cpp run it)")
+    r, p = saving[0]
+    if p > config.head_dim:
+        raise MlakitError(f"--rank-shape vllm needs a {p}-dim RoPE key of one pair per source frequency: "
+                          f"head_dim {config.head_dim} has only {config.head_dim // 2} frequencies")
+    from mlakit.export.hf_deepseek import check_exportable
+
+    try:  # what the conversion will be: a DeepSeek-V3 export must exist for vLLM to run it
+        check_exportable(config.replace(attention="mla", kv_lora_rank=r, qk_rope_head_dim=p,
+                                        qk_nope_head_dim=config.head_dim, v_head_dim=config.head_dim,
+                                        q_lora_rank=None, latent_norm=False, query_pre_attn_scalar=None,
+                                        qk_rope_freq_indices=list(range(p // 2))))
+    except MlakitError as e:
+        raise MlakitError(f"--rank-shape vllm: the converted model could not be exported for vLLM: {e}") from None
+    return Budget(values_per_layer=r + p, rope_dim=p)
 
 
 @dataclass
@@ -173,6 +238,8 @@ def convert_model(model: Transformer, analysis: Analysis, options: ConvertOption
         spectra = [plan(l, analysis.stats[l]).spectrum for l in layers]
     ranks = allocate_ranks(spectra, budget.rank, options.rank_allocation, [full_rank] * n_layers,
                            max(1, int(options.min_rank_fraction * budget.rank)))
+    if options.rank_shape == "vllm" and set(ranks) != {budget.rank}:  # cannot happen where the shape saves cache
+        raise MlakitError(f"--rank-shape vllm: the source holds at most rank {max(ranks)}, not {budget.rank}")
     nope_dim = d if n_nope else 0
     freq_indices = [i for i in range(half) for _ in range(counts[i])]
     mla_config = config.replace(

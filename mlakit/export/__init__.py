@@ -1,6 +1,7 @@
 """Export MLA models to the engines people already run.
 
-- ``hf_deepseek``: a stock DeepSeek-V3 Hugging Face directory (transformers, vLLM, SGLang);
+- ``hf_deepseek``: a stock DeepSeek-V3 Hugging Face directory (transformers; vLLM and SGLang
+  for the shapes their MLA backends take: ``engines``);
 - ``gguf``: a ``deepseek2`` GGUF file for llama.cpp.
 
 Both start from ``to_deepseek``, which rewrites the model into DeepSeek-V3's

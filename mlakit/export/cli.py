@@ -21,6 +21,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise MlakitError("--type and --tokenizer-gguf are for --format gguf (use --dtype for hf-deepseek)")
     if args.format == "gguf" and args.dtype is not None:
         raise MlakitError("--dtype is for --format hf-deepseek (use --type for gguf)")
+    if args.format != "gguf" and args.quantised_cache:
+        raise MlakitError("--quantised-cache is for --format gguf (llama.cpp's q8_0 / q4_0 cache)")
     if args.tokenizer_gguf is not None:
         from mlakit.loading import check_gguf_header
 
@@ -59,17 +61,24 @@ def _export(args: argparse.Namespace) -> int:
             tokenizer_gguf = default_model_path()
         elif tokenizer_gguf is None and str(args.model).endswith(".gguf"):
             tokenizer_gguf = args.model
+        from mlakit.export.engines import LLAMACPP_QUANT_BLOCK
+
         form = export_gguf(loaded.model, out, qtype=args.type or "f32", tokenizer_gguf=tokenizer_gguf,
-                           tokenizer=loaded.tokenizer, name=Path(str(args.model)).name, overwrite=args.overwrite)
+                           tokenizer=loaded.tokenizer, name=Path(str(args.model)).name, overwrite=args.overwrite,
+                           cache_block=LLAMACPP_QUANT_BLOCK if args.quantised_cache else 1)
         size = out.stat().st_size
+    from mlakit.export.engines import engines_for
+
+    engines = [fit for fit in engines_for(loaded.model.config) if fit.format == args.format]
     summary = {"output": str(out), "format": args.format, "bytes": size, "notes": form.notes,
-               "linearised_norm_bound": form.linearised_bound}
+               "linearised_norm_bound": form.linearised_bound, "engines": [fit.to_dict() for fit in engines]}
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"wrote {out} ({size / 2**20:.1f} MiB, {args.format})")
         for note in form.notes:
             print(f"  - {note}")
+        print("engines:\n" + "\n".join(f"  {fit.line()}" for fit in engines))
     return 0
 
 
@@ -78,7 +87,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "export", help="write an MLA model as a DeepSeek-V3 HF directory or a deepseek2 GGUF file",
         description="Export an MLA model for engines with no custom code: a stock DeepSeek-V3 Hugging Face "
-                    "directory (transformers, vLLM, SGLang) or a GGUF file of architecture deepseek2 (llama.cpp). "
+                    "directory (transformers; vLLM for head sizes 576 / 320 only) or a GGUF file of architecture deepseek2 "
+                    "(llama.cpp). Afterwards it prints which engines run the export and where. "
                     "The model's function is kept exactly (see docs/export.md); what cannot be represented is "
                     "refused with a message.")
     parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
@@ -91,6 +101,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer-gguf", default=None, metavar="FILE",
                         help="gguf: copy the tokenizer from this GGUF file (default: MODEL itself when it is a "
                              ".gguf file or 'default'; otherwise the model's byte-level BPE tokenizer)")
+    parser.add_argument("--quantised-cache", action="store_true",
+                        help="gguf: pad the latent and the RoPE key with zero channels to multiples of 32 (exact; "
+                             "the cache grows), as llama.cpp needs to store the cache as q8_0 / q4_0 (type_k = "
+                             "type_v); without it such a model loads with a 16/32-bit cache only")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run_from_args)

@@ -142,8 +142,11 @@ def _tensor_data(gguf, name: str, tensor: torch.Tensor, qtype: str) -> tuple[np.
 
 def export_gguf(model: Transformer, path: str | os.PathLike, qtype: str = "f32",
                 tokenizer_gguf: str | os.PathLike | None = None, tokenizer: Any | None = None,
-                name: str | None = None, overwrite: bool = False):
+                name: str | None = None, overwrite: bool = False, cache_block: int = 1):
     """Write ``model`` as a ``deepseek2`` GGUF file; returns the ``DeepseekForm`` it was built from.
+
+    ``cache_block``: pad the latent and the RoPE key with zero channels to multiples of
+    it (exact; 32 lets llama.cpp store the cache as q8_0 / q4_0, see ``engines``).
 
     The tokenizer comes from ``tokenizer_gguf`` (copied field by field: the right
     choice for a model that came from a GGUF file) or else from the HF
@@ -158,7 +161,7 @@ def export_gguf(model: Transformer, path: str | os.PathLike, qtype: str = "f32",
     path = Path(path)
     check_output(path, overwrite, directory=False)
     tok_fields = _tokenizer_fields(tokenizer_gguf, tokenizer, cfg.vocab_size)
-    form = to_deepseek(model, rms_norm_eps=cfg.norm_eps, min_nope_dim=1)
+    form = to_deepseek(model, rms_norm_eps=cfg.norm_eps, min_nope_dim=1, cache_block=cache_block)
     with atomic_file(path, overwrite=overwrite) as tmp:
         writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DEEPSEEK2])
         _add_metadata(gguf, writer, cfg, form, qtype, name)

@@ -198,18 +198,25 @@ def _max_norm_sq(weight: torch.Tensor, gain: torch.Tensor, dim: int, bias: torch
     return (sigma * math.sqrt(dim) + b) ** 2
 
 
-def to_deepseek(model: Transformer, rms_norm_eps: float = HF_LATENT_EPS, min_nope_dim: int = 0) -> DeepseekForm:
+def to_deepseek(model: Transformer, rms_norm_eps: float = HF_LATENT_EPS, min_nope_dim: int = 0,
+                cache_block: int = 1) -> DeepseekForm:
     """Rewrite ``model`` into DeepSeek-V3 form (see the module docstring).
 
     ``rms_norm_eps``: the eps the target engine uses for every norm (1e-6 for the
     HF export; the source eps for GGUF, where the file carries it). ``min_nope_dim``:
     pad ``qk_nope_head_dim`` with zero channels up to this (llama.cpp needs >= 1);
-    the softmax scale change is folded into the query.
+    the softmax scale change is folded into the query. ``cache_block``: pad
+    ``kv_lora_rank`` and ``qk_rope_head_dim`` with zero channels to multiples of it
+    (32: what llama.cpp's q8_0 / q4_0 cache blocks need); the RoPE pairs added come
+    after the model's, on the same progression of frequencies (exact; the cache grows).
     """
     cfg = model.config
     check_exportable(cfg)
-    rewrite = _Rewrite(model, rms_norm_eps, min_nope_dim)
+    rewrite = _Rewrite(model, rms_norm_eps, min_nope_dim, cache_block)
     form = DeepseekForm(config={}, tensors={}, rope=rope_spec(cfg))
+    if rewrite.rope and rewrite.rope_out != rewrite.rope:  # the pairs added continue the progression
+        form.rope = RopeSpec(form.rope.theta ** (rewrite.rope_out / rewrite.rope), form.rope.factor,
+                             form.rope.max_rel_err)
     form.notes.extend(rewrite.notes(form.rope))
     out = rewrite.outer_tensors()
     for i, r in enumerate(rewrite.ranks):
@@ -230,17 +237,20 @@ class _Rewrite:
     """One ``to_deepseek`` call: the source's tensors (float64, mlakit names), the target's
     shapes, and the worst-case relative error of the norms made linear so far."""
 
-    def __init__(self, model: Transformer, rms_norm_eps: float, min_nope_dim: int) -> None:
+    def __init__(self, model: Transformer, rms_norm_eps: float, min_nope_dim: int, cache_block: int = 1) -> None:
         cfg = self.cfg = model.config
         self.sd = {k: v.detach().to("cpu", torch.float64) for k, v in model.state_dict().items()}
         self.dim, self.h = cfg.dim, cfg.n_heads
         self.e_src, self.e_t = cfg.norm_eps, rms_norm_eps
         self.beta = math.sqrt(self.e_t / self.e_src)
         self.ranks = cfg.kv_lora_ranks()
-        self.r_max = max(self.ranks)
+        self.cache_block = cache_block
+        self.r_max = -(-max(self.ranks) // cache_block) * cache_block
         self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.nope_out = max(self.nope, min_nope_dim)
-        self.rope_out = max(self.rope, 2)  # transformers and llama.cpp need a RoPE key: zero channels if there is none
+        # transformers and llama.cpp need a RoPE key (zero channels if there is none), of whole pairs
+        pairs = math.lcm(2, cache_block)
+        self.rope_out = -(-max(self.rope, 2) // pairs) * pairs
         # folds the softmax-scale change of padding
         self.q_scale = math.sqrt((self.nope_out + self.rope_out) / (self.nope + self.rope))
         self.has_q_bias = "layers.0.attention.wq.bias" in self.sd
@@ -252,6 +262,11 @@ class _Rewrite:
         """What the rewrite changes, one line each (beside the exact function)."""
         cfg, notes = self.cfg, []
         e_src, e_t, rope = self.e_src, self.e_t, self.rope
+        if self.cache_block > 1 and (self.r_max, self.rope_out) != (max(self.ranks), max(rope, 2)):
+            notes.append(f"kv_lora_rank {max(self.ranks)} + rope {rope} padded to {self.r_max} + {self.rope_out} "
+                         f"(multiples of {self.cache_block}) with zero channels (exact; cache "
+                         f"{(max(self.ranks) + rope) * cfg.n_layers} -> {(self.r_max + self.rope_out) * cfg.n_layers} "
+                         "values/token)")
         if self.beta != 1.0:
             notes.append(f"rms_norm_eps {e_src:g} -> {e_t:g}: residual stream scaled by {self.beta:.6g} (exact)")
         if len(set(self.ranks)) > 1:
@@ -261,7 +276,7 @@ class _Rewrite:
         if self.nope_out != self.nope:
             notes.append(f"qk_nope_head_dim {self.nope} padded to {self.nope_out} with zeros; softmax scale folded "
                          "into q")
-        if self.rope_out != rope:
+        if rope == 0:
             notes.append(f"no RoPE key: qk_rope_head_dim padded to {self.rope_out} with zeros; softmax scale folded "
                          "into q")
         if self.has_q_bias and not cfg.q_lora_rank:
@@ -435,8 +450,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def export_hf_deepseek(model: Transformer, path: str | os.PathLike, tokenizer: Any | None = None,
-                       dtype: str = "float32", overwrite: bool = False) -> DeepseekForm:
+                       dtype: str = "float32", overwrite: bool = False, cache_block: int = 1) -> DeepseekForm:
     """Write ``model`` as a DeepSeek-V3 HF directory (config.json, model.safetensors, tokenizer files).
+    ``cache_block``: as ``to_deepseek``'s (zero channels padding the cache's shape).
 
     Everything is written to a temporary sibling directory that is renamed into
     place once complete: an interrupted export leaves no half-written output.
@@ -448,7 +464,7 @@ def export_hf_deepseek(model: Transformer, path: str | os.PathLike, tokenizer: A
     if dtype == "float16":
         raise MlakitError("float16 cannot hold the export's scaled latent weights (values near 1e-9); "
                           "use float32 or bfloat16 (same exponent range as float32)")
-    form = to_deepseek(model)
+    form = to_deepseek(model, cache_block=cache_block)
     path = Path(path)
     with atomic_dir(path, overwrite=overwrite) as tmp:
         config = dict(form.config, dtype=dtype)

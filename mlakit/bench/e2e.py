@@ -119,7 +119,8 @@ class E2EBench(RowRecorder):
 
     def __init__(self, opts: E2EOptions, log: Optional[Callable[[str], None]] = None, job=None) -> None:
         if opts.tensor_parallel and job is None:
-            raise MlakitError("--tensor-parallel runs under torchrun: torchrun --nproc-per-node N -m mlakit bench e2e ...")
+            raise MlakitError("--tensor-parallel runs under torchrun: "
+                              "torchrun --nproc-per-node N -m mlakit bench e2e ...")
         self.job = job if opts.tensor_parallel else None  # a mlakit.parallel.Distributed
         device = torch.device(self.job.device if self.job is not None else opts.device)
         if device.type == "cuda" and not torch.cuda.is_available():

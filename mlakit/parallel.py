@@ -111,9 +111,7 @@ def join_for_tensor_parallel(device: str | None, command: str) -> Distributed:
 
     if "RANK" not in os.environ:
         raise MlakitError(f"--tensor-parallel runs under torchrun: torchrun --nproc-per-node N -m mlakit {command} ...")
-    from mlakit import checks
-
-    job = init(checks.device(device))
+    job = init(device)
     if not job.is_main:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115
     return job

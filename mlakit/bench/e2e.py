@@ -594,6 +594,8 @@ def run_from_args(args: argparse.Namespace) -> int:
                          job=job)
         if job is None or job.is_main:
             print(write_outputs(result, args.json, args.markdown, args.plot_dir))
+        if job is not None:
+            parallel.barrier()  # no rank tears the group down while rank 0 still writes
     finally:
         if job is not None:
             from mlakit import parallel

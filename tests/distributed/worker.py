@@ -36,6 +36,7 @@ def main(case: str, out: str, state_dir: str | None = None) -> None:
             result = cases.greedy_run(case, job)
         if job.is_main:
             torch.save(result, out)
+        parallel.barrier()  # no rank tears the group down while another still works in it
     finally:
         parallel.shutdown()
 

@@ -66,6 +66,7 @@ from mlakit.bench.kernel_profile import profile_decode_step
 from mlakit.bench.memory import (GIB, BudgetSpent, SearchFailed, device_free_bytes, estimate_max_batch, free_memory,
                                  oom_message, peak_gib, reset_peak, search_max_batch)
 from mlakit.bench.report import add_ratios, summarize, write_outputs
+from mlakit.bench import tensor_parallel
 from mlakit.bench.rows import RowRecorder, new_row
 from mlakit.bench.timing import Timer, bandwidth_fraction, device_name, measure_copy_gbps
 from mlakit.bench.variants import (SHAPES, VARIANT_KEYS, Variant, build_random_model, fill_cache_random,
@@ -210,22 +211,10 @@ class E2EBench(RowRecorder):
                       mean_ms_per_step=mean_ms, kv_bytes_per_token=kv_bpt, peak_gib=peak_gib(self.device),
                       bytes_per_step=nbytes, bw_limit_ms=nbytes / (self.copy_gbps * 1e9) * 1e3,
                       bw_fraction=bandwidth_fraction(nbytes, self.copy_gbps, ms),
-                      cuda_graph=engine.cuda_graph, **self._tp_fields(model, batch * context * kv_bpt))
+                      cuda_graph=engine.cuda_graph,
+                      **tensor_parallel.row_fields(self.job, model, batch * context * kv_bpt))
         del engine
         return row
-
-    def _tp_fields(self, model, cache_bytes: int) -> Dict[str, Any]:
-        """Under --tensor-parallel: the world size, this rank's cache bytes, and a note on what
-        each rank caches. Nothing in one process (its rows keep their keys)."""
-        if self.job is None:
-            return {}
-        tp, config = self.job.world_size, model.config  # config: localized (per-rank heads)
-        if config.is_mla:
-            what = "the latent cache is replicated on each rank"
-        else:
-            what = f"{config.n_kv_heads} of {config.n_kv_heads * tp} KV heads cached per rank"
-        size = f"{cache_bytes / 2 ** 20:.1f} MiB" if cache_bytes >= 2 ** 20 else f"{cache_bytes / 2 ** 10:.1f} KiB"
-        return dict(tensor_parallel=tp, cache_bytes_per_rank=cache_bytes, note=f"TP {tp}: {what} ({size} per rank)")
 
     def _prefill_row(self, model, variant: Variant, tokens_n: int, mode: str = "naive") -> Dict[str, Any]:
         reset_peak(self.device)
@@ -335,18 +324,11 @@ class E2EBench(RowRecorder):
 
     def _tp_skip(self, variant: Variant) -> bool:
         """Under --tensor-parallel, a variant whose heads or MLP do not split: skipped rows."""
-        if self.job is None:
-            return False
-        from mlakit.parallel import check_decode_split
-
-        try:
-            check_decode_split(variant.config, self.job.world_size)
-        except MlakitError as exc:
-            for batch, context in self.opts.grid:
-                self.emit(new_row("decode", variant.name, batch, context, status="skipped", note=str(exc)))
-                self.tick("skipped")
-            return True
-        return False
+        why = None if self.job is None else tensor_parallel.split_error(self.job, variant.config)
+        for batch, context in self.opts.grid if why else ():
+            self.emit(new_row("decode", variant.name, batch, context, status="skipped", note=why))
+            self.tick("skipped")
+        return why is not None
 
     def _run_variant(self, variant: Variant) -> None:
         opts = self.opts
@@ -423,21 +405,8 @@ class E2EBench(RowRecorder):
             self.notes.append("MLA is built by shape with random weights (same dims as the project's converter "
                               f"would give at rank {rank} + rope {rope}); the converter is not used here")
         if self.job is not None:
-            self._tp_notes()
+            self.notes += tensor_parallel.notes(self.job, opts)
         return original, variants
-
-    def _tp_notes(self) -> None:
-        """What --tensor-parallel leaves out, one note each (decided in docs/distributed.md)."""
-        opts, tp = self.opts, self.job.world_size
-        self.notes.append(f"tensor parallel over {tp} ranks (torch.distributed, {self.job.mesh.device_type}): "
-                          "rank 0's timings; bytes, cache and bandwidth fraction per rank")
-        if opts.hf or opts.hf_static:
-            self.notes.append("transformers baseline: not run under --tensor-parallel (it is one process's)")
-        if opts.max_batch_context:
-            self.notes.append("largest-batch search: not run under --tensor-parallel (an out-of-memory try on one "
-                              "rank would leave the others waiting in a collective)")
-        if opts.profile_path:
-            self.notes.append("--profile: not run under --tensor-parallel")
 
     def run(self) -> Dict[str, Any]:
         opts = self.opts

@@ -102,6 +102,21 @@ def shutdown() -> None:
     _CURRENT = None
 
 
+def join_for_tensor_parallel(device: str | None, command: str) -> Distributed:
+    """A command's ``--tensor-parallel``: join torchrun's job (``init`` on ``--device``, None:
+    CUDA when available); only rank 0 prints
+    (the other ranks' stdout is muted for the life of the process). Without torchrun: one
+    MlakitError line naming the command line to use."""
+    import sys
+
+    if "RANK" not in os.environ:
+        raise MlakitError(f"--tensor-parallel runs under torchrun: torchrun --nproc-per-node N -m mlakit {command} ...")
+    job = init(device)
+    if not job.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+    return job
+
+
 def broadcast_object(obj: Any, job: Distributed) -> Any:
     """Rank 0's ``obj`` on every rank (a tensor moves as a pickled CPU object)."""
     import torch.distributed as dist
@@ -230,13 +245,7 @@ def decode_plan(model: Transformer, tp: int) -> dict[str, Any]:
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     config = model.config
-    if config.n_heads % tp:
-        raise MlakitError(f"--tensor-parallel {tp}: the {config.n_heads} query heads do not split evenly")
-    if not config.is_mla and config.n_kv_heads % tp:
-        raise MlakitError(f"--tensor-parallel {tp}: the {config.n_kv_heads} KV heads do not split evenly "
-                          "(GQA splits KV heads; at most n_kv_heads ranks)")
-    if config.intermediate_size % tp:
-        raise MlakitError(f"--tensor-parallel {tp}: the MLP's {config.intermediate_size} units do not split evenly")
+    check_decode_split(config, tp)
     col, row = ColwiseParallel(), RowwiseParallel()
     plan: dict[str, Any] = {"feed_forward.w1": col, "feed_forward.w3": col, "feed_forward.w2": row,
                             "attention.wo": row}
@@ -249,6 +258,17 @@ def decode_plan(model: Transformer, tp: int) -> dict[str, Any]:
     if model.output is not None and config.vocab_size % tp == 0:
         full["output"] = ColwiseParallel(output_layouts=Replicate())
     return full
+
+
+def check_decode_split(config, tp: int) -> None:
+    """MlakitError unless ``config``'s query heads, GQA's KV heads and the MLP split over ``tp`` ranks."""
+    if config.n_heads % tp:
+        raise MlakitError(f"--tensor-parallel {tp}: the {config.n_heads} query heads do not split evenly")
+    if not config.is_mla and config.n_kv_heads % tp:
+        raise MlakitError(f"--tensor-parallel {tp}: the {config.n_kv_heads} KV heads do not split evenly "
+                          "(GQA splits KV heads; at most n_kv_heads ranks)")
+    if config.intermediate_size % tp:
+        raise MlakitError(f"--tensor-parallel {tp}: the MLP's {config.intermediate_size} units do not split evenly")
 
 
 def parallelize_for_decode(model: Transformer, mesh) -> Transformer:

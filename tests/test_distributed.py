@@ -89,6 +89,16 @@ def test_tensor_parallel_greedy_decode_equals_one_process(model, tmp_path):
         assert torch.allclose(two[key], one[key], rtol=1e-4, atol=1e-5), key
 
 
+def torchrun_mlakit(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2 -m mlakit ARGS`` (CPU, gloo); its exit status must be 0."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "mlakit", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def test_torchrun_generate_tensor_parallel_prints_what_one_process_prints(tmp_path, capsys):
     """`torchrun --nproc-per-node 2 -m mlakit generate MODEL --tensor-parallel --greedy`: rank 0
     alone prints, the tokens one process gives."""
@@ -103,11 +113,7 @@ def test_torchrun_generate_tensor_parallel_prints_what_one_process_prints(tmp_pa
             "--json", "--device", "cpu"]
     assert main(args) == 0
     one = json.loads(capsys.readouterr().out)
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", "-m", "mlakit", *args,
-                           "--tensor-parallel"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun_mlakit(*args, "--tensor-parallel")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1 and json.loads(lines[0])["output_ids"] == one["output_ids"]
     assert len(one["output_ids"]) == 12
@@ -124,3 +130,63 @@ def test_tensor_parallel_needs_torchrun_and_even_splits(capsys, monkeypatch):
     model = cases.random_model(cases.gqa_config())  # 4 query heads, 2 KV heads
     with pytest.raises(MlakitError, match="KV heads do not split"):
         decode_plan(model, 4)
+
+
+def test_tensor_parallel_bench_models_give_one_process_logits(tmp_path):
+    """The variants `mlakit bench e2e --tensor-parallel` times (tiny preset: GQA-2, MLA 32+8, MHA, built
+    with the same seed on each rank and split before the engine) are one process's models."""
+    two = torchrun("bench", str(tmp_path / "bench.pt"))
+    one = cases.bench_logits()
+    assert sorted(two) == sorted(one) and len(one) == 6
+    for key in one:
+        assert torch.allclose(two[key], one[key], rtol=1e-4, atol=1e-5), key
+
+
+def test_torchrun_bench_e2e_tensor_parallel_writes_rank_zeros_rows(tmp_path):
+    """`torchrun --nproc-per-node 2 -m mlakit bench e2e --tensor-parallel`: one table (rank 0's), rows per rank
+    with the world size; GQA's cache per rank is half one process's, MLA's latent is replicated; MQA (one KV
+    head) is skipped, and so are transformers and the largest-batch search, each with a note."""
+    import json
+
+    from mlakit.bench.variants import build_random_model, make_variants, resolve_shape
+
+    path = tmp_path / "tp.json"
+    proc = torchrun_mlakit("bench", "e2e", "--preset", "tiny", "--device", "cpu", "--grid", "1x16,2x32",
+                           "--steps", "1", "--warmup", "1", "--variants", "original,mla,mqa", "--prefill-tokens", "16",
+                           "--no-progress", "--tensor-parallel", "--json", str(path))
+    headers = [line for line in proc.stdout.splitlines() if line.startswith("decode-e2e-v1 on CPU")]
+    assert len(headers) == 1 and "tensor parallel: world size 2" in headers[0]
+    result = json.loads(path.read_text())
+    assert result["tensor_parallel"]["world_size"] == 2 and result["tensor_parallel"]["backend"] == "gloo"
+    original, (rank, rope), _ = resolve_shape(None, "tiny")
+    one_process = {v.name: build_random_model(v.config, torch.device("cpu"), torch.float32).new_cache(1, 1)
+                   .bytes_per_token() for v in make_variants(original, rank, rope, ("original", "mla", "mqa"))}
+    decode = [r for r in result["rows"] if r["phase"] == "decode"]
+    assert {r["variant"] for r in decode} == set(one_process)
+    for row in decode:
+        if row["variant"] == "MQA":
+            assert row["status"] == "skipped" and "1 KV heads do not split" in row["note"]
+            continue
+        assert row["status"] == "ok" and row["tokens_per_s"] > 0 and row["tensor_parallel"] == 2
+        assert row["cache_bytes_per_rank"] == row["batch"] * row["context"] * row["kv_bytes_per_token"]
+        if row["variant"].startswith("MLA"):
+            assert row["kv_bytes_per_token"] == one_process[row["variant"]]
+            assert row["note"].startswith("TP 2: the latent cache is replicated on each rank")
+        else:
+            assert 2 * row["kv_bytes_per_token"] == one_process[row["variant"]]
+            assert row["note"].startswith("TP 2: 1 of 2 KV heads cached per rank")
+    prefill = [r for r in result["rows"] if r["phase"] == "prefill"]
+    assert len(prefill) == 3 and all(r["status"] == "ok" and r["tensor_parallel"] == 2 for r in prefill)
+    assert result["max_batch"] == [] and not any(r["phase"].startswith("hf-") for r in result["rows"])
+    notes = " ".join(result["notes"])
+    assert "transformers baseline: not run under --tensor-parallel" in notes
+    assert "largest-batch search: not run under --tensor-parallel" in notes
+
+
+def test_bench_e2e_tensor_parallel_needs_torchrun(capsys, monkeypatch):
+    from mlakit.cli import main
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert main(["bench", "e2e", "--preset", "tiny", "--device", "cpu", "--tensor-parallel"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "torchrun --nproc-per-node N -m mlakit bench e2e" in err

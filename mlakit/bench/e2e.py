@@ -36,6 +36,14 @@ run goes on.
 ``--device cpu`` with ``--preset tiny`` runs the whole pipeline in seconds (the
 tests do): host timers instead of CUDA events, no peak memory, and the
 largest-batch search against ``--memory-budget-gib``.
+
+``--tensor-parallel`` (under ``torchrun --nproc-per-node N``): every rank builds the same
+variant (same seed), ``mlakit.parallel.parallelize_for_decode`` splits it over the job's
+mesh before the engine is made, and every rank runs the same rows; rank 0 reports. The
+rows are per rank: KV bytes per token, ``cache_bytes_per_rank``, weight bytes and the
+bandwidth fraction count what one rank holds and reads (MLA: the whole latent cache,
+replicated on each rank). A variant whose heads do not split (MQA on 2 ranks) is skipped;
+so are transformers' baseline, the largest-batch search and ``--profile`` (docs/distributed.md).
 """
 
 
@@ -58,6 +66,7 @@ from mlakit.bench.kernel_profile import profile_decode_step
 from mlakit.bench.memory import (GIB, BudgetSpent, SearchFailed, device_free_bytes, estimate_max_batch, free_memory,
                                  oom_message, peak_gib, reset_peak, search_max_batch)
 from mlakit.bench.report import add_ratios, summarize, write_outputs
+from mlakit.bench import tensor_parallel
 from mlakit.bench.rows import RowRecorder, new_row
 from mlakit.bench.timing import Timer, bandwidth_fraction, device_name, measure_copy_gbps
 from mlakit.bench.variants import (SHAPES, VARIANT_KEYS, Variant, build_random_model, fill_cache_random,
@@ -100,6 +109,7 @@ class E2EOptions:
     # where the MLA variant comes from: "converter" (mlakit.convert of the named model), "shape" (random
     # weights of the same dims), "auto": the converter for a named model, the shape for a preset
     mla_from: str = "auto"
+    tensor_parallel: bool = False  # under torchrun: the job of ``E2EBench(job=...)``; rows per rank
 
 
 # ---------------------------------------------------------------------- the run
@@ -108,10 +118,16 @@ class E2EBench(RowRecorder):
 
     partial_path: Optional[str] = None  # where the rows so far are written after each variant
 
-    def __init__(self, opts: E2EOptions, log: Optional[Callable[[str], None]] = None) -> None:
-        device = torch.device(opts.device)
+    def __init__(self, opts: E2EOptions, log: Optional[Callable[[str], None]] = None, job=None) -> None:
+        if opts.tensor_parallel and job is None:
+            raise MlakitError("--tensor-parallel runs under torchrun: "
+                              "torchrun --nproc-per-node N -m mlakit bench e2e ...")
+        self.job = job if opts.tensor_parallel else None  # a mlakit.parallel.Distributed
+        device = torch.device(self.job.device if self.job is not None else opts.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise MlakitError(f"{PROTOCOL} on cuda needs a CUDA GPU (use --device cpu for a smoke run)")
+        if self.job is not None and not self.job.is_main:
+            log = lambda msg: None  # noqa: E731 (rank 0 alone logs and draws the progress bar)
         super().__init__(device, opts.time_budget_s, log)
         self.opts = opts
         self.dtype = parse_dtype(opts.dtype)
@@ -133,6 +149,10 @@ class E2EBench(RowRecorder):
             model.requires_grad_(False)
         else:
             model = build_random_model(variant.config, self.device, self.dtype, seed=self.opts.seed)
+        if self.job is not None:  # the same weights on every rank, split before the engine is made
+            from mlakit.parallel import parallelize_for_decode
+
+            parallelize_for_decode(model, self.job.mesh)
         return model
 
     def _converted_model(self, variant: Variant):
@@ -191,7 +211,8 @@ class E2EBench(RowRecorder):
                       mean_ms_per_step=mean_ms, kv_bytes_per_token=kv_bpt, peak_gib=peak_gib(self.device),
                       bytes_per_step=nbytes, bw_limit_ms=nbytes / (self.copy_gbps * 1e9) * 1e3,
                       bw_fraction=bandwidth_fraction(nbytes, self.copy_gbps, ms),
-                      cuda_graph=engine.cuda_graph)
+                      cuda_graph=engine.cuda_graph,
+                      **tensor_parallel.row_fields(self.job, model, batch * context * kv_bpt))
         del engine
         return row
 
@@ -207,7 +228,8 @@ class E2EBench(RowRecorder):
         row = new_row("prefill", variant.name, 1, tokens_n, tokens_per_s=tokens_n / (ms * 1e-3), ms_per_step=ms,
                       kv_bytes_per_token=engine.cache.bytes_per_token(), peak_gib=peak_gib(self.device),
                       note=(f"one prompt, {'un-absorbed (naive)' if mode == 'naive' else 'absorbed'} MLA"
-                            if variant.config.is_mla else "one prompt"))
+                            if variant.config.is_mla else "one prompt"),
+                      **({"tensor_parallel": self.job.world_size} if self.job is not None else {}))
         del engine
         return row
 
@@ -300,8 +322,18 @@ class E2EBench(RowRecorder):
                     parameters=sum(p.numel() for p in model.parameters()), weight_gib=weight_bytes(model) / GIB,
                     kv_bytes_per_token=model.new_cache(1, 1).bytes_per_token())
 
+    def _tp_skip(self, variant: Variant) -> bool:
+        """Under --tensor-parallel, a variant whose heads or MLP do not split: skipped rows."""
+        why = None if self.job is None else tensor_parallel.split_error(self.job, variant.config)
+        for batch, context in self.opts.grid if why else ():
+            self.emit(new_row("decode", variant.name, batch, context, status="skipped", note=why))
+            self.tick("skipped")
+        return why is not None
+
     def _run_variant(self, variant: Variant) -> None:
         opts = self.opts
+        if self._tp_skip(variant):
+            return
         self.log(f"== {variant.name}: building ({'loaded ' + variant.source if variant.source else 'random weights'})")
         model = None
         try:
@@ -319,10 +351,10 @@ class E2EBench(RowRecorder):
             self.guard(lambda: self._decode_row(model, variant, batch, context, opts.steps),
                        "decode", variant.name, batch, context)
             self.tick(f"{variant.name} {batch}x{context}")
-        if opts.profile_path:
+        if opts.profile_path and self.job is None:
             batch, context = min(opts.grid)
             self._profile(model, variant, batch, context)
-        if opts.max_batch_context:
+        if opts.max_batch_context and self.job is None:
             self._max_batch(model, variant, opts.max_batch_context)
             self.tick(f"{variant.name} max batch")
         if opts.prefill_tokens:
@@ -372,6 +404,8 @@ class E2EBench(RowRecorder):
         elif any(v.config.is_mla for v in variants if v.key == "mla"):
             self.notes.append("MLA is built by shape with random weights (same dims as the project's converter "
                               f"would give at rank {rank} + rope {rope}); the converter is not used here")
+        if self.job is not None:
+            self.notes += tensor_parallel.notes(self.job, opts)
         return original, variants
 
     def run(self) -> Dict[str, Any]:
@@ -380,10 +414,11 @@ class E2EBench(RowRecorder):
         gpu = device_name(self.device)
         self.copy_gbps = measure_copy_gbps(self.device)
         self.log(f"{PROTOCOL} on {gpu}: copy {self.copy_gbps:.0f} GB/s")
-        total_ticks = len(variants) * (len(opts.grid) + bool(opts.max_batch_context) + bool(opts.prefill_tokens))
-        if opts.hf:
+        searches = bool(opts.max_batch_context) and self.job is None
+        total_ticks = len(variants) * (len(opts.grid) + searches + bool(opts.prefill_tokens))
+        if opts.hf and self.job is None:
             total_ticks += len(opts.grid) + (1 if opts.hf_static else 0)
-        if opts.progress:
+        if opts.progress and (self.job is None or self.job.is_main):
             self.start_progress(total_ticks, PROTOCOL)
         # transformers right after the MLA variant (or the first one): the headline rows come first
         hf_after = "mla" if any(v.key == "mla" for v in variants) else variants[0].key
@@ -391,7 +426,7 @@ class E2EBench(RowRecorder):
             for variant in variants:
                 self._run_variant(variant)
                 self._write_partial()
-                if opts.hf and variant.key == hf_after:
+                if opts.hf and variant.key == hf_after and self.job is None:
                     run_hf_baseline(self, original, opts.grid, opts.hf_steps or opts.steps, self.dtype, self.timer,
                                     static=opts.hf_static, seed=opts.seed)
                     self._write_partial()
@@ -404,12 +439,15 @@ class E2EBench(RowRecorder):
                       options={k: v for k, v in asdict(opts).items() if k != "profile_path"},
                       variants=self.variant_info, rows=self.rows, max_batch=self.max_batch,
                       profiles=self.profiles, notes=self.notes, elapsed_s=self.elapsed())
+        if self.job is not None:  # only then: one process's JSON keeps its keys
+            result["tensor_parallel"] = dict(world_size=self.job.world_size, device=self.job.device,
+                                             backend="nccl" if self.device.type == "cuda" else "gloo")
         result["summary"] = summarize(result)
         self.result = result
         return result
 
     def _write_partial(self) -> None:
-        if self.partial_path:
+        if self.partial_path and (self.job is None or self.job.is_main):
             try:
                 Path(self.partial_path).write_text(json.dumps(dict(protocol=PROTOCOL, partial=True, rows=self.rows,
                                                                    max_batch=self.max_batch), indent=1, default=str))
@@ -429,8 +467,9 @@ def _versions() -> Dict[str, str]:
 
 
 def run_e2e(opts: E2EOptions, log: Optional[Callable[[str], None]] = None,
-            partial_path: Optional[str] = None) -> Dict[str, Any]:
-    bench = E2EBench(opts, log)
+            partial_path: Optional[str] = None, job=None) -> Dict[str, Any]:
+    """One run; ``job`` (``mlakit.parallel.init``'s) with ``opts.tensor_parallel``."""
+    bench = E2EBench(opts, log, job=job)
     bench.partial_path = partial_path
     return bench.run()
 
@@ -481,6 +520,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                              "MODEL is named; 50%% KV saving unless --mla-rank/--mla-rope), or built by shape with "
                              "random weights (default for a preset)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-parallel", action="store_true",
+                        help="under torchrun --nproc-per-node N: each variant split over N GPUs as `mlakit generate "
+                             "--tensor-parallel` splits it; rows per rank (MLA: latent cache replicated on each); no "
+                             "transformers baseline, largest-batch search or --profile; docs/distributed.md")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -501,14 +544,30 @@ def options_from_args(args: argparse.Namespace) -> E2EOptions:
         hf=not args.no_hf, hf_static=args.hf_static, memory_budget_gib=args.memory_budget_gib,
         headroom_gib=args.headroom_gib, time_budget_s=args.time_budget_s, seed=args.seed,
         progress=not args.no_progress, profile_path=args.profile, compile=args.compile, mla_from=args.mla_from,
+        tensor_parallel=args.tensor_parallel,
     )
 
 
 def run_from_args(args: argparse.Namespace) -> int:
     opts = options_from_args(args)
-    if opts.device.startswith("cuda") and not torch.cuda.is_available():
-        raise MlakitError(f"{PROTOCOL} times a whole model on a CUDA GPU; none is visible "
-                          "(try --device cpu --preset tiny for a smoke run)")
-    result = run_e2e(opts, log=None if opts.progress else (lambda msg: print(msg, file=sys.stderr, flush=True)))
-    print(write_outputs(result, args.json, args.markdown, args.plot_dir))
+    job = None
+    if opts.tensor_parallel:  # first: without torchrun, one line saying how to start it
+        from mlakit import parallel
+
+        job = parallel.join_for_tensor_parallel(opts.device, "bench e2e")  # mutes the other ranks' stdout
+    try:
+        if opts.device.startswith("cuda") and not torch.cuda.is_available():
+            raise MlakitError(f"{PROTOCOL} times a whole model on a CUDA GPU; none is visible "
+                              "(try --device cpu --preset tiny for a smoke run)")
+        result = run_e2e(opts, log=None if opts.progress else (lambda msg: print(msg, file=sys.stderr, flush=True)),
+                         job=job)
+        if job is None or job.is_main:
+            print(write_outputs(result, args.json, args.markdown, args.plot_dir))
+        if job is not None:
+            parallel.barrier()  # no rank tears the group down while rank 0 still writes
+    finally:
+        if job is not None:
+            from mlakit import parallel
+
+            parallel.shutdown()
     return 0

@@ -86,7 +86,10 @@ def format_table(result: Dict[str, Any]) -> str:
         f"{result['protocol']} on {result['gpu']} ({result['dtype']}, copy {result['copy_gbps']:.0f} GB/s, "
         f"model {result['model']}, {result['steps']} timed steps, "
         f"decode step: {'CUDA graph' if result['device'].startswith('cuda') else 'eager'}"
-        f"{' + torch.compile blocks' if result.get('compiled') else ''}, torch {env.get('torch', '?')}"
+        f"{' + torch.compile blocks' if result.get('compiled') else ''}"
+        + (f", tensor parallel: world size {result['tensor_parallel']['world_size']} (bytes and cache per rank)"
+           if result.get("tensor_parallel") else "")
+        + f", torch {env.get('torch', '?')}"
         + (f", transformers {env['transformers']}" if "transformers" in env else "") + ")",
         "",
         "| phase | variant | batch | context | tok/s | ms/step | KV bytes/token | peak GiB | % of BW limit "
@@ -101,7 +104,7 @@ def format_table(result: Dict[str, Any]) -> str:
             f"| {fmt(r.get('kv_bytes_per_token'), 'd')} | {fmt(r.get('peak_gib'), '.1f')} "
             f"| {fmt(None if r.get('bw_fraction') is None else 100 * r['bw_fraction'], '.0f')} "
             f"| {fmt(r.get('vs_original'), '.2f')} | {fmt(r.get('vs_hf_dynamic'), '.1f')} "
-            f"| {r.get('note', '') if status != 'ok' or r['phase'] != 'decode' else ''} |")
+            f"| {r.get('note', '')} |")
     if result.get("max_batch"):
         lines += ["", f"Largest batch at context {result['max_batch'][0]['context']} (estimated from free memory, "
                       "verified by building the engine and decoding):", "",

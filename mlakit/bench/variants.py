@@ -154,7 +154,12 @@ def fill_cache_random(cache, context: int, seed: int = 0) -> None:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the parameters this process holds (a tensor-parallel DTensor counts its local shard)."""
+    return sum(_local(p).numel() * p.element_size() for p in model.parameters())
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
 
 
 def weight_bytes_per_step(model: torch.nn.Module, batch: int) -> int:

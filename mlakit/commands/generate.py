@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from mlakit.commands.common import MODEL_HELP, add_run_args, check_model_args, forward_options, load_model
@@ -68,14 +67,7 @@ def _tensor_parallel_job(args: argparse.Namespace):
     """``--tensor-parallel``: join torchrun's job; only rank 0 prints (the others' stdout is muted)."""
     from mlakit import parallel
 
-    if "RANK" not in os.environ:
-        raise MlakitError("--tensor-parallel runs under torchrun: torchrun --nproc-per-node N -m mlakit generate ...")
-    from mlakit import checks
-
-    job = parallel.init(checks.device(getattr(args, "device", None)))
-    if not job.is_main:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of this process)
-    return job
+    return parallel.join_for_tensor_parallel(getattr(args, "device", None), "generate")
 
 
 def _generate(args: argparse.Namespace, job) -> int:

@@ -81,3 +81,25 @@ def greedy_run(name: str, job=None) -> dict:
     logits = engine.prefill(prompt, torch.tensor([3, 3]))
     step = engine.decode(torch.tensor([5, 6]), torch.tensor([3, 3]))
     return {"tokens": tokens, "prefill": logits.clone(), "decode": step.clone()}
+
+
+def bench_logits(job=None) -> dict:
+    """``mlakit bench e2e``'s tiny variants as its tensor-parallel run builds them (``E2EBench._model``:
+    same seed on every rank, split before the engine): prefill and one decode step's logits per variant
+    whose heads split over 2 ranks (MQA's one KV head does not)."""
+    from mlakit.bench.e2e import E2EBench, E2EOptions
+
+    opts = E2EOptions(preset="tiny", device="cpu", dtype="float32", variants=("original", "mla", "mha"), hf=False,
+                      progress=False, tensor_parallel=job is not None)
+    bench = E2EBench(opts, log=lambda msg: None, job=job)
+    _, variants = bench._plan()
+    out = {}
+    generator = torch.Generator().manual_seed(0)
+    for variant in variants:
+        model = bench._model(variant)
+        engine = bench._engine(model, 2, 32)
+        prompt = torch.randint(0, model.config.vocab_size, (2, 5), generator=generator)
+        out[variant.name + " prefill"] = engine.prefill(prompt, torch.tensor([5, 5])).clone()
+        step = torch.randint(0, model.config.vocab_size, (2,), generator=generator)
+        out[variant.name + " decode"] = engine.decode(step, torch.tensor([5, 5])).clone()
+    return out

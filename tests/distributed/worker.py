@@ -3,7 +3,8 @@
     python -m torch.distributed.run --nproc-per-node 2 tests/distributed/worker.py CASE OUT [STATE_DIR]
 
 CASE: ``heal`` (all steps; with STATE_DIR: stop after the first, the state saved), ``heal-resume``
-(continue the state in STATE_DIR to the end), or a model name of ``cases.MODELS`` (greedy decode).
+(continue the state in STATE_DIR to the end), ``bench`` (the tiny variants of ``mlakit bench e2e``
+as its --tensor-parallel builds them: their logits), or a model name of ``cases.MODELS`` (greedy decode).
 
 Rank 0 writes what the test compares to ``OUT`` (torch.save of tensors and lists)."""
 
@@ -29,10 +30,13 @@ def main(case: str, out: str, state_dir: str | None = None) -> None:
             result = cases.heal_run(job, state_dir=state_dir, stop_after_first_step=state_dir is not None)
         elif case == "heal-resume":
             result = cases.heal_run(job, state_dir=state_dir, resume=True)
+        elif case == "bench":
+            result = cases.bench_logits(job)
         else:
             result = cases.greedy_run(case, job)
         if job.is_main:
             torch.save(result, out)
+        parallel.barrier()  # no rank tears the group down while another still works in it
     finally:
         parallel.shutdown()
 

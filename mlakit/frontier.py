@@ -106,7 +106,8 @@ def cache_bytes_per_token_layer(model, cache: str) -> float:
     return stored.bytes_per_token() / model.config.n_layers
 
 
-def _ppl(model, windows: torch.Tensor, batch_size: int, options) -> float:
+def window_ppl(model, windows: torch.Tensor, batch_size: int, options) -> float:
+    """exp(mean next-token NLL) over ``windows [n, L]``, each from position 0, run with ``options``."""
     from mlakit.evaluate import window_nll
 
     nll = window_nll(model, windows, batch_size=batch_size, options=options)
@@ -121,8 +122,8 @@ def measure(loaded, kind: str, cache: str, windows: Windows, original_bytes: flo
     options = forward_options(cache)
     model = loaded.model
     stored = cache_bytes_per_token_layer(model, cache)
-    short = _ppl(model, windows.short, 4, options)
-    long = _ppl(model, windows.long, 1, options)  # a 4096-token window's logits are large
+    short = window_ppl(model, windows.short, 4, options)
+    long = window_ppl(model, windows.long, 1, options)  # a 4096-token window's logits are large
     passkey = None
     if windows.passkey_trials != 0:
         result = evaluate_passkey(loaded, lengths=[windows.passkey_length], trials=windows.passkey_trials,
@@ -143,6 +144,8 @@ def run_frontier(load: Callable[[str], Any], original: str, mla: Sequence[str],
     ``windows``: None for the protocol's (from the original's tokenizer); ``passkey_trials``
     overrides theirs (0: no passkey)."""
     from tqdm.auto import tqdm
+
+    from mlakit.passkey import TRIALS
 
     if not original_caches:
         raise MlakitError(f"{PROTOCOL} needs the original in at least one cache format (its bf16 bytes are the base)")
@@ -174,7 +177,7 @@ def run_frontier(load: Callable[[str], Any], original: str, mla: Sequence[str],
     return Frontier(protocol=PROTOCOL, points=points, original_bytes_per_token_layer=original_bytes,
                     windows={"short": list(windows.short.shape), "long": list(windows.long.shape),
                              "passkey_length": windows.passkey_length,
-                             "passkey_trials": 20 if trials is None else trials},
+                             "passkey_trials": TRIALS if trials is None else trials},
                     seconds=time.perf_counter() - start)
 
 

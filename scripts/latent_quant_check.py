@@ -12,7 +12,6 @@ wikitext2-smollm2-v1 (the protocol's 40 windows) for every row.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -24,13 +23,11 @@ import torch  # noqa: E402
 from mlakit import evaluate as ev  # noqa: E402
 from mlakit.convert.rotate import ROTATIONS, transform_latent  # noqa: E402
 from mlakit.loading import load  # noqa: E402
-from mlakit.options import ForwardOptions  # noqa: E402
+from mlakit.frontier import forward_options, window_ppl  # noqa: E402
 
 
 def ppl(model, windows, fmt: str) -> float:
-    name, rope = fmt.removesuffix("+rope"), fmt.endswith("+rope")
-    nll = ev.window_nll(model, windows, options=ForwardOptions(kv_cache_dtype=name, quantize_rope=rope))
-    return math.exp(float(nll) / (windows.shape[0] * (windows.shape[1] - 1)))
+    return window_ppl(model, windows, 4, forward_options(fmt))  # kv-frontier-v1's figures, as stored
 
 
 def main() -> int:

@@ -101,7 +101,7 @@ def latent_stds(model, tokens: torch.Tensor) -> list[torch.Tensor | None]:
     (float64; None for a layer that is not MLA): the calibration the equalisation divides by."""
     from mlakit.options import DEFAULT
 
-    sums: dict[int, list[torch.Tensor]] = {}
+    sums: dict[int, list] = {}  # layer -> [sum, sum of squares, count]
 
     def record(index: int, attn: MLAttention):
         def hook(module, args, out):
@@ -109,9 +109,8 @@ def latent_stds(model, tokens: torch.Tensor) -> list[torch.Tensor | None]:
             if attn.kv_norm is not None:
                 latent = attn.kv_norm(latent)
             latent = latent.reshape(-1, latent.shape[-1])
-            acc = sums.setdefault(index, [torch.zeros(latent.shape[-1], dtype=torch.float64, device=latent.device)] * 2
-                                  + [0])
-            sums[index] = [acc[0] + latent.sum(0), acc[1] + latent.pow(2).sum(0), acc[2] + latent.shape[0]]
+            total, squares, n = sums.get(index, (0.0, 0.0, 0))
+            sums[index] = [total + latent.sum(0), squares + latent.pow(2).sum(0), n + latent.shape[0]]
         return hook
 
     handles = [layer.attention.wkv_a.register_forward_hook(record(i, layer.attention))

@@ -33,6 +33,10 @@ EVAL_START = 131072
 EVAL_WINDOWS = 40
 EVAL_WINDOW_LEN = 512
 BASELINE_VALUES_PER_TOKEN_LAYER = 384  # the default model's GQA cache: 2 x 3 x 64
+# The protocols are defined on the default model's tokenizer. The same text and token ranges
+# through another family's tokenizer are that family's protocol (docs/protocols.md): the
+# Gemma 3 tokenizer gives wikitext2-gemma3-270m-v1, longctx-gemma3-270m-v1, ood-gemma3-270m-v1.
+FAMILY_TAGS = {"gemma3": "gemma3-270m"}
 
 
 def data_path() -> Path:
@@ -110,11 +114,21 @@ class EvalResult:
         return asdict(self)
 
 
+def protocol_name(name: str, config) -> str:
+    """The name a protocol goes by for a model of ``config``'s family (``FAMILY_TAGS``)."""
+    tag = FAMILY_TAGS.get(getattr(config, "arch", ""))
+    return name.replace("smollm2", tag) if tag else name
+
+
 def kv_figures(config) -> tuple[float, int, float]:
-    """(values per token per layer (mean), values per token (all layers), KV saving vs 384)."""
+    """(values per token per layer (mean), values per token (all layers), KV saving against
+    the original's cache): the original is the default model (384 values per token per
+    layer), or for another family (``FAMILY_TAGS``) its own K/V cache, which a converted
+    config keeps in ``n_kv_heads`` and ``head_dim``."""
     total = config.kv_values_per_token_total()
     per_layer = total / config.n_layers
-    return per_layer, total, 1.0 - per_layer / BASELINE_VALUES_PER_TOKEN_LAYER
+    base = 2 * config.n_kv_heads * config.head_dim if config.arch in FAMILY_TAGS else BASELINE_VALUES_PER_TOKEN_LAYER
+    return per_layer, total, 1.0 - per_layer / base
 
 
 @torch.inference_mode()
@@ -159,7 +173,7 @@ def evaluate(loaded, batch_size: int = 4, progress: bool = True, options=None) -
     loss = (nll_sum / n).to(torch.float32)
     ppl = float(torch.exp(loss))
     per_layer, total, saving = kv_figures(loaded.model.config)
-    return EvalResult(protocol=PROTOCOL, model=loaded.source, ppl=ppl, nll=float(loss), tokens=n,
+    return EvalResult(protocol=protocol_name(PROTOCOL, loaded.model.config), model=loaded.source, ppl=ppl, nll=float(loss), tokens=n,
                       windows=windows.shape[0], kv_values_per_token_layer=per_layer, kv_values_per_token=total,
                       kv_saving=saving, seconds=time.perf_counter() - start)
 
@@ -231,7 +245,7 @@ def evaluate_long_window(loaded, progress: bool = True, windows: torch.Tensor | 
                                options=options)
     n = windows.shape[0] * (windows.shape[1] - 1)
     loss = (by_position.sum() / n).to(torch.float32)
-    return LongWindowResult(protocol=LONG_PROTOCOL, model=loaded.source, ppl=float(torch.exp(loss)), nll=float(loss),
+    return LongWindowResult(protocol=protocol_name(LONG_PROTOCOL, loaded.model.config), model=loaded.source, ppl=float(torch.exp(loss)), nll=float(loss),
                             tokens=n, windows=windows.shape[0], window_len=windows.shape[1],
                             by_position=bucket_losses(by_position, windows.shape[0]),
                             seconds=time.perf_counter() - start)

@@ -146,7 +146,7 @@ class OodResult:
 def evaluate_ood(loaded, batch_size: int = 4, progress: bool = True,
                  windows: dict[str, torch.Tensor] | None = None, options=None) -> OodResult:
     """ood-smollm2-v1 of a loaded model. ``windows``: other windows per text (tests)."""
-    from mlakit.evaluate import position_nll
+    from mlakit.evaluate import position_nll, protocol_name
 
     start = time.perf_counter()
     if windows is None:
@@ -158,7 +158,8 @@ def evaluate_ood(loaded, batch_size: int = 4, progress: bool = True,
         loss = loss.to(torch.float32)
         texts[name] = {"ppl": float(torch.exp(loss)), "nll": float(loss), "tokens": n}
     mean_loss = torch.tensor([t["nll"] for t in texts.values()], dtype=torch.float32).mean()
-    return OodResult(protocol=PROTOCOL, model=loaded.source, ppl=float(torch.exp(mean_loss)), texts=texts,
+    return OodResult(protocol=protocol_name(PROTOCOL, loaded.model.config), model=loaded.source,
+                     ppl=float(torch.exp(mean_loss)), texts=texts,
                      seconds=time.perf_counter() - start)
 
 

@@ -1,13 +1,19 @@
-"""Soak: many generate requests of mixed lengths through ONE engine, on the CPU.
+"""Soak: many generate requests of mixed lengths through ONE engine.
 
 Each request (a random prompt of 1..64 tokens, 1..32 new tokens, greedy or seeded
-sampling) runs through the same ``Engine`` (its cache reused); every output is
-compared with the same request run alone (a fresh engine), and the process's
-resident memory is sampled as the requests go. Prints a table; exit 1 when an
-output differs or memory grows past the allowance.
+sampling) runs through the same ``Engine`` (its cache reused, CUDA graphs on a GPU);
+every output is compared with the same request run alone (a fresh engine of the same
+kind), and the process's resident memory (and on a GPU, the memory torch holds there) is
+sampled as the requests go. Prints a table; exit 1 when an output differs or memory grows
+past the allowance.
 
-    python scripts/soak.py                # 2,000 requests (a few minutes on 2 cores)
+    python scripts/soak.py                # CPU, tiny GQA and MLA models, 2,000 requests each
     python scripts/soak.py --requests 200
+    python scripts/soak.py --model default --device cuda --requests 10000 --workers 6
+
+``--workers N`` runs the one-at-a-time references in N other processes while the one
+engine works through the requests (on a GPU a fresh engine captures its CUDA graphs
+anew for every request, which is what makes the references the slow half).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from mlakit import ModelConfig, Transformer  # noqa: E402
-from mlakit.engine import Engine, SamplingParams, generate, generate_batch  # noqa: E402
+from mlakit.engine import Engine, SamplingParams, generate_batch  # noqa: E402
 
 MAX_PROMPT, MAX_NEW = 64, 32
 GROWTH_ALLOWANCE_MB = 32  # allocator noise; a leak of one cache per request would be far more
@@ -39,9 +45,22 @@ def tiny_model(attention: str) -> Transformer:
     return Transformer(ModelConfig(**base)).init_random(seed=0, std=0.3).eval()
 
 
+def load_model(name: str, device: str) -> Transformer:
+    """``gqa`` / ``mla``: a tiny random model; anything else: ``mlakit.loading.load`` (e.g. ``default``)."""
+    if name in ("gqa", "mla"):
+        return tiny_model(name).to(device)
+    from mlakit.loading import load
+
+    return load(name, device=device).model.eval()
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def device_mb(model: Transformer) -> float:
+    return torch.cuda.memory_allocated(model.device) / 2**20 if model.device.type == "cuda" else 0.0
 
 
 def request(rng: random.Random, vocab: int) -> tuple[list[int], SamplingParams]:
@@ -53,47 +72,101 @@ def request(rng: random.Random, vocab: int) -> tuple[list[int], SamplingParams]:
     return prompt, params
 
 
-def soak(model: Transformer, requests: int, seed: int = 0) -> dict:
-    """Run ``requests`` through one engine; returns counts and memory figures."""
+def requests_for(model: Transformer, n: int, seed: int) -> list[tuple[list[int], SamplingParams]]:
     rng = random.Random(seed)
-    engine = Engine(model, 1, model.config.max_seq_len)
-    mismatches, tokens, samples = 0, 0, []
-    warmup = max(1, requests // 10)
+    return [request(rng, model.config.vocab_size) for _ in range(n)]
+
+
+def run_one(model: Transformer, engine: Engine, prompt: list[int], params: SamplingParams) -> list[int]:
+    out, counts = generate_batch(model, [prompt], params, engine=engine)
+    return out[0, : int(counts[0])].tolist()
+
+
+def alone(model: Transformer, prompt: list[int], params: SamplingParams) -> list[int]:
+    """The request on its own: a fresh engine of the soak engine's kind."""
+    return run_one(model, Engine(model, 1, MAX_PROMPT + MAX_NEW), prompt, params)
+
+
+_WORKER_MODEL: Transformer | None = None
+
+
+def _worker_init(name: str, device: str) -> None:
+    global _WORKER_MODEL
+    torch.set_num_threads(1)
+    _WORKER_MODEL = load_model(name, device)
+
+
+def _worker_alone(job: tuple[int, list[int], SamplingParams]) -> tuple[int, list[int]]:
+    i, prompt, params = job
+    return i, alone(_WORKER_MODEL, prompt, params)
+
+
+def soak(model: Transformer, requests: int, seed: int = 0, workers: int = 0, model_name: str | None = None) -> dict:
+    """Run ``requests`` through one engine; returns counts and memory figures. ``workers``:
+    compute the one-at-a-time references in that many processes (they load ``model_name``)."""
+    jobs = requests_for(model, requests, seed)
+    pool = results = None
+    if workers:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn").Pool(workers, _worker_init, (model_name, str(model.device)))
+        results = pool.imap_unordered(_worker_alone, [(i, p, s) for i, (p, s) in enumerate(jobs)], chunksize=8)
+    engine = Engine(model, 1, MAX_PROMPT + MAX_NEW)
+    outputs, samples = [], []
+    every = max(1, requests // 10)
     start = time.perf_counter()
-    for i in range(requests):
-        prompt, params = request(rng, model.config.vocab_size)
-        out, counts = generate_batch(model, [prompt], params, engine=engine)
-        got = out[0, : int(counts[0])].tolist()
-        alone = generate(model, [prompt], params)[0]  # a fresh engine: the request on its own
-        mismatches += got != alone
-        tokens += len(got)
-        if i + 1 == warmup or (i + 1) % max(1, requests // 10) == 0:
+    for i, (prompt, params) in enumerate(jobs):
+        outputs.append(run_one(model, engine, prompt, params))
+        if not workers:
+            outputs[-1] = (outputs[-1], alone(model, prompt, params))
+        if i + 1 == every or (i + 1) % every == 0:
             gc.collect()
-            samples.append((i + 1, rss_mb()))
-    base = samples[0][1]
-    return {"requests": requests, "tokens": tokens, "mismatches": mismatches, "seconds": time.perf_counter() - start,
-            "rss_after_warmup_mb": base, "rss_end_mb": samples[-1][1],
-            "growth_mb": max(mb for _, mb in samples) - base, "samples": samples}
+            samples.append((i + 1, rss_mb(), device_mb(model)))
+    engine_seconds = time.perf_counter() - start
+    if workers:
+        references = dict(results)
+        pool.close()
+        pool.join()
+        outputs = [(got, references[i]) for i, got in enumerate(outputs)]
+    mismatches = sum(got != ref for got, ref in outputs)
+    base = samples[0]
+    return {"requests": requests, "tokens": sum(len(got) for got, _ in outputs), "mismatches": mismatches,
+            "seconds": time.perf_counter() - start, "engine_seconds": engine_seconds,
+            "rss_after_warmup_mb": base[1], "rss_end_mb": samples[-1][1],
+            "growth_mb": max(s[1] for s in samples) - base[1],
+            "device_growth_mb": max(s[2] for s in samples) - base[2], "samples": samples}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=2000, help="requests per model (default 2000)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="gqa,mla",
+                        help="comma-separated: gqa / mla (tiny random models) or a model mlakit loads, e.g. default")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--workers", type=int, default=0, help="processes for the one-at-a-time references")
     args = parser.parse_args(argv)
+    if args.requests < 1 or args.workers < 0:
+        parser.error("--requests must be >= 1 and --workers >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU here")
     torch.set_num_threads(1)
     ok = True
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"soak: {args.requests} requests per model (prompts 1..{MAX_PROMPT}, 1..{MAX_NEW} new tokens, "
-          "greedy and seeded sampling), one engine each, CPU")
-    print("| model | requests | tokens | outputs = alone | RSS after warm-up | RSS at end | max growth | s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for attention in ("gqa", "mla"):
-        r = soak(tiny_model(attention), args.requests, args.seed)
-        good = r["mismatches"] == 0 and r["growth_mb"] < GROWTH_ALLOWANCE_MB
+          f"greedy and seeded sampling), one engine each, {where}")
+    print("| model | requests | tokens | outputs = alone | RSS after warm-up | RSS at end | max growth | "
+          "GPU memory growth | engine s | s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in args.model.split(","):
+        r = soak(load_model(name, args.device), args.requests, args.seed, args.workers, name)
+        good = (r["mismatches"] == 0 and r["growth_mb"] < GROWTH_ALLOWANCE_MB
+                and r["device_growth_mb"] < GROWTH_ALLOWANCE_MB)
         ok &= good
-        print(f"| {attention.upper()} | {r['requests']} | {r['tokens']} | {r['requests'] - r['mismatches']}/"
+        print(f"| {name} | {r['requests']} | {r['tokens']} | {r['requests'] - r['mismatches']}/"
               f"{r['requests']} | {r['rss_after_warmup_mb']:.1f} MB | {r['rss_end_mb']:.1f} MB | "
-              f"{r['growth_mb']:+.1f} MB | {r['seconds']:.0f} |")
+              f"{r['growth_mb']:+.1f} MB | {r['device_growth_mb']:+.1f} MB | {r['engine_seconds']:.0f} | "
+              f"{r['seconds']:.0f} |", flush=True)
     print("PASS" if ok else f"FAIL (outputs must match; growth must stay under {GROWTH_ALLOWANCE_MB} MB)")
     return 0 if ok else 1
 

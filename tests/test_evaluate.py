@@ -48,6 +48,38 @@ def test_eval_matches_transformers_on_a_tiny_model(tmp_path, capsys):
     assert out["ppl"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_gemma3_models_go_by_the_gemma_protocol_names_and_their_own_cache(tmp_path, capsys):
+    """A Gemma 3 model is measured on the same text and ranges through its own tokenizer:
+    the protocol is wikitext2-gemma3-270m-v1, and its KV saving counts against its own
+    K/V cache (1 head x 32 x 2 here), before and after conversion."""
+    path_text = _data_or_skip()
+    hf, path = save_tiny_with_tokenizer(tmp_path, "gemma3", 1, max_position_embeddings=512)
+    expected = reference_ppl(hf, _tok(path), path_text)
+    assert main(["eval", str(path), "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["protocol"], out["kv_values_per_token_layer"], out["kv_saving"]) == ("wikitext2-gemma3-270m-v1", 64, 0)
+    assert out["ppl"] == pytest.approx(expected, rel=1e-5)
+    mla = tmp_path / "mla"
+    assert main(["convert", str(path), "-o", str(mla), "--kv-saving", "0.5", "--calib-tokens", "2048",
+                 "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(mla), "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["protocol"], out["kv_values_per_token_layer"], out["kv_saving"]) == ("wikitext2-gemma3-270m-v1", 32,
+                                                                                     0.5)
+
+
+def test_other_families_keep_the_default_protocol_names():
+    from mlakit.config import preset
+
+    for arch in ("llama", "qwen3", "mistral"):
+        config = preset("smollm2-135m").replace(arch=arch)
+        assert ev.protocol_name(ev.LONG_PROTOCOL, config) == "longctx-smollm2-v1"
+        assert ev.kv_figures(config) == (384, 30 * 384, 0)
+    gemma = preset("smollm2-135m").replace(arch="gemma3", n_kv_heads=1, head_dim=256)
+    assert ev.protocol_name(ev.LONG_PROTOCOL, gemma) == "longctx-gemma3-270m-v1"
+
+
 def _tok(path):
     from transformers import AutoTokenizer
 

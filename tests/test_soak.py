@@ -24,3 +24,14 @@ def test_soak_one_engine(attention):
     assert result["mismatches"] == 0
     assert result["tokens"] > 100
     assert result["growth_mb"] < soak.GROWTH_ALLOWANCE_MB, result["samples"]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_soak_references_from_worker_processes(monkeypatch):
+    """The GPU soak's layout (the one-at-a-time references computed in other processes,
+    each loading the model itself) gives the same verdict on the CPU."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # spawned workers import the script by name
+    import soak
+
+    result = soak.soak(soak.tiny_model("mla"), requests=24, seed=2, workers=2, model_name="mla")
+    assert result["mismatches"] == 0 and result["requests"] == 24 and result["tokens"] > 24

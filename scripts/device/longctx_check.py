@@ -56,7 +56,7 @@ def shrink_protocols_for_smoke() -> None:
 class Check(Steps):
     def __init__(self, args: argparse.Namespace) -> None:
         super().__init__(args, "longctx.json")
-        self.source = str(self.smoke_model()) if args.smoke else "default"
+        self.source = args.source or (str(self.smoke_model()) if args.smoke else "default")
         self._tokenizer = None
 
     def time_left(self) -> bool:
@@ -78,6 +78,7 @@ class Check(Steps):
     def evaluate(self, name: str, path: str) -> None:
         """Every protocol on one checkpoint (float32), its GPU minutes, into the row."""
         from mlakit.loading import load
+        from mlakit.evaluate import protocol_name
         from mlakit.protocols import evaluate_protocols, format_results, summary_row
 
         row = self.row(name)
@@ -87,7 +88,10 @@ class Check(Steps):
         loaded = load(path, dtype=torch.float32, device=self.device)
         self._tokenizer = self._tokenizer or loaded.tokenizer
         loaded.tokenizer = self._tokenizer  # every checkpoint carries the original's tokenizer: tokenise once
-        results = evaluate_protocols(loaded, "all", progress=False)
+        self.results["family_tag"] = protocol_name("smollm2", loaded.model.config)
+        results = {}
+        for choice in self.args.protocols.split(","):
+            results.update(evaluate_protocols(loaded, choice, progress=False))
         _sync()
         for line in format_results(results):
             log("  " + line)
@@ -148,9 +152,10 @@ def table(results: dict) -> str:
     extra = sorted({k for r in rows.values() for k in r if k.startswith("passkey_") and k not in keys})
     head = (["model", "KV saving", "values/token/layer"] + [t for k, t, _ in COLUMNS if k in keys]
             + [f"passkey {k.split('_')[1]}" for k in extra] + ["GPU min (convert / heal / eval)"])
-    lines = ["Protocols: wikitext2-smollm2-v1 (512-token ppl), longctx-smollm2-v1 (long-window ppl, "
-             "passkey-v1), ood-smollm2-v1 (fiction: alice29, expository: lcet10); float32; "
-             f"device: {results.get('device', '?')}.", "",
+    tag = results.get("family_tag", "smollm2")
+    lines = [f"Protocols: wikitext2-{tag}-v1 (512-token ppl), longctx-{tag}-v1 (long-window ppl, "
+             f"passkey-v1), ood-{tag}-v1 (fiction: alice29, expository: lcet10); float32; "
+             f"source: {results.get('source', 'default')}; device: {results.get('device', '?')}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     formats = {k: f for k, _, f in COLUMNS} | {k: "{:.0%}" for k in extra}
     for name, r in rows.items():
@@ -174,12 +179,18 @@ def main(argv=None) -> None:
                              "(e.g. \"--tokens 12M --train all --compile\"); '' heals with the defaults")
     parser.add_argument("--max-minutes", type=float, default=60.0,
                         help="start no new step after this many minutes (run again to continue)")
+    parser.add_argument("--source", default=None,
+                        help="the original model (default: the default model; e.g. a Gemma 3 GGUF, whose protocols "
+                             "are the *-gemma3-270m-v1 ones of docs/protocols.md)")
+    parser.add_argument("--protocols", default="all",
+                        help="comma-separated `mlakit eval --protocol` groups (wikitext2, longctx, ood, all)")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model on the CPU (code path only)")
     args = parser.parse_args(argv)
     if args.smoke:
         shrink_protocols_for_smoke()
     check = Check(args)
     check.results["device"] = torch.cuda.get_device_name() if check.device == "cuda" else "cpu (smoke)"
+    check.results["source"] = check.source
     savings = [float(s) for s in args.savings.split(",") if s.strip()]
     log(f"original: {check.source}")
     check.evaluate("original", check.source)

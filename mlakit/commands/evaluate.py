@@ -17,7 +17,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                                            "by position) and passkey-v1 (20 trials at 1024, 4096 and 7680 tokens "
                                            "through the generation engine; tens of minutes on a 2-core CPU). ood: "
                                            "ood-smollm2-v1, ppl on fiction and expository prose "
-                                           "(scripts/fetch_ood_text.py fetches the texts). all: every one.")
+                                           "(scripts/fetch_ood_text.py fetches the texts). all: every one. A Gemma 3 "
+                                           "model runs the same protocols through its own tokenizer, named "
+                                           "*-gemma3-270m-v1 (docs/protocols.md).")
     ev.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     ev.add_argument("--protocol", choices=("wikitext2", "longctx", "ood", "all"), default="wikitext2",
                     help="which protocols to run (default wikitext2)")

@@ -54,10 +54,10 @@ def tiny_converted(tmp_path_factory):
     rank 12, RoPE key 4), for the tests that run the commands on them (read them, write
     elsewhere). Skips without transformers or the protocol text."""
     pytest.importorskip("transformers")
-    from convert.helpers import save_tiny_with_tokenizer
     from mlakit import evaluate
     from mlakit.cli import main
     from mlakit.errors import MlakitError
+    from mlakit.testing.models import save_tiny_with_tokenizer
 
     try:
         evaluate.data_path()

@@ -2,8 +2,6 @@
 shape, out-of-memory rows, and the largest-batch search on a fake memory model."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -192,7 +190,7 @@ def test_cli_parses_and_runs(tmp_path, capsys):
 
 
 def test_named_model_is_loaded_as_the_original(tmp_path):
-    from hf_models import save_tiny
+    from mlakit.testing.models import save_tiny
 
     _, path = save_tiny(tmp_path, "llama", 2)
     result = e2e.run_e2e(tiny_options(preset="llama3-8b", model=str(path), grid=((1, 16),), variants=("original", "mla"),
@@ -207,12 +205,10 @@ def test_named_model_mla_comes_from_the_converter(tmp_path, rel_err):
     """With a named model the MLA variant is the project's converter's output (by default
     at its 50% saving), not random weights of the same shape: the bench's MLA model
     gives the logits of a direct ``mlakit.convert`` of the same model."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from convert.helpers import save_tiny_with_tokenizer
-
     from mlakit.convert.api import ConvertOptions, convert
     from mlakit.evaluate import calibration_tokens
     from mlakit.loading import load
+    from mlakit.testing.models import save_tiny_with_tokenizer
 
     _, path = save_tiny_with_tokenizer(tmp_path, "llama", 2)
     opts = tiny_options(preset="llama3-8b", model=str(path), grid=((1, 16),), variants=("original", "mla"),

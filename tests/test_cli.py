@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from hf_models import save_tiny
 from mlakit.cli import main
+from mlakit.testing.models import save_tiny
 
 pytest.importorskip("transformers")
 

@@ -40,13 +40,14 @@ def test_kernels_check_correctness_on_the_interpreter():
     """kernels_check's correctness section (the test suite's cases, crossed with dtypes) on the
     interpreter cases; a fresh process, since TRITON_INTERPRET must be set before the kernels load."""
     pytest.importorskip("triton")
-    code = ("import sys; sys.path.insert(0, 'scripts/device'); import kernels_check as k, _kernel_cases as c; "
+    code = ("import sys; sys.path.insert(0, 'scripts/device'); import kernels_check as k; "
+            "from mlakit.testing import kernel_cases as c; "
             "r, f = k.check_correctness(c.INTERP_DECODE_CASES, c.INTERP_ROPE_CASES, device='cpu', "
             "dtypes=('float32', 'float16')); print('RESULT', len(r), f)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600,
                             env=dict(os.environ, TRITON_INTERPRET="1"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    from kernels import _kernel_cases as cases
+    from mlakit.testing import kernel_cases as cases
 
     expected = 2 * (len(cases.INTERP_DECODE_CASES) + len(cases.INTERP_ROPE_CASES))
     assert f"RESULT {expected} 0" in result.stdout, result.stdout[-3000:]

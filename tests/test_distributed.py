@@ -105,8 +105,8 @@ def test_torchrun_generate_tensor_parallel_prints_what_one_process_prints(tmp_pa
     pytest.importorskip("transformers")
     import json
 
-    from convert.helpers import save_tiny_with_tokenizer
     from mlakit.cli import main
+    from mlakit.testing.models import save_tiny_with_tokenizer
 
     _, path = save_tiny_with_tokenizer(tmp_path, "llama", 2)
     args = ["generate", str(path), "--prompt", "The quick brown fox", "--max-new-tokens", "12", "--greedy",

@@ -8,10 +8,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from convert.helpers import save_tiny_with_tokenizer  # noqa: E402
 from mlakit import evaluate as ev  # noqa: E402
 from mlakit.cli import main  # noqa: E402
 from mlakit.errors import MlakitError  # noqa: E402
+from mlakit.testing.models import save_tiny_with_tokenizer  # noqa: E402
 
 
 def _data_or_skip():

@@ -20,11 +20,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from convert.helpers import byte_tokenizer, save_tiny_with_tokenizer  # noqa: E402
 from mlakit import ModelConfig, Transformer  # noqa: E402
 from mlakit.cli import main  # noqa: E402
 from mlakit.errors import MlakitError  # noqa: E402
 from mlakit.loading import load, save_checkpoint  # noqa: E402
+from mlakit.testing.models import byte_tokenizer, save_tiny_with_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MARKER = "code-ran.txt"  # what planted code would create

@@ -12,7 +12,7 @@ from mlakit import ModelConfig, Transformer
 from mlakit import frontier as fr
 from mlakit.errors import MlakitError
 from mlakit.loading import LoadedModel
-from test_longctx import WordTokenizer
+from mlakit.testing.models import WordTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -151,9 +151,9 @@ def test_command_checks_its_arguments_before_loading(capsys, tmp_path):
 
 def test_command_on_tiny_checkpoints(tmp_path, capsys):
     pytest.importorskip("transformers")
-    from convert.helpers import save_tiny_with_tokenizer
     from mlakit import evaluate as ev
     from mlakit.cli import main
+    from mlakit.testing.models import save_tiny_with_tokenizer
 
     try:
         ev.data_path()

@@ -1,6 +1,7 @@
 """mlakit.io: the atomic writer, the output lock, stale temporaries, pickle-free state."""
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -179,7 +180,9 @@ def test_tree_round_trip_without_pickle(tmp_path):
     assert torch.equal(restored.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
 
 
-@pytest.mark.parametrize("content", [b"", b"\x00" * 7, os.urandom(300)])
+# seeded, and ids without the bytes: every pytest-xdist worker collects the same tests
+@pytest.mark.parametrize("content", [b"", b"\x00" * 7, random.Random(0).randbytes(300)],
+                         ids=["empty", "zeros", "random"])
 def test_damaged_state_file_is_one_error(tmp_path, content):
     (tmp_path / "s.safetensors").write_bytes(content)
     with pytest.raises(MlakitError, match="s.safetensors is not a readable mlakit state file"):

@@ -4,7 +4,6 @@ generations against a full-forward greedy reference (so they run through the eng
 
 import math
 import random
-import re
 
 import pytest
 import torch
@@ -14,26 +13,9 @@ from mlakit import evaluate as ev
 from mlakit import passkey as pk
 from mlakit.engine import Engine
 from mlakit.loading import LoadedModel
+from mlakit.testing.models import WordTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class WordTokenizer:
-    """Words (with their leading space), digits runs and punctuation as tokens; ids are given
-    in order of first sight (so any text of a few hundred words fits a tiny vocabulary)."""
-
-    PATTERN = re.compile(r" ?\w+|[^\w\s]|\s")
-
-    def __init__(self) -> None:
-        self.vocab: dict[str, int] = {}
-
-    def __call__(self, text, add_special_tokens=False):
-        ids = [self.vocab.setdefault(piece, len(self.vocab)) for piece in self.PATTERN.findall(text)]
-        return type("Encoding", (), {"input_ids": ids})()
-
-    def decode(self, ids, skip_special_tokens=True):
-        words = {i: w for w, i in self.vocab.items()}
-        return "".join(words.get(i, f"<{i}>") for i in ids)
 
 
 def tiny(attention: str, vocab: int = 101, max_seq_len: int = 512) -> Transformer:

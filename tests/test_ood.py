@@ -85,7 +85,7 @@ def test_protocol_choices_parse():
 @pytest.fixture
 def tiny_checkpoint(tmp_path):
     pytest.importorskip("transformers")
-    from convert.helpers import save_tiny_with_tokenizer
+    from mlakit.testing.models import save_tiny_with_tokenizer
 
     try:
         ev.data_path()
@@ -137,7 +137,7 @@ def test_missing_texts_are_one_error_line(tiny_checkpoint, capsys, monkeypatch, 
 
 def test_calibration_tokens_are_the_start_of_each_text():
     directory = texts_or_skip()
-    from convert.helpers import byte_tokenizer
+    from mlakit.testing.models import byte_tokenizer
 
     pytest.importorskip("transformers")
     tokenizer = byte_tokenizer()

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import mlakit.loading as loading
-from hf_models import save_tiny
 from mlakit.engine import SamplingParams, generate
+from mlakit.testing.models import save_tiny
 
 pytest.importorskip("transformers")
 

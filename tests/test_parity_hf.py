@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import mlakit.loading as loading
-from hf_models import save_tiny
+from mlakit.testing.models import save_tiny
 
 pytest.importorskip("transformers")
 

@@ -14,7 +14,7 @@ LAYERS = {
     3: ["attention", "model", "parallel"],
     4: ["loading", "speed", "engine", "elastic", "sparse"],
     5: ["convert", "heal", "export", "bench", "report", "frontier", "checks", "evaluate", "passkey", "ood", "protocols",
-        "commands.common"],
+        "commands.common", "testing"],
     6: ["cli", "commands", "__main__", "__init__"],
 }
 CLI_MODULES = ("heal.cli", "export.cli", "bench.cli", "convert.cli")  # each tool's own command module

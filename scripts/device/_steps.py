@@ -9,7 +9,6 @@ import argparse
 import gc
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -59,8 +58,7 @@ class Steps:
         """The tiny random byte-level llama (2 KV heads, 512 positions) of --smoke, made once in OUT."""
         path = self.out / "llama-kv2"
         if not (path / "config.json").exists():
-            sys.path.insert(0, str(REPO / "tests"))
-            from convert.helpers import save_tiny_with_tokenizer
+            from mlakit.testing.models import save_tiny_with_tokenizer
 
             save_tiny_with_tokenizer(self.out, "llama", 2, max_position_embeddings=512)
         return path

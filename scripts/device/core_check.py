@@ -14,14 +14,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-
-from hf_models import save_tiny  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from mlakit import MlakitError, Transformer  # noqa: E402
 from mlakit.engine import SamplingParams, generate  # noqa: E402
 from mlakit.options import ForwardOptions  # noqa: E402
 from mlakit.loading import default_model_path, load  # noqa: E402
+from mlakit.testing.models import save_tiny  # noqa: E402
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -59,8 +59,8 @@ def written(checkpoint: Path) -> bool:
 def smoke_source(work: Path) -> str:
     path = work / "llama-kv2"
     if not (path / "config.json").exists():
-        sys.path.insert(0, str(REPO / "tests"))
-        from convert.helpers import save_tiny_with_tokenizer
+        sys.path.insert(0, str(REPO))
+        from mlakit.testing.models import save_tiny_with_tokenizer
 
         save_tiny_with_tokenizer(work, "llama", 2, max_position_embeddings=4096)
     return str(path)

@@ -9,7 +9,7 @@ Run on the GPU machine from the repository root:
 Sections (each prints as it goes; the decode-attn-v1 table comes last):
   1. environment (GPU, torch, triton, flash_mla)
   2. correctness of every kernel against its PyTorch reference on CUDA: the test
-     suite's CUDA cases (tests/kernels/_kernel_cases.py), each in bf16, fp16 and fp32
+     suite's CUDA cases (mlakit/testing/kernel_cases.py), each in bf16, fp16 and fp32
      (fresh random inputs, output poisoned with NaN, relative error bounds
      bf16/fp16 <= 1e-2, fp32 <= 1e-4)
   3. sweep of launch configurations on the benchmark shapes (median us, GB/s,
@@ -35,16 +35,14 @@ from types import SimpleNamespace
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests", "kernels"))  # _kernel_cases: the correctness cases
 
 import torch  # noqa: E402
 
 from mlakit.bench.attention import format_table, run_attention_bench  # noqa: E402
 from mlakit.bench.timing import capture_cuda_graph, do_bench_ms, measure_copy_gbps  # noqa: E402
 from mlakit.kernels import decode_common, mla_decode, mla_decode_reference  # noqa: E402
-
-import _kernel_cases as cases  # noqa: E402
-from _kernel_cases import rel_err  # noqa: E402
+from mlakit.testing import kernel_cases as cases  # noqa: E402
+from mlakit.testing.kernel_cases import rel_err  # noqa: E402
 
 
 
@@ -61,7 +59,7 @@ CHECK_DTYPES = ("bfloat16", "float16", "float32")
 
 
 def check_correctness(decode_cases=None, rope_cases=None, device="cuda", dtypes=CHECK_DTYPES, gluon=False):
-    """The test suite's CUDA cases (tests/kernels/_kernel_cases.py, one list for both), each
+    """The test suite's CUDA cases (mlakit/testing/kernel_cases.py, one list for both), each
     in every dtype of ``dtypes``: kernel vs reference on fresh random inputs, output
     poisoned with NaN, relative error within the dtype's bound. ``gluon``: the decode cases
     through the Gluon kernel instead of the Triton kernel."""

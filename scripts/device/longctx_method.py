@@ -197,8 +197,7 @@ def main() -> int:
     device = "cpu" if args.smoke else "cuda"
     source = "default"
     if args.smoke:
-        sys.path.insert(0, str(REPO / "tests"))
-        from convert.helpers import save_tiny_with_tokenizer
+        from mlakit.testing.models import save_tiny_with_tokenizer
 
         _, path = save_tiny_with_tokenizer(out / "tiny", "llama", 2)
         source = str(path)

@@ -6,7 +6,7 @@
 
 Sections:
   1. correctness on CUDA: the sparse kernels against their references (the interpreter cases of
-     tests/kernels/_sparse_runner.py, then the decode-attn-v1 shape at 32768 tokens), and
+     mlakit/testing/sparse_cases.py, then the decode-attn-v1 shape at 32768 tokens), and
      sparse == dense when k covers the context;
   2. decode-attn-v1 extended (32 heads, rank 512 + rope 64, bf16): contexts 32768-131072 x
      batch 1-16, the dense kernel (mla_decode's pick: Gluon on Hopper) beside the sparse decode
@@ -29,13 +29,13 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "tests", "kernels"))
 
 import torch  # noqa: E402
 
 from mlakit.kernels import mla_decode, mla_decode_reference  # noqa: E402
 from mlakit.kernels import mla_sparse as S  # noqa: E402
 from mlakit.options import ForwardOptions  # noqa: E402
+from mlakit.testing.sparse_cases import SPARSE_CASES  # noqa: E402
 
 PROTOCOL = "decode-attn-v1 (extended: sparse)"
 
@@ -65,10 +65,8 @@ def timer(device: torch.device, graphs: bool):
 
 
 def check_correctness(device: torch.device, smoke: bool) -> list[dict]:
-    import _sparse_runner
-
     results = []
-    cases = dict(_sparse_runner.SPARSE_CASES)
+    cases = dict(SPARSE_CASES)
     if not smoke:
         cases["bf16-h32-r512-p64-32k"] = ("bfloat16", 2, 1, 32, 512, 64, 32768, [32768, 20000], 64, 2048, 64, 4, None)
         cases["bf16-h32-r512-p64-sq2"] = ("bfloat16", 2, 2, 32, 512, 64, 4096, [4096, 700], 64, 512, 64, 4, None)

@@ -7,11 +7,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_models import save_tiny  # noqa: E402
 from mlakit.convert import ConvertOptions, analyse, convert, convert_model  # noqa: E402
 from mlakit.errors import MlakitError  # noqa: E402
 from mlakit.loading import load, save_checkpoint  # noqa: E402
 from mlakit.options import ForwardOptions  # noqa: E402
+from mlakit.testing.models import save_tiny  # noqa: E402
 
 CASES = [("llama", 2), ("llama", 6), ("qwen2", 2), ("qwen2", 1), ("mistral", 3)]
 

@@ -7,11 +7,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hf_models import save_tiny  # noqa: E402
 from mlakit.convert import ConvertOptions, convert  # noqa: E402
 from mlakit.heal.distill import HealOptions, heal_model, trainable_names  # noqa: E402
 from mlakit.loading import load, save_checkpoint  # noqa: E402
 from mlakit.options import ForwardOptions  # noqa: E402
+from mlakit.testing.models import save_tiny  # noqa: E402
 
 CASES = {"qwen3-kv2": ("qwen3", 2, {}), "qwen3-mqa": ("qwen3", 1, {}),
          "gemma3-mqa": ("gemma3", 1, dict(num_hidden_layers=6)),

@@ -59,8 +59,8 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture
 def tiny_vllm_shape(tmp_path):
     """32 heads x head_dim 64 with 8 KV heads (1024 cache values per token per layer), small otherwise."""
-    from convert.helpers import save_tiny_with_tokenizer
     from mlakit import evaluate as ev
+    from mlakit.testing.models import save_tiny_with_tokenizer
 
     try:
         ev.data_path()
@@ -104,8 +104,8 @@ def test_rank_shape_vllm_converts_exports_and_loads_in_transformers(tiny_vllm_sh
 
 
 def test_rank_shape_cli_refusals_are_one_line(tmp_path, capsys):
-    from hf_models import save_tiny
     from mlakit.cli import main
+    from mlakit.testing.models import save_tiny
 
     _, path = save_tiny(tmp_path, "llama", 2, head_dim=64)  # 2 KV heads x 64: 256 values, below 320
     capsys.readouterr()

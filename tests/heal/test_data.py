@@ -10,11 +10,11 @@ import torch
 
 pytest.importorskip("transformers")
 
-from convert.helpers import byte_tokenizer  # noqa: E402
 from heal.helpers import random_model  # noqa: E402
 from mlakit import MlakitError, ModelConfig  # noqa: E402
 from mlakit import evaluate as ev  # noqa: E402
 from mlakit.heal import data  # noqa: E402
+from mlakit.testing.models import byte_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,11 @@ session may already have imported the kernels in compiled mode.
 """
 
 import json
-import os
 import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _kernel_cases as _cases  # noqa: E402
+from mlakit.testing import kernel_cases as _cases
 
 
 def main():

@@ -1,13 +1,9 @@
 """Triton kernels vs their PyTorch references on a CUDA GPU (skipped without one)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _kernel_cases as _cases  # noqa: E402
+from mlakit.testing import kernel_cases as _cases
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mlakit.testing import kernel_cases as _cases
+
 pytest.importorskip("triton")
 # On a GPU machine the CUDA tests run these cases compiled; the interpreter is for CPU
 # boxes (and the triton 3.6 interpreter of the GPU image cannot run the decode kernel).
@@ -23,8 +25,6 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-import _kernel_cases as _cases  # noqa: E402
 
 
 @pytest.fixture(scope="module")

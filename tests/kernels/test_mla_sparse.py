@@ -12,11 +12,10 @@ import torch
 
 from mlakit.kernels import mla_decode_reference
 from mlakit.kernels import mla_sparse as S
+from mlakit.testing.sparse_cases import SPARSE_CASES
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE))
-import _sparse_runner  # noqa: E402
 
 
 def _inputs(b=2, s=1, h=4, r=32, p=16, max_len=50, dtype=torch.float64, seed=0):
@@ -88,7 +87,7 @@ def interpreter_results():
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case_id", [*_sparse_runner.SPARSE_CASES, "model-decode"])
+@pytest.mark.parametrize("case_id", [*SPARSE_CASES, "model-decode"])
 def test_sparse_kernels_interpreter(interpreter_results, case_id):
     result = interpreter_results[case_id]
     assert "error" not in result, result.get("traceback", result["error"])

@@ -1,8 +1,10 @@
-"""Test cases and the comparison logic shared by the interpreter runner and the CUDA tests.
+"""The kernels' correctness cases and the comparison logic, shared by the test suite (the
+interpreter runner, tests/kernels/_interpreter_runner.py, and the CUDA tests) and
+scripts/device/kernels_check.py.
 
-Kept free of pytest and of any mlakit import at module level, so the interpreter
-subprocess can import it before mlakit.kernels (TRITON_INTERPRET must be set
-before the kernels are decorated).
+Kept free of pytest and of any mlakit.kernels import at module level: Triton picks
+interpreter or compiler when the kernels are decorated, so a process decides on
+TRITON_INTERPRET before a case first runs, not when it imports this module.
 """
 
 from __future__ import annotations

@@ -1,6 +1,11 @@
-"""Tiny random transformers models, built in the test (nothing is downloaded)."""
+"""Tiny models and tokenizers built in code (nothing is downloaded): random transformers
+models of each supported family, a byte-level tokenizer (256 ids) to save beside them, and a
+word tokenizer for mlakit's own tiny models. transformers and tokenizers are imported inside
+the functions that need them."""
 
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -53,3 +58,40 @@ def save_tiny(tmp_path, arch: str, n_kv_heads: int, **overrides):
     path = tmp_path / f"{arch}-kv{n_kv_heads}"
     model.save_pretrained(path)
     return model, path
+
+
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def save_tiny_with_tokenizer(tmp_path, arch: str, n_kv_heads: int, **overrides):
+    """A tiny model over bytes (vocab 256) saved with its tokenizer: the CLI can calibrate and evaluate it."""
+    model, path = save_tiny(tmp_path, arch, n_kv_heads, vocab_size=256, **overrides)
+    byte_tokenizer().save_pretrained(path)
+    return model, path
+
+
+class WordTokenizer:
+    """Words (with their leading space), digits runs and punctuation as tokens; ids are given
+    in order of first sight (so any text of a few hundred words fits a tiny vocabulary)."""
+
+    PATTERN = re.compile(r" ?\w+|[^\w\s]|\s")
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text, add_special_tokens=False):
+        ids = [self.vocab.setdefault(piece, len(self.vocab)) for piece in self.PATTERN.findall(text)]
+        return type("Encoding", (), {"input_ids": ids})()
+
+    def decode(self, ids, skip_special_tokens=True):
+        words = {i: w for w, i in self.vocab.items()}
+        return "".join(words.get(i, f"<{i}>") for i in ids)

@@ -152,3 +152,12 @@ def test_frontier_check_smoke(tmp_path):
     again = run_script("frontier_check.py", "--smoke", "--work", str(tmp_path / "fr"), "--steps", "convert,heal",
                        "--qat", "int4", "--rotations", "equalize+hadamard")
     assert "$ mlakit" not in again  # every step's output is there: nothing runs twice
+
+
+def test_family_parity_check_on_the_cpu():
+    """The GPU family check's code path on the CPU: mlakit at Gemma-3-270M's attention shape
+    (and Qwen3 / Llama at head_dim 256 / 128) against transformers, with a control that must
+    disagree."""
+    out = run_script("family_parity_check.py", "--device", "cpu", "--quick")
+    assert out.rstrip().endswith("PASS")
+    assert "| gemma3 270m attention | 300 | 4 |" in out and "control: another seed" in out

@@ -164,7 +164,8 @@ CUDA_ROPE_QUANT_CASES.update({
     "int4-bf16-r512-p64-norm-b16": ("int4", "bfloat16", 16, 2, 512, 64, 64, True, True),
 })
 
-# a value no quantiser writes: int8 never stores -128, int4 never the byte 0 (nibble -8), fp8 NaN
+# a value no quantiser writes: int8 never stores -128, fp8 NaN. int4 may write any byte (all 16
+# levels), so its poison only tells the slots apart together with the scales (NaN until written)
 _UNWRITTEN = {"int8": -128, "int4": 0}
 
 

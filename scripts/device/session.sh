@@ -12,9 +12,12 @@
 #
 # Jobs: frontier (kv-frontier-v1 with an equalized+Hadamard latent healed for an int4 cache),
 # suite (the whole test suite with MLAKIT_TEST_DEVICE=cuda, then engine_formats_check),
-# soak (10,000 requests through one engine, default model), gemma (Gemma-3-270M:
+# soak (10,000 requests through one engine, default model), family (mlakit on the GPU against
+# transformers at Gemma-3-270M's attention shape), gemma (Gemma-3-270M:
 # original, training-free and healed at 50% and 75% of its KV values, every protocol).
 #
+# SUITE_XDIST="-n 4" runs the suite under pytest-xdist (its collection is deterministic since
+# this session's fixes; not yet tried on the GPU machine).
 # Jobs run side by side share 16 CPU cores: each gets OMP_NUM_THREADS=$JOB_THREADS (default 4).
 # Without that every torch process starts 16 OpenMP threads, and on the first session
 # (frontier + gemma + suite + a 7-process soak at once) the CPU-side conversion took 13.9
@@ -37,11 +40,13 @@ job() {
       python3 scripts/device/frontier_check.py --work /tmp/fr --savings 0.5,0.75 --rotations equalize+hadamard \
         --qat int4 --heal-minutes 12 --export /tmp/results/frontier ;;
     suite)
-      MLAKIT_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests \
+      MLAKIT_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider ${SUITE_XDIST:-} tests \
         --junitxml=/tmp/results/suite.xml
       python3 scripts/device/engine_formats_check.py ;;
     soak)
       python3 scripts/soak.py --model default --device cuda --requests 10000 --workers 6 ;;
+    family)
+      python3 scripts/device/family_parity_check.py ;;
     gemma)
       python3 scripts/device/longctx_check.py --source "$GEMMA" --out /tmp/gemma-run --savings 0.5,0.75 \
         --protocols all --heal "$GEMMA_HEAL" --max-minutes 15 ;;

@@ -60,6 +60,12 @@ def test_no_import_runs_up_a_layer():
     assert not upward, "\n".join(sorted(upward))
 
 
+def test_only_tests_and_scripts_import_the_testing_helpers():
+    users = sorted(src for src, dsts in imports().items()
+                   if not src.startswith("testing") and any(d == "testing" or d.startswith("testing.") for d in dsts))
+    assert not users, f"mlakit.testing is for tests and device scripts; imported by {users}"
+
+
 def test_no_import_circle():
     graph = imports()
     graph.pop("__init__", None)  # the package's face re-exports; nothing imports it back

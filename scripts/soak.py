@@ -101,9 +101,12 @@ def _worker_alone(job: tuple[int, list[int], SamplingParams]) -> tuple[int, list
     return i, alone(_WORKER_MODEL, prompt, params)
 
 
-def soak(model: Transformer, requests: int, seed: int = 0, workers: int = 0, model_name: str | None = None) -> dict:
+def soak(model: Transformer, requests: int, seed: int = 0, workers: int = 0, model_name: str | None = None,
+         log=None) -> dict:
     """Run ``requests`` through one engine; returns counts and memory figures. ``workers``:
-    compute the one-at-a-time references in that many processes (they load ``model_name``)."""
+    compute the one-at-a-time references in that many processes (they load ``model_name``).
+    ``log``: called with a progress line at every tenth of the requests (a run stopped early
+    still says how far it got)."""
     jobs = requests_for(model, requests, seed)
     pool = results = None
     if workers:
@@ -122,6 +125,9 @@ def soak(model: Transformer, requests: int, seed: int = 0, workers: int = 0, mod
         if i + 1 == every or (i + 1) % every == 0:
             gc.collect()
             samples.append((i + 1, rss_mb(), device_mb(model)))
+            if log is not None:
+                log(f"  {i + 1}/{requests} through the engine in {time.perf_counter() - start:.0f} s, "
+                    f"RSS {samples[-1][1]:.1f} MB, GPU {samples[-1][2]:.1f} MB")
     engine_seconds = time.perf_counter() - start
     if workers:
         references = dict(results)
@@ -159,7 +165,8 @@ def main(argv=None) -> int:
           "GPU memory growth | engine s | s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.model.split(","):
-        r = soak(load_model(name, args.device), args.requests, args.seed, args.workers, name)
+        r = soak(load_model(name, args.device), args.requests, args.seed, args.workers, name,
+                 log=lambda line: print(line, file=sys.stderr, flush=True))
         good = (r["mismatches"] == 0 and r["growth_mb"] < GROWTH_ALLOWANCE_MB
                 and r["device_growth_mb"] < GROWTH_ALLOWANCE_MB)
         ok &= good

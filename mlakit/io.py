@@ -283,16 +283,20 @@ def atomic_output(path: str | os.PathLike, directory: bool, overwrite: bool = Fa
         check_output(path, overwrite, directory)
         if not lock:
             _make_parent(path)
-        tmp = _temporary(path, directory)
+        tmp = None
         try:
+            with _no_sigint():  # an interrupt just after the temporary appears must find it named
+                tmp = _temporary(path, directory)
             yield tmp
             _pause_for_tests()
             _commit(tmp, path, directory)
         except OSError as e:  # a full disk, a file system that went read-only, ...
-            remove_path(tmp)
+            if tmp is not None:
+                remove_path(tmp)
             raise MlakitError(f"cannot write {path}: {describe_os_error(e)}") from None
         except BaseException:
-            remove_path(tmp)
+            if tmp is not None:
+                remove_path(tmp)
             raise
 
 

@@ -463,7 +463,7 @@ def test_signal_mid_export_leaves_nothing_partial(models, tmp_path, sig, code):
     assert "Traceback" not in proc.stderr.read()
     assert load(out).model.config.is_mla and (out / "mlakit.json").exists()  # the old output, whole
     left = sorted(n for n in os.listdir(tmp_path) if n != "out")
-    assert left == [] if sig == "SIGINT" else all(n.startswith(".out.") for n in left)
+    assert left == [] if sig == "SIGINT" else all(n.startswith(".out.") for n in left), left
     # the next run recovers what a killed one left and writes the new output
     rerun = mlakit_process("export", str(models["mla"]), "--format", "hf-deepseek", "-o", str(out), "--overwrite")
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()

@@ -13,7 +13,8 @@
 # Jobs: frontier (kv-frontier-v1 with an equalized+Hadamard latent healed for an int4 cache),
 # suite (the whole test suite with MLAKIT_TEST_DEVICE=cuda, then engine_formats_check),
 # soak (10,000 requests through one engine, default model), family (mlakit on the GPU against
-# transformers at Gemma-3-270M's attention shape), gemma (Gemma-3-270M:
+# transformers at Gemma-3-270M's attention shape), gemma-eval (Gemma-3-270M's protocol
+# fingerprint and first-window ppl on the CPU and the GPU), gemma (Gemma-3-270M:
 # original, training-free and healed at 50% and 75% of its KV values, every protocol).
 #
 # SUITE_XDIST="-n 4" runs the suite under pytest-xdist (its collection is deterministic since
@@ -47,6 +48,8 @@ job() {
       python3 scripts/soak.py --model default --device cuda --requests 10000 --workers 6 ;;
     family)
       python3 scripts/device/family_parity_check.py ;;
+    gemma-eval)
+      python3 scripts/device/gemma_eval_check.py --model "$GEMMA" --devices cpu,cuda ;;
     gemma)
       python3 scripts/device/longctx_check.py --source "$GEMMA" --out /tmp/gemma-run --savings 0.5,0.75 \
         --protocols all --heal "$GEMMA_HEAL" --max-minutes 15 ;;

@@ -435,6 +435,8 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, device: str = "cpu")
     if (cached / CONFIG_FILENAME).exists():
         loaded = load_mlakit_dir(cached, dtype, device)
         loaded.source = str(path)
+        if loaded.tokenizer is not None:
+            check_tokenizer_segments(loaded.tokenizer, str(path))
         return loaded
     _require("transformers", "loading GGUF files")
     _require("gguf", "loading GGUF files")
@@ -457,11 +459,45 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, device: str = "cpu")
     del hf_model
     model = build_model(config, state)
     tokenizer = _tokenizer(path.parent, gguf_file=path.name)
+    if tokenizer is not None:
+        check_tokenizer_segments(tokenizer, str(path))  # before the cache keeps a wrong one
     try:
         save_checkpoint(model, cached, tokenizer)
     except OSError:
         pass  # a read-only home only costs speed
     return LoadedModel(model.to(device=device, dtype=dtype or model.dtype), tokenizer, str(path))
+
+
+# Some transformers releases rebuild a GGUF's tokenizer with the vocabulary right and the
+# segmentation wrong (transformers 5.17 on Gemma-3-270M: "Valkyria" -> '▁V', 'alk', 'yr', ...,
+# and character by character once saved and reloaded; 5.24 reads it right). The ids are then
+# not the ones the model was trained on and every figure is silently wrong (wikitext ppl 324
+# instead of 55.5), so a whole-word vocabulary entry has to encode to itself.
+_WHOLE_WORD = re.compile(r"[\u2581\u0120][a-z]{5,}")  # '▁units' (SentencePiece), 'Ġbody' (GPT-2 BPE)
+
+
+def check_tokenizer_segments(tokenizer: Any, source: str, samples: int = 200) -> None:
+    """Raise MlakitError unless whole-word vocabulary entries encode to their own id.
+
+    Samples ``samples`` entries spread over the vocabulary; at least 90% must map back
+    (a correct tokenizer maps all of them; a wrongly rebuilt one almost none). A vocabulary
+    with fewer than 20 such words (a tiny test tokenizer) is not judged.
+    """
+    words = sorted((t, i) for t, i in tokenizer.get_vocab().items() if _WHOLE_WORD.fullmatch(t))
+    if len(words) < 20:
+        return
+    words = words[:: max(1, len(words) // samples)]
+    wrong = [t for t, i in words
+             if tokenizer(t.replace("\u2581", " ").replace("\u0120", " "), add_special_tokens=False).input_ids != [i]]
+    if len(wrong) > 0.1 * len(words):
+        import transformers
+
+        text = wrong[0].replace("\u2581", " ").replace("\u0120", " ")
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
+        raise MlakitError(
+            f"{source}: transformers {transformers.__version__} builds this model's tokenizer wrongly "
+            f"({len(wrong)} of {len(words)} whole words of its own vocabulary split, e.g. {wrong[0]!r} -> {pieces}); "
+            "its token ids would not be the model's: use another transformers release (5.24 reads it right)")
 
 
 def check_gguf_header(path: Path) -> None:

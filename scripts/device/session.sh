@@ -17,8 +17,9 @@
 # fingerprint and first-window ppl on the CPU and the GPU), gemma (Gemma-3-270M:
 # original, training-free and healed at 50% and 75% of its KV values, every protocol).
 #
-# SUITE_XDIST="-n 4" runs the suite under pytest-xdist (its collection is deterministic since
-# this session's fixes; not yet tried on the GPU machine).
+# The suite runs -v: each test's verdict is in its log as it happens (twice a session ended
+# before the junit file was written and left only dots and Fs). SUITE_XDIST="-n 4" runs it
+# under pytest-xdist (tried on the H200: -n 4 with the soak beside it passed 97% in ~10 min).
 # Jobs run side by side share 16 CPU cores: each gets OMP_NUM_THREADS=$JOB_THREADS (default 4).
 # Without that every torch process starts 16 OpenMP threads, and on the first session
 # (frontier + gemma + suite + a 7-process soak at once) the CPU-side conversion took 13.9
@@ -41,7 +42,7 @@ job() {
       python3 scripts/device/frontier_check.py --work /tmp/fr --savings 0.5,0.75 --rotations equalize+hadamard \
         --qat int4 --heal-minutes 12 --export /tmp/results/frontier ;;
     suite)
-      MLAKIT_TEST_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider ${SUITE_XDIST:-} tests \
+      MLAKIT_TEST_DEVICE=cuda python3 -m pytest -v -rf -p no:cacheprovider ${SUITE_XDIST:-} tests \
         --junitxml=/tmp/results/suite.xml
       python3 scripts/device/engine_formats_check.py ;;
     soak)

@@ -19,7 +19,7 @@
 #
 # The suite runs -v: each test's verdict is in its log as it happens (twice a session ended
 # before the junit file was written and left only dots and Fs). SUITE_XDIST="-n 4" runs it
-# under pytest-xdist (tried on the H200: -n 4 with the soak beside it passed 97% in ~10 min).
+# under pytest-xdist (tried on the H200: -n 4 with the soak beside it reached ~97%, 2 failures, in ~11 min).
 # Jobs run side by side share 16 CPU cores: each gets OMP_NUM_THREADS=$JOB_THREADS (default 4).
 # Without that every torch process starts 16 OpenMP threads, and on the first session
 # (frontier + gemma + suite + a 7-process soak at once) the CPU-side conversion took 13.9

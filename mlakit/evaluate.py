@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -59,20 +61,30 @@ def data_path() -> Path:
                       "set MLAKIT_DATA_FILE to wiki.test.raw")
 
 
-_TOKEN_CACHE: dict[tuple[str, int], torch.Tensor] = {}
+# Token ids of whole texts per tokenizer object, held weakly: an entry goes with its
+# tokenizer. (Keyed by id() they outlived it, and a later tokenizer at the same address
+# was handed the dead one's ids: in CI a tiny test tokenizer's ids scored the default
+# model at 387 instead of 29.60.)
+_TEXT_TOKENS: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
+def text_token_ids(tokenizer: Any, path: Path, read: Callable[[Path], str]) -> torch.Tensor:
+    """All token ids ``[n]`` of the text ``read(path)`` (cached per tokenizer and file in this process)."""
+    try:
+        per_file = _TEXT_TOKENS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced is tokenised every time
+        per_file = {}
+    if str(path) not in per_file:
+        ids = tokenizer(read(path), add_special_tokens=False).input_ids
+        per_file[str(path)] = torch.tensor(ids, dtype=torch.long)
+    return per_file[str(path)]
 
 
 def protocol_tokens(tokenizer: Any) -> torch.Tensor:
     """All token ids ``[n]`` of the protocol text (cached per tokenizer in this process)."""
     if tokenizer is None:
         raise MlakitError("the model has no tokenizer: the protocol tokenises text with the model's tokenizer")
-    path = data_path()
-    key = (str(path), id(tokenizer))
-    if key not in _TOKEN_CACHE:
-        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long)
-    return _TOKEN_CACHE[key]
+    return text_token_ids(tokenizer, data_path(), lambda path: path.read_text(encoding="utf-8").replace("\r\n", "\n"))
 
 
 def calibration_tokens(tokenizer: Any, n_tokens: int | None = None) -> torch.Tensor:

@@ -98,20 +98,14 @@ def read_text(path: Path, sha256: str | None = None) -> str:
     return data.decode("utf-8").replace("\r\n", "\n")
 
 
-_TOKEN_CACHE: dict[tuple[str, int], torch.Tensor] = {}
-
-
 def text_tokens(tokenizer: Any, name: str) -> torch.Tensor:
     """All token ids ``[n]`` of one text (cached per tokenizer in this process)."""
+    from mlakit.evaluate import text_token_ids
+
     if tokenizer is None:
         raise MlakitError(f"{PROTOCOL} tokenises text with the model's tokenizer, and the model has none")
     spec = text_by_name(name)
-    path = ood_dir() / spec.file
-    key = (str(path), id(tokenizer))
-    if key not in _TOKEN_CACHE:
-        ids = tokenizer(read_text(path, spec.sha256), add_special_tokens=False).input_ids
-        _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long)
-    return _TOKEN_CACHE[key]
+    return text_token_ids(tokenizer, ood_dir() / spec.file, lambda path: read_text(path, spec.sha256))
 
 
 def calibration_tokens(tokenizer: Any, name: str, n_tokens: int | None = None) -> torch.Tensor:

@@ -117,3 +117,23 @@ def test_default_model_scores_the_protocol_value(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["ppl"] == pytest.approx(29.60, rel=1e-3)
     assert out["kv_values_per_token_layer"] == 384 and out["kv_saving"] == 0
+
+
+def test_each_tokenizer_gets_its_own_ids_of_the_text():
+    """A text's ids are kept per tokenizer object, and the entry goes with it: tokenizers
+    made one after another (CPython hands a freed object's address to the next, which an
+    id() key could not tell apart: CI once scored the default model on a test's byte ids)
+    each get their own ids."""
+    _data_or_skip()
+
+    class Constant:
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, text, add_special_tokens=False):
+            return type("Encoding", (), {"input_ids": [self.token] * len(text.split())})()
+
+    for token in range(6):
+        tokenizer = Constant(token)
+        assert set(ev.protocol_tokens(tokenizer)[:1000].tolist()) == {token}
+        del tokenizer

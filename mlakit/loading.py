@@ -435,8 +435,7 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, device: str = "cpu")
     if (cached / CONFIG_FILENAME).exists():
         loaded = load_mlakit_dir(cached, dtype, device)
         loaded.source = str(path)
-        if loaded.tokenizer is not None:
-            check_tokenizer_segments(loaded.tokenizer, str(path))
+        check_tokenizer_segments(loaded.tokenizer, str(path))
         return loaded
     _require("transformers", "loading GGUF files")
     _require("gguf", "loading GGUF files")
@@ -459,8 +458,7 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, device: str = "cpu")
     del hf_model
     model = build_model(config, state)
     tokenizer = _tokenizer(path.parent, gguf_file=path.name)
-    if tokenizer is not None:
-        check_tokenizer_segments(tokenizer, str(path))  # before the cache keeps a wrong one
+    check_tokenizer_segments(tokenizer, str(path))  # before the cache keeps a wrong one
     try:
         save_checkpoint(model, cached, tokenizer)
     except OSError:
@@ -476,24 +474,26 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, device: str = "cpu")
 _WHOLE_WORD = re.compile(r"[\u2581\u0120][a-z]{5,}")  # '▁units' (SentencePiece), 'Ġbody' (GPT-2 BPE)
 
 
-def check_tokenizer_segments(tokenizer: Any, source: str, samples: int = 200) -> None:
+def check_tokenizer_segments(tokenizer: Any | None, source: str, samples: int = 200) -> None:
     """Raise MlakitError unless whole-word vocabulary entries encode to their own id.
 
     Samples ``samples`` entries spread over the vocabulary; at least 90% must map back
-    (a correct tokenizer maps all of them; a wrongly rebuilt one almost none). A vocabulary
-    with fewer than 20 such words (a tiny test tokenizer) is not judged.
+    (a correct tokenizer maps all of them; a wrongly rebuilt one almost none). No tokenizer,
+    or a vocabulary with fewer than 20 such words (a tiny test tokenizer), is not judged.
     """
+    if tokenizer is None:
+        return
     words = sorted((t, i) for t, i in tokenizer.get_vocab().items() if _WHOLE_WORD.fullmatch(t))
     if len(words) < 20:
         return
     words = words[:: max(1, len(words) // samples)]
-    wrong = [t for t, i in words
-             if tokenizer(t.replace("\u2581", " ").replace("\u0120", " "), add_special_tokens=False).input_ids != [i]]
+    encoded = {t: tokenizer(t.replace("\u2581", " ").replace("\u0120", " "), add_special_tokens=False).input_ids
+               for t, _ in words}
+    wrong = [t for t, i in words if encoded[t] != [i]]
     if len(wrong) > 0.1 * len(words):
         import transformers
 
-        text = wrong[0].replace("\u2581", " ").replace("\u0120", " ")
-        pieces = tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
+        pieces = tokenizer.convert_ids_to_tokens(encoded[wrong[0]])
         raise MlakitError(
             f"{source}: transformers {transformers.__version__} builds this model's tokenizer wrongly "
             f"({len(wrong)} of {len(words)} whole words of its own vocabulary split, e.g. {wrong[0]!r} -> {pieces}); "

@@ -424,6 +424,17 @@ def gguf_cache_dir(path: Path) -> Path:
     return root / "gguf" / f"{path.stem}-{key}"
 
 
+def no_hub_kernels() -> dict[str, bool]:
+    """``from_pretrained`` arguments that keep transformers from swapping a model's layers for
+    kernels fetched from the Hub (transformers >= 4.53 can; 5.25 does by default, and then
+    refuses to load at all without the ``kernels`` package). mlakit reads only the weights,
+    and never runs code fetched for a model."""
+    import transformers
+    from packaging.version import Version
+
+    return {"use_kernels": False} if Version(transformers.__version__) >= Version("4.53") else {}
+
+
 def load_gguf(path: Path, dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
     """Dequantise a GGUF file through transformers' GGUF loader (float32).
 
@@ -444,7 +455,7 @@ def load_gguf(path: Path, dtype: torch.dtype | None = None, device: str = "cpu")
     check_gguf_header(path)
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                        trust_remote_code=False)
+                                                        trust_remote_code=False, **no_hub_kernels())
     except MlakitError:
         raise
     except OSError as e:

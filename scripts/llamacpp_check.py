@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from mlakit.evaluate import PROTOCOL, eval_windows, protocol_tokens, window_nll
-from mlakit.loading import default_model_path, load, save_checkpoint
+from mlakit.loading import default_model_path, load, no_hub_kernels, save_checkpoint
 
 PROMPT = "The capital of France is"
 
@@ -194,7 +194,9 @@ def main() -> None:
     size = sum(p.stat().st_size for p in hf_dir.iterdir())
     if args.skip_transformers:
         __import__("shutil").rmtree(hf_dir.parent)
-    hf = None if args.skip_transformers else transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf = None
+    if not args.skip_transformers:
+        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, **no_hub_kernels()).eval()
     t = time.perf_counter()
     with torch.no_grad():
         total = 0.0

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-from mlakit.loading import default_model_path, load  # noqa: E402
+from mlakit.loading import default_model_path, load, no_hub_kernels  # noqa: E402
 
 PROMPT = "The capital of France is"
 pytestmark = pytest.mark.slow
@@ -23,7 +23,8 @@ def hf_default(device):
 
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=torch.float32, **no_hub_kernels()).eval()
     return model.to(device), tokenizer
 
 

@@ -12,7 +12,7 @@ from mlakit.errors import MlakitError
 from mlakit.export import export_hf_deepseek, to_deepseek
 from mlakit.export import cli as export_cli
 from mlakit.export.hf_deepseek import DELTA, mlakit_key_to_hf, rope_spec
-from mlakit.loading import save_checkpoint
+from mlakit.loading import no_hub_kernels, save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,7 +45,8 @@ CASES = {
 
 
 def logits_pair(model, path, tokens):
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path,
+                                                           dtype=torch.float32, **no_hub_kernels()).eval()
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
     with torch.no_grad():
         return model(tokens), hf(tokens).logits, hf
@@ -95,7 +96,8 @@ def test_cache_block_padding_is_exact(tmp_path, rel_err, name):
 def test_bfloat16_export_keeps_the_tiny_latent_weights(tmp_path, rel_err):
     model = Transformer(mla(qkv_bias=True)).init_random(seed=1, std=0.2)
     export_hf_deepseek(model, tmp_path / "bf16", dtype="bfloat16")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16",
+                                                           dtype=torch.float32, **no_hub_kernels()).eval()
     w = hf.model.layers[0].self_attn.kv_a_proj_with_mqa.weight[:16]
     assert (w.abs() > 0).float().mean() > 0.99  # no underflow to zero
     tokens = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(3))

@@ -468,3 +468,23 @@ def test_signal_mid_export_leaves_nothing_partial(models, tmp_path, sig, code):
     rerun = mlakit_process("export", str(models["mla"]), "--format", "hf-deepseek", "-o", str(out), "--overwrite")
     assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
     assert sorted(os.listdir(tmp_path)) == ["out"] and (out / "config.json").exists()
+
+
+def test_gguf_loads_ask_transformers_for_no_hub_kernels(tmp_path, monkeypatch):
+    """transformers 5.25 swaps layers for kernels from the Hub unless told not to (and without the
+    `kernels` package refuses every GGUF): mlakit's load asks for none, next to no remote code."""
+    transformers = pytest.importorskip("transformers")
+    from packaging.version import Version
+
+    asked = {}
+
+    def from_pretrained(*args, **kwargs):
+        asked.update(kwargs)
+        raise RuntimeError("stop here: only the arguments matter")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(MlakitError, match="stop here"):
+        load(tiny_gguf(tmp_path / "tiny.gguf"))
+    assert asked["trust_remote_code"] is False
+    if Version(transformers.__version__) >= Version("4.53"):
+        assert asked["use_kernels"] is False

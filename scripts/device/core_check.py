@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from mlakit import MlakitError, Transformer  # noqa: E402
 from mlakit.engine import SamplingParams, generate  # noqa: E402
 from mlakit.options import ForwardOptions  # noqa: E402
-from mlakit.loading import default_model_path, load  # noqa: E402
+from mlakit.loading import default_model_path, load, no_hub_kernels  # noqa: E402
 from mlakit.testing.models import save_tiny  # noqa: E402
 
 
@@ -83,7 +83,8 @@ def greedy_rows(device: str) -> list[tuple]:
     ids = tokenizer(prompt, return_tensors="pt").to(device)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                        dtype=torch.float32, **no_hub_kernels())
         hf_model = hf_model.to(device=device, dtype=dtype).eval()
         expected = hf_model.generate(**ids, max_new_tokens=32, do_sample=False)[0, ids.input_ids.shape[1]:].tolist()
         model = load("default", dtype=dtype, device=device).model

@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 
 from mlakit.convert import ConvertOptions, analyse, convert, convert_model  # noqa: E402
 from mlakit.errors import MlakitError  # noqa: E402
-from mlakit.loading import load, save_checkpoint  # noqa: E402
+from mlakit.loading import load, no_hub_kernels, save_checkpoint  # noqa: E402
 from mlakit.options import ForwardOptions  # noqa: E402
 from mlakit.testing.models import save_tiny  # noqa: E402
 
@@ -157,7 +157,8 @@ def test_deepseek_frequencies_export_exactly(tmp_path, arch, tokens, rel_err):
     assert len(set(idx)) == len(idx) == summary.rope_dim // 2
     assert len({b - a for a, b in zip(idx, idx[1:])}) <= 1  # an arithmetic progression
     export_hf_deepseek(mla, tmp_path / "hf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf",
+                                                           dtype=torch.float32, **no_hub_kernels()).eval()
     with torch.no_grad():
         assert rel_err(hf(tokens).logits, mla(tokens)) <= 1e-4
 

@@ -10,6 +10,7 @@ import torch
 from mlakit.config import PRESETS, ModelConfig
 from mlakit.convert.api import ConvertOptions, resolve_budget
 from mlakit.errors import MlakitError
+from mlakit.loading import no_hub_kernels
 
 
 def gqa(n_kv_heads: int, head_dim: int) -> ModelConfig:
@@ -96,7 +97,7 @@ def test_rank_shape_vllm_converts_exports_and_loads_in_transformers(tiny_vllm_sh
     assert (config["kv_lora_rank"], config["qk_rope_head_dim"]) == (512, 64)
 
     model = load(str(out), dtype=torch.float32).model
-    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, **no_hub_kernels()).eval()
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
     tokens = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

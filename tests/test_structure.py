@@ -12,7 +12,7 @@ LAYERS = {
     1: ["errors", "options", "norm", "fused", "io", "quant", "kernels"],
     2: ["config", "rope", "cache"],
     3: ["attention", "model", "parallel"],
-    4: ["loading", "speed", "engine", "elastic", "sparse"],
+    4: ["loading", "speed", "engine", "elastic"],
     5: ["convert", "heal", "export", "bench", "report", "frontier", "checks", "evaluate", "passkey", "ood", "protocols",
         "commands.common", "testing"],
     6: ["cli", "commands", "__main__", "__init__"],
@@ -58,6 +58,12 @@ def test_no_import_runs_up_a_layer():
               for src, dsts in imports().items() for dst in dsts
               if src != "__init__" and layer_of(dst) > layer_of(src)]
     assert not upward, "\n".join(sorted(upward))
+
+
+def test_every_module_the_layers_name_exists():
+    missing = [f"layer {layer}: {name}" for layer, names in LAYERS.items() for name in names
+               if not (PACKAGE / f"{name.replace('.', '/')}.py").exists() and not (PACKAGE / name).is_dir()]
+    assert not missing, f"LAYERS names modules that are not in mlakit/: {missing}"
 
 
 def test_only_tests_and_scripts_import_the_testing_helpers():

@@ -35,3 +35,22 @@ def test_soak_references_from_worker_processes(monkeypatch):
 
     result = soak.soak(soak.tiny_model("mla"), requests=24, seed=2, workers=2, model_name="mla")
     assert result["mismatches"] == 0 and result["requests"] == 24 and result["tokens"] > 24
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_soak_checks_every_nth_request_and_catches_a_difference(monkeypatch):
+    """``check_every``: all requests run through the engine, every Nth is compared; a
+    reference that differs (here made to, for request 10) is counted."""
+    soak = _soak_module()
+    model = soak.tiny_model("gqa")
+    run_alone, calls = soak.alone, []
+
+    def alone(model, prompt, params):
+        calls.append(prompt)
+        out = run_alone(model, prompt, params)
+        return out + [0] if len(calls) == 3 else out  # the third checked request: 0, 5, [10]
+
+    monkeypatch.setattr(soak, "alone", alone)
+    result = soak.soak(model, requests=20, seed=3, check_every=5)
+    assert (result["requests"], result["checked"], result["mismatches"]) == (20, 4, 1)
+    assert calls == [p for p, _ in soak.requests_for(model, 20, 3)[::5]]

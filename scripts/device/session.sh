@@ -12,7 +12,7 @@
 #
 # Jobs: frontier (kv-frontier-v1 with an equalized+Hadamard latent healed for an int4 cache),
 # suite (the whole test suite with MLAKIT_TEST_DEVICE=cuda, then engine_formats_check),
-# soak (10,000 requests through one engine, default model), family (mlakit on the GPU against
+# soak (10,000 requests through one engine, default model, every 10th checked), family (mlakit on the GPU against
 # transformers at Gemma-3-270M's attention shape), gemma-eval (Gemma-3-270M's protocol
 # fingerprint and first-window ppl on the CPU and the GPU), gemma (Gemma-3-270M:
 # original, training-free and healed at 50% and 75% of its KV values, every protocol).
@@ -46,7 +46,7 @@ job() {
         --junitxml=/tmp/results/suite.xml
       python3 scripts/device/engine_formats_check.py ;;
     soak)
-      python3 scripts/soak.py --model default --device cuda --requests 10000 --workers 6 ;;
+      python3 scripts/soak.py --model default --device cuda --requests 10000 --workers 6 --check-every 10 ;;
     family)
       python3 scripts/device/family_parity_check.py ;;
     gemma-eval)

@@ -267,3 +267,29 @@ def test_llama_cpp_quantised_cache_needs_blocks_of_32(tmp_path, tokenizer_gguf, 
     with pytest.raises(ValueError, match="context"):  # MLA: one cache type for K and V
         llama_cpp.Llama(model_path=str(padded), n_ctx=128, verbose=False, type_k=GGML_Q8_0, type_v=GGML_F16,
                         flash_attn=True)
+
+
+def test_tokenizer_fields_follow_a_file_replaced_within_one_mtime(tmp_path):
+    """The per-file cache of a GGUF's tokenizer fields is not fooled by a file replaced in place
+    (a rename, as mlakit's own writes do) that keeps the old modification time."""
+    import os
+
+    from mlakit.export.gguf import tokenizer_fields_from_gguf
+
+    def write(path, tokens):
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+
+    path, other = tmp_path / "tok.gguf", tmp_path / "next.gguf"
+    write(path, ["a", "b"])
+    mtime = path.stat().st_mtime_ns
+    first = dict((name, value) for name, value, *_ in tokenizer_fields_from_gguf(path))
+    write(other, ["a", "b", "c"])
+    os.replace(other, path)
+    os.utime(path, ns=(mtime, mtime))
+    second = dict((name, value) for name, value, *_ in tokenizer_fields_from_gguf(path))
+    assert (list(first["tokenizer.ggml.tokens"]), list(second["tokenizer.ggml.tokens"])) == (["a", "b"], ["a", "b", "c"])

@@ -62,12 +62,14 @@ def check_gguf_exportable(model: Transformer) -> None:
 
 
 # ------------------------------------------------------------------ tokenizer
-_TOKENIZER_CACHE: dict[tuple[str, int], list] = {}
+# per file version: a file replaced in place (rename) within one mtime tick has a new inode
+_TOKENIZER_CACHE: dict[tuple[str, int, int, int], list] = {}
 
 
 def tokenizer_fields_from_gguf(path: str | os.PathLike) -> list[tuple[str, Any, Any, Any]]:
     """``(key, value, type, sub_type)`` of every ``tokenizer.*`` field of a GGUF file (cached per file)."""
-    key = (str(Path(path).resolve()), Path(path).stat().st_mtime_ns)
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _TOKENIZER_CACHE:
         _TOKENIZER_CACHE[key] = _read_tokenizer_fields(path)
     return _TOKENIZER_CACHE[key]

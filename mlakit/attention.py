@@ -21,7 +21,7 @@ from mlakit.config import ModelConfig
 from mlakit.fused import FusedLinears
 from mlakit.norm import RMSNorm
 from mlakit.options import DEFAULT, ForwardOptions
-from mlakit.quant import fake_quantize
+from mlakit.quant import fake_quantize, fake_quantize_rope_key
 from mlakit.rope import apply_rope
 
 # the parameters of MLAttention that the conversion creates (healing trains these by name)
@@ -241,7 +241,7 @@ class MLAttention(nn.Module):
             if options.kv_cache_dtype is not None:  # the latent (and RoPE key) as a cache would store them
                 latent = fake_quantize(latent, options.kv_cache_dtype)
                 if options.quantize_rope:  # else kept in the model's dtype, as QuantLatentCache keeps it
-                    k_rope = fake_quantize(k_rope, options.kv_cache_dtype)
+                    k_rope = fake_quantize_rope_key(k_rope, options.kv_cache_dtype)
         else:
             self._write_cache(latent, k_rope, positions, cos, sin, cache, options)
             if absorbed and options.kernels and self.kernel_fits:
@@ -348,7 +348,8 @@ class MLAttention(nn.Module):
         if isinstance(cache, QuantLatentCache):  # the kernel reads values and scales as stored
             values, scales, k_rope, rope_scales = cache.kernel_operands(b)
             q_latent = absorb_query(q_nope, w_uk).to(cache.dtype)  # [b, s, h, r]
-            out_latent = mla_decode(q_latent, q_rope.to(cache.dtype), values, cache.lengths[:b], self.scale,
+            q_rope = cache.rope_query(q_rope).to(cache.dtype)  # turned as the stored key is
+            out_latent = mla_decode(q_latent, q_rope, values, cache.lengths[:b], self.scale,
                                     self.kv_lora_rank, kv_scales=scales, k_rope=k_rope, kv_format=cache.format,
                                     rope_scales=rope_scales)  # [b, s, h, r]
             return absorb_output(out_latent.to(q_nope.dtype), w_uv.transpose(1, 2))

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mlakit.config import ModelConfig
-from mlakit.quant import CacheFormat, cache_format, dequantize, quantize
+from mlakit.quant import CacheFormat, cache_format, dequantize, quantize, rope_key_turn
 
 
 class _Cache(nn.Module):
@@ -201,9 +201,12 @@ class QuantLatentCache(_Cache):
 
     Buffers: ``values [B, L, stored(r)]`` and ``scales [B, L, groups(r)]`` (float32); ``k_rope
     [B, L, rope_dim]``, or with ``quantize_rope`` ``k_rope [B, L, stored(rope_dim)]`` in the format
-    and ``rope_scales [B, L, groups(rope_dim)]`` (else None). The absorbed decode kernel reads
-    them as they are: ``mlakit.kernels.mla_decode_quant(q_latent, q_rope, *cache.kernel_operands(b),
-    lengths, scale, r, cache.format)``; other paths read ``cache.dequantized(b, kv_len)``.
+    and ``rope_scales [B, L, groups(rope_dim)]`` (else None). In an integer format that RoPE key
+    is stored turned by ``rope_turn`` (``mlakit.quant.rope_key_turn``; else None). The absorbed
+    decode kernel reads the buffers as they are, with the query turned alike:
+    ``mlakit.kernels.mla_decode_quant(q_latent, cache.rope_query(q_rope), *cache.kernel_operands(b),
+    lengths, scale, r, cache.format)``; other paths read ``cache.dequantized(b, kv_len)`` (the key
+    turned back).
     """
 
     def __init__(self, max_batch: int, max_len: int, kv_lora_rank: int, rope_dim: int, fmt: CacheFormat | str,
@@ -228,6 +231,10 @@ class QuantLatentCache(_Cache):
         rope_scales = (torch.zeros(max_batch, max_len, fmt.groups(rope_dim), dtype=fmt.scale_dtype, device=device)
                        if quantize_rope else None)
         self.register_buffer("rope_scales", rope_scales, persistent=False)
+        # float64: turned in the rows' own width (float32, float64 in tests); made here, not in a step
+        turns = quantize_rope and fmt.turns_rope_key
+        self.register_buffer("rope_turn", rope_key_turn(rope_dim, device, torch.float64) if turns else None,
+                             persistent=False)
 
     def update(self, latent: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor) -> None:
         """``LatentCache.update``: write latent ``[b, s, r]`` and rotated k_rope ``[b, s, rope_dim]``
@@ -237,7 +244,8 @@ class QuantLatentCache(_Cache):
         rows = torch.arange(batch, device=positions.device)[:, None]  # [b, 1]
         self.values[rows, positions], self.scales[rows, positions] = quantize(latent, self.format)
         if self.quantize_rope:
-            self.k_rope[rows, positions], self.rope_scales[rows, positions] = quantize(k_rope, self.format)
+            turned = k_rope if self.rope_turn is None else self._turned(k_rope)
+            self.k_rope[rows, positions], self.rope_scales[rows, positions] = quantize(turned, self.format)
         else:
             self.k_rope[rows, positions] = k_rope.to(self.k_rope.dtype)
         self._advance(positions)
@@ -260,8 +268,18 @@ class QuantLatentCache(_Cache):
 
         self._check(positions)
         rope_append_quant(latent, k_rope, self.values, self.scales, self.k_rope, positions, cos, sin, self.format,
-                          norm_weight, norm_eps, rope_scales=self.rope_scales)
+                          norm_weight, norm_eps, rope_scales=self.rope_scales, rope_turn=self.rope_turn)
         self._advance(positions)
+
+    def _turned(self, x: torch.Tensor, back: bool = False) -> torch.Tensor:
+        """``x [..., rope_dim] @ rope_turn`` (``back``: ``@ rope_turn.T``), in float32 or float64."""
+        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+        turn = self.rope_turn.to(wide)
+        return x.to(wide) @ (turn.T if back else turn)
+
+    def rope_query(self, q_rope: torch.Tensor) -> torch.Tensor:
+        """The RoPE query for scores against ``kernel_operands``' key: turned alike where the key is."""
+        return q_rope if self.rope_turn is None else self._turned(q_rope).to(q_rope.dtype)
 
     def kernel_operands(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(values, scales, k_rope, rope_scales)`` of this batch's rows, as stored (views)."""
@@ -274,6 +292,7 @@ class QuantLatentCache(_Cache):
         k_rope = self.k_rope[:batch, :kv_len]
         if self.quantize_rope:
             k_rope = dequantize(k_rope, self.rope_scales[:batch, :kv_len], self.format, self.dtype)
+            k_rope = k_rope if self.rope_turn is None else self._turned(k_rope, back=True)
         return torch.cat([latent, k_rope.to(self.dtype)], dim=-1)
 
     def bytes_per_token(self) -> int:

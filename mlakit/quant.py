@@ -38,6 +38,7 @@ Bottom layer: imports only torch and mlakit.errors.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,13 @@ class CacheFormat:
     @property
     def quantized(self) -> bool:
         return self.group_size > 0
+
+    @property
+    def turns_rope_key(self) -> bool:
+        """Whether a RoPE key in this format is stored turned (``rope_key_turn``): the integer
+        formats, whose one step per group the key's few large channels make coarse for the rest.
+        fp8 rounds each value relative to itself; turning mixes the large errors into small values."""
+        return self.quantized and self.name != "fp8"
 
     def stored_channels(self, channels: int) -> int:
         """Entries of the values buffer per vector of ``channels`` (int4: bytes, two per byte)."""
@@ -172,3 +180,35 @@ def fake_quantize(x: torch.Tensor, name: str | CacheFormat | None) -> torch.Tens
     else:
         stored = x.detach().to(fmt.storage_dtype).to(x.dtype)
     return x + (stored - x).detach() if x.requires_grad else stored
+
+
+# A RoPE key in an integer format is stored turned: k @ T, with T a fixed orthogonal matrix,
+# and the query turned alike (q @ T), which leaves every score q . k as it was. RoPE keys carry
+# their energy in a few frequency pairs, and a group's scale set by them rounds the rest away;
+# turned, the energy spreads over all channels (measured: docs/protocols.md, "RoPE key").
+
+@functools.lru_cache(maxsize=None)
+def _rope_key_turn(dim: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    q, r = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))  # one orthogonal matrix per draw (signs fixed), float64
+
+
+def rope_key_turn(dim: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The fixed orthogonal ``[dim, dim]`` matrix ``T`` an integer-format RoPE key is stored turned
+    by (``k @ T``; the query is turned alike; ``k = stored @ T.T``): a seeded Gaussian draw made
+    orthogonal by QR, in float64 on the CPU (the same draw everywhere; caches are never kept, so
+    a write and its reads always share one ``T``). A new tensor on every call."""
+    return _rope_key_turn(dim).to(device=device, dtype=dtype, copy=True)
+
+
+def fake_quantize_rope_key(k: torch.Tensor, name: str | CacheFormat | None) -> torch.Tensor:
+    """``fake_quantize`` of a RoPE key ``[..., p]`` as its cache gives it back: turned, rounded and
+    turned back in a format that ``turns_rope_key``, as ``fake_quantize`` in the others."""
+    fmt = cache_format(name, k.dtype)
+    if not fmt.turns_rope_key:
+        return fake_quantize(k, fmt)
+    wide = torch.float64 if k.dtype == torch.float64 else torch.float32
+    turn = rope_key_turn(k.shape[-1], k.device, wide)
+    return (fake_quantize(k.to(wide) @ turn, fmt) @ turn.T).to(k.dtype)

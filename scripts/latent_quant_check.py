@@ -6,7 +6,9 @@ format, the ppl of held-out calibration windows (never the evaluation range):
 
 The equalisation's statistics come from calibration tokens [0, 8192) (as the converter's);
 the ppl from 8 windows x 512 of calibration tokens [16384, 20480). ``--protocol`` adds
-wikitext2-smollm2-v1 (the protocol's 40 windows) for every row.
+wikitext2-smollm2-v1 (the protocol's 40 windows) for every row. ``--unturned`` adds, for each
+transform, a row with the quantised RoPE key (the ``+rope`` formats) rounded as it is instead
+of turned first (``mlakit.quant.rope_key_turn``): what the turn buys, side by side.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from mlakit import attention  # noqa: E402
 from mlakit import evaluate as ev  # noqa: E402
+from mlakit.quant import fake_quantize  # noqa: E402
 from mlakit.convert.rotate import ROTATIONS, transform_latent  # noqa: E402
 from mlakit.loading import load  # noqa: E402
 from mlakit.frontier import forward_options, window_ppl  # noqa: E402
@@ -36,6 +40,7 @@ def main() -> int:
     parser.add_argument("--formats", default="bf16,int8,int4")
     parser.add_argument("--transforms", default=",".join(ROTATIONS))
     parser.add_argument("--protocol", action="store_true")
+    parser.add_argument("--unturned", action="store_true", help="also rows with the RoPE key rounded unturned")
     args = parser.parse_args()
     torch.manual_seed(0)
     base = load(args.checkpoint, dtype=torch.float32)
@@ -48,14 +53,19 @@ def main() -> int:
                                                                          if protocol is not None else [])
     print(f"checkpoint {args.checkpoint}; ppl through the cache as stored\n")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head), flush=True)
+    turned = attention.fake_quantize_rope_key
     for kind in args.transforms.split(","):
-        start = time.perf_counter()
         model = load(args.checkpoint, dtype=torch.float32).model
         transform_latent(model, kind, stats)
-        cells = [f"{ppl(model, held_out, f):.2f}" for f in formats]
-        if protocol is not None:
-            cells += [f"{ppl(model, protocol, f):.2f}" for f in formats]
-        print(f"| {kind} | " + " | ".join(cells) + f" |   ({time.perf_counter() - start:.0f} s)", flush=True)
+        for turn in (True, False) if args.unturned else (True,):
+            start = time.perf_counter()
+            attention.fake_quantize_rope_key = turned if turn else fake_quantize  # the uncached path's rounding
+            cells = [f"{ppl(model, held_out, f):.2f}" for f in formats]
+            if protocol is not None:
+                cells += [f"{ppl(model, protocol, f):.2f}" for f in formats]
+            label = kind if turn else f"{kind}, RoPE key unturned"
+            print(f"| {label} | " + " | ".join(cells) + f" |   ({time.perf_counter() - start:.0f} s)", flush=True)
+    attention.fake_quantize_rope_key = turned
     return 0
 
 

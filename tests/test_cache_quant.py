@@ -5,7 +5,7 @@ import torch
 
 from mlakit.cache import KVCache, LatentCache, ModelCache, QuantKVCache, QuantLatentCache, make_layer_cache
 from mlakit.config import ModelConfig
-from mlakit.quant import FORMATS, dequantize, quantize
+from mlakit.quant import FORMATS, dequantize, quantize, rope_key_turn
 
 QUANTISED = ("fp8", "int8", "int4")
 
@@ -33,7 +33,9 @@ def test_latent_cache_update_reads_back_the_quantised_rows(name, quantize_rope):
     assert cache.lengths.tolist() == [6, 6, 0]
     exact = plain.kv[:2, :6]  # what an unquantised cache holds
     want_latent = dequantize(*quantize(exact[..., :64], fmt), fmt)
-    want_rope = dequantize(*quantize(exact[..., 64:], fmt), fmt) if quantize_rope else exact[..., 64:]
+    # an integer-format RoPE key is stored turned, and read back turned back
+    turn = rope_key_turn(16) if fmt.turns_rope_key else torch.eye(16)
+    want_rope = dequantize(*quantize(exact[..., 64:] @ turn, fmt), fmt) @ turn.T if quantize_rope else exact[..., 64:]
     got = cache.dequantized(2, 6)
     torch.testing.assert_close(got, torch.cat([want_latent, want_rope], -1), rtol=0, atol=0)
     torch.testing.assert_close(rows[:, :6], got, rtol=0, atol=0)
@@ -132,3 +134,48 @@ def test_quantised_rope_write_under_graph_capture_writes_the_same_bytes(name, mo
         assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a,
                            b.view(torch.uint8) if b.dtype != torch.float32 else b)
     assert plain[1][0, 5].abs().sum() > 0 and plain[1][1, 9].abs().sum() > 0  # the rows were written
+
+
+def test_rope_key_turn_is_a_fixed_orthogonal_matrix():
+    turn = rope_key_turn(48, dtype=torch.float64)
+    torch.testing.assert_close(turn @ turn.T, torch.eye(48, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert torch.equal(turn, rope_key_turn(48, dtype=torch.float64))
+    assert turn.abs().max() < 0.7  # a mixing matrix: no channel stays mostly itself
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_turned_rope_key_keeps_scores_and_rounds_the_small_channels_better(name):
+    """RoPE keys carry their energy in a few frequency pairs, which set an integer group's one
+    step. Stored turned, the scores the decode kernel computes (turned query . stored key)
+    equal the query against the key read back, and the scores of the small channels (those
+    the large pair leaves) are closer to exact than with the key rounded unturned (float64)."""
+    gen = torch.Generator().manual_seed(5)
+    scale = torch.ones(48, dtype=torch.float64)
+    scale[[0, 24, 20, 44]] = 6.0  # two strong pairs (rotate_half: channels i and i + 24), in both groups of 32
+    k = torch.randn(1, 64, 48, generator=gen, dtype=torch.float64) * scale
+    q = torch.randn(1, 1, 4, 48, generator=gen, dtype=torch.float64)  # [b, s, h, p]
+    cache = QuantLatentCache(1, 64, 32, 48, name, dtype=torch.float64, quantize_rope=True)
+    cache.update(torch.randn(1, 64, 32, generator=gen, dtype=torch.float64), k, torch.arange(64)[None])
+    fmt = FORMATS[name]
+    stored = dequantize(cache.k_rope[:1], cache.rope_scales[:1], fmt, torch.float64)  # as the kernel reads it
+    kernel_scores = torch.einsum("bshp,blp->bshl", cache.rope_query(q), stored)
+    read_back = cache.dequantized(1)[..., 32:]
+    torch.testing.assert_close(kernel_scores, torch.einsum("bshp,blp->bshl", q, read_back), rtol=1e-9, atol=1e-9)
+    small = scale == 1.0  # scores over the small channels: the query there, the key read back
+    exact = torch.einsum("bshp,blp->bshl", q[..., small], k[..., small])
+    unturned = dequantize(*quantize(k, fmt), fmt, torch.float64)
+
+    def error(key):
+        return float((torch.einsum("bshp,blp->bshl", q[..., small], key[..., small]) - exact).norm() / exact.norm())
+
+    assert error(read_back) < 0.7 * error(unturned), (error(read_back), error(unturned))
+
+
+def test_fp8_rope_key_is_stored_as_it_is():
+    """fp8 rounds each value relative to itself: its RoPE key is not turned (docs/protocols.md)."""
+    k = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(6))
+    cache = QuantLatentCache(1, 4, 32, 16, "fp8", quantize_rope=True)
+    cache.update(torch.randn(1, 4, 32), k, torch.arange(4)[None])
+    assert cache.rope_turn is None and torch.equal(cache.rope_query(k), k)
+    fp8 = FORMATS["fp8"]
+    torch.testing.assert_close(cache.dequantized(1)[..., 32:], dequantize(*quantize(k, fp8), fp8), rtol=0, atol=0)

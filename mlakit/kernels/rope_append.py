@@ -348,9 +348,11 @@ def _capturing(t: torch.Tensor) -> bool:
 
 
 def rope_append_quant_reference(latent, k_rope, values, scales, rope_cache, positions, cos, sin, fmt,
-                                norm_weight=None, norm_eps=1e-6, *, rope_scales=None) -> None:
+                                norm_weight=None, norm_eps=1e-6, *, rope_scales=None, rope_turn=None) -> None:
     """Plain PyTorch version of ``rope_append_quant``: ``rope_append_reference``'s rows, quantised
     by ``mlakit.quant.quantize`` (in place)."""
+    if rope_turn is not None and rope_scales is None:
+        raise ValueError("rope_turn turns a quantised RoPE key: it needs rope_scales")
     fmt = cache_format(fmt)
     _check_quant_buffers(latent, k_rope, values, scales, rope_cache, rope_scales, fmt)
     caches = [values, scales, rope_cache] + ([rope_scales] if rope_scales is not None else [])
@@ -367,7 +369,8 @@ def rope_append_quant_reference(latent, k_rope, values, scales, rope_cache, posi
     if rope_scales is None:
         rope_cache[where] = rows[..., rank:].to(rope_cache.dtype)
     else:
-        rope_cache[where], rope_scales[where] = quantize(rows[..., rank:], fmt)
+        rope = rows[..., rank:] if rope_turn is None else rows[..., rank:] @ rope_turn.to(rows.dtype)
+        rope_cache[where], rope_scales[where] = quantize(rope, fmt)
 
 
 def rope_append_quant(
@@ -384,12 +387,14 @@ def rope_append_quant(
     norm_eps: float = 1e-6,
     *,
     rope_scales: Optional[torch.Tensor] = None,
+    rope_turn: Optional[torch.Tensor] = None,
 ) -> None:
     """``rope_append`` into a quantised latent cache (``mlakit.cache.QuantLatentCache``'s buffers), in place:
     the normalised latent quantised on write in the same kernel (``mlakit.quant`` format ``fmt``, a
     name or CacheFormat) into ``values [>= batch, max_len, stored(r)]`` and ``scales [.., groups(r)]``,
     the rotated key into ``rope_cache [.., rope_dim]`` (16-bit). With ``rope_scales`` the key is
-    quantised too (``rope_cache [.., stored(rope_dim)]``); that case runs the reference.
+    quantised too (``rope_cache [.., stored(rope_dim)]``), after ``@ rope_turn [rope_dim, rope_dim]``
+    where given (``mlakit.quant.rope_key_turn``); that case runs the reference.
 
     One launch on CUDA (fp8 needs sm_89+) and under TRITON_INTERPRET=1, the reference elsewhere.
     Stores the same bytes as the reference (a value within float32 rounding of a rounding tie may
@@ -397,21 +402,21 @@ def rope_append_quant(
     fmt = cache_format(fmt)
     if torch.compiler.is_compiling():
         torch.ops.mlakit.rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, cos, sin,
-                                           fmt.name, norm_weight, norm_eps, rope_scales)
+                                           fmt.name, norm_weight, norm_eps, rope_scales, rope_turn)
         return None
     _rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, cos, sin, fmt, norm_weight, norm_eps,
-                       rope_scales)
+                       rope_scales, rope_turn)
     return None
 
 
 def _rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, cos, sin, fmt, norm_weight, norm_eps,
-                       rope_scales) -> None:
+                       rope_scales, rope_turn=None) -> None:
     use_triton = HAS_TRITON and (latent.is_cuda or (INTERPRET and latent.device.type == "cpu"))
     if fmt.name == "fp8" and latent.is_cuda and torch.cuda.get_device_capability(latent.device) < (8, 9):
         use_triton = False  # no e4m3 conversion before Ada / Hopper
     if not use_triton or rope_scales is not None or latent.dtype == torch.float64:
         rope_append_quant_reference(latent, k_rope, values, scales, rope_cache, positions, cos, sin, fmt,
-                                    norm_weight, norm_eps, rope_scales=rope_scales)
+                                    norm_weight, norm_eps, rope_scales=rope_scales, rope_turn=rope_turn)
         return None
     _check_quant_buffers(latent, k_rope, values, scales, rope_cache, rope_scales, fmt)
     _check_inputs(latent, k_rope, values, positions, cos, sin, norm_weight, [values, scales, rope_cache])
@@ -458,12 +463,12 @@ def _rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, co
 def _rope_append_quant_op(latent: torch.Tensor, k_rope: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
                           rope_cache: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           fmt: str, norm_weight: Optional[torch.Tensor], norm_eps: float,
-                          rope_scales: Optional[torch.Tensor]) -> None:
+                          rope_scales: Optional[torch.Tensor], rope_turn: Optional[torch.Tensor]) -> None:
     _rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, cos, sin, cache_format(fmt),
-                       norm_weight, norm_eps, rope_scales)
+                       norm_weight, norm_eps, rope_scales, rope_turn)
 
 
 @_rope_append_quant_op.register_fake
 def _rope_append_quant_fake(latent, k_rope, values, scales, rope_cache, positions, cos, sin, fmt, norm_weight,
-                            norm_eps, rope_scales) -> None:
+                            norm_eps, rope_scales, rope_turn) -> None:
     return None

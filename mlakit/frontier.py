@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from mlakit.errors import MlakitError
+from mlakit.quant import KV_CACHE_CHOICES, KV_CACHE_DTYPES, ROPE_SUFFIX, split_cache_choice
 
 PROTOCOL = "kv-frontier-v1"
 ORIGINAL_CACHES = ("bf16", "int8", "int4")  # what a user of the original can already choose
@@ -84,24 +85,15 @@ def protocol_windows(tokenizer) -> Windows:
     return Windows(short=ev.eval_windows(tokens), long=ev.long_windows(tokens))
 
 
-ROPE_SUFFIX = "+rope"  # an MLA format with the RoPE key quantised too, e.g. int4+rope
-
-
-def split_format(cache: str) -> tuple[str, bool]:
-    """``"int4+rope"`` -> ``("int4", True)``; ``"int8"`` -> ``("int8", False)``."""
-    return cache.removesuffix(ROPE_SUFFIX), cache.endswith(ROPE_SUFFIX)
-
-
 def forward_options(cache: str):
     from mlakit.options import ForwardOptions
 
-    name, rope = split_format(cache)
-    return ForwardOptions(kv_cache_dtype=name, quantize_rope=rope)
+    return ForwardOptions.for_cache(cache)
 
 
 def cache_bytes_per_token_layer(model, cache: str) -> float:
     """Bytes one token takes in ``model``'s cache in format ``cache``, mean over layers."""
-    name, rope = split_format(cache)
+    name, rope = split_cache_choice(cache)
     stored = model.new_cache(1, 1, dtype=torch.bfloat16, kv_cache_dtype=name, quantize_rope=rope)
     return stored.bytes_per_token() / model.config.n_layers
 
@@ -291,10 +283,8 @@ def write_report(frontier: Frontier, directory: str | os.PathLike) -> list[Path]
 
 # ------------------------------------------------------------------ the command
 def _formats(text: str, flag: str, rope: bool = False) -> list[str]:
-    from mlakit.quant import KV_CACHE_DTYPES
-
     names = [x.strip() for x in text.split(",") if x.strip()]
-    allowed = set(KV_CACHE_DTYPES) | ({n + ROPE_SUFFIX for n in ("fp8", "int8", "int4")} if rope else set())
+    allowed = set(KV_CACHE_CHOICES if rope else KV_CACHE_DTYPES)
     bad = [n for n in names if n not in allowed]
     if not names or bad:
         extra = f" (MLA: {ROPE_SUFFIX} quantises the RoPE key too, e.g. int4{ROPE_SUFFIX})" if rope else ""

@@ -66,6 +66,17 @@ class ForwardOptions:
     def sparse(self) -> bool:
         return self.sparse_topk is not None
 
+    @classmethod
+    def for_cache(cls, choice: str | None, **fields) -> "ForwardOptions":
+        """The options of a ``--kv-cache-dtype`` choice (``mlakit.quant.KV_CACHE_CHOICES``, e.g.
+        ``int4+rope``: an int4 latent and RoPE key; None: the model's dtype)."""
+        if choice is None:
+            return cls(**fields)
+        from mlakit.quant import split_cache_choice
+
+        name, rope = split_cache_choice(choice)
+        return cls(kv_cache_dtype=name, quantize_rope=rope, **fields)
+
     def replace(self, **changes) -> "ForwardOptions":
         from dataclasses import replace
 

@@ -46,6 +46,9 @@ import torch
 from mlakit.errors import MlakitError
 
 KV_CACHE_DTYPES = ("bf16", "fp16", "fp8", "int8", "int4")
+ROPE_SUFFIX = "+rope"  # MLA: the shared RoPE key quantised too (else kept 16-bit), e.g. int4+rope
+# what --kv-cache-dtype takes
+KV_CACHE_CHOICES = KV_CACHE_DTYPES + tuple(n + ROPE_SUFFIX for n in ("fp8", "int8", "int4"))
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -98,6 +101,12 @@ FORMATS = {
     "int8": CacheFormat("int8", 8, torch.int8, group_size=64, qmax=127.0),
     "int4": CacheFormat("int4", 4, torch.uint8, group_size=32, qmax=8.0),
 }
+
+
+def split_cache_choice(choice: str) -> tuple[str, bool]:
+    """A ``--kv-cache-dtype`` choice as ``(format name, quantise the RoPE key)``: ``"int4+rope"`` ->
+    ``("int4", True)``, ``"int8"`` -> ``("int8", False)``."""
+    return choice.removesuffix(ROPE_SUFFIX), choice.endswith(ROPE_SUFFIX)
 
 
 def cache_format(name: str | CacheFormat | None, model_dtype: torch.dtype = torch.float32) -> CacheFormat:

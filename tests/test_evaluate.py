@@ -137,3 +137,27 @@ def test_each_tokenizer_gets_its_own_ids_of_the_text():
         tokenizer = Constant(token)
         assert set(ev.protocol_tokens(tokenizer)[:1000].tolist()) == {token}
         del tokenizer
+
+
+def test_eval_kv_cache_dtype_with_rope_rounds_the_rope_key_too(tmp_path, capsys):
+    """``--kv-cache-dtype int4+rope`` is an int4 latent and an int4 RoPE key: the CLI's figure is
+    ``evaluate`` with those options spelled out, and not the latent-only int4 figure."""
+    from mlakit import ModelConfig, Transformer
+    from mlakit.loading import load, save_checkpoint
+    from mlakit.options import ForwardOptions
+    from mlakit.testing.models import byte_tokenizer
+
+    _data_or_skip()
+    config = ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8,
+                         intermediate_size=48, max_seq_len=512, attention="mla", kv_lora_rank=16,
+                         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    path = save_checkpoint(Transformer(config).init_random(seed=0, std=0.3), tmp_path / "mla", byte_tokenizer())
+    figures = {}
+    for choice in ("int4", "int4+rope"):
+        assert main(["eval", str(path), "--json", "--device", "cpu", "--kv-cache-dtype", choice]) == 0
+        figures[choice] = json.loads(capsys.readouterr().out)["ppl"]
+    spelled_out = ForwardOptions(kv_cache_dtype="int4", quantize_rope=True)
+    assert ForwardOptions.for_cache("int4+rope") == spelled_out and ForwardOptions.for_cache(None) == ForwardOptions()
+    expected = ev.evaluate(load(path), progress=False, options=spelled_out).ppl
+    assert figures["int4+rope"] == pytest.approx(expected, rel=1e-6)
+    assert figures["int4+rope"] != pytest.approx(figures["int4"], rel=1e-4)

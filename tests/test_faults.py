@@ -308,6 +308,7 @@ CASES = {
     "device-foo": _generate("--prompt", "hi", "--device", "foo"),
     "runtime-rank-too-large": _generate("--prompt", "hi", "--runtime-rank", "1000", model="mla"),
     "runtime-rank-zero": _generate("--prompt", "hi", "--runtime-rank", "0", model="mla"),
+    "rope-cache-on-gqa": _generate("--prompt", "hi", "--kv-cache-dtype", "int4+rope"),
     "kv-saving-above-one": _convert("--kv-saving", "1.5", message="--kv-saving must be a fraction"),
     "kv-saving-nan": _convert("--kv-saving", "nan", message="--kv-saving must be a finite number"),
     "rope-dim-odd": _convert("--rope-dim", "3", "--kv-lora-rank", "8", message="--rope-dim must be even"),
@@ -335,7 +336,8 @@ MESSAGES = {  # the generate cases' expected words
     "top-p-two": "--top-p must be <= 1", "top-k-zero": "--top-k must be >= 1",
     "max-new-tokens-zero": "--max-new-tokens must be >= 1", "device-foo": "--device 'foo' is not a device",
     "runtime-rank-too-large": "--runtime-rank 1000 is larger than the latent rank", "runtime-rank-zero":
-    "--runtime-rank must be >= 1", "prompt-not-utf8": "--prompt is not valid UTF-8",
+    "--runtime-rank must be >= 1", "rope-cache-on-gqa": "+rope quantises MLA's shared RoPE key",
+    "prompt-not-utf8": "--prompt is not valid UTF-8",
     "prompt-file-missing": "--prompt-file /no/such/prompt.txt does not exist", "prompt-empty": "the prompt is empty",
     "prompt-too-long": "exceed the model's context of 256 tokens",
 }

@@ -42,13 +42,17 @@ def add_runtime_rank_arg(parser: argparse.ArgumentParser) -> None:
                              "rank (mlakit.elastic.auto_latent_rank, docs/sparse.md)")
 
 
-def add_kv_cache_dtype_arg(parser: argparse.ArgumentParser) -> None:
-    from mlakit.quant import KV_CACHE_DTYPES
+KV_CACHE_HELP = ("store the KV cache (MLA: the latent; the RoPE key stays 16-bit unless the format ends in +rope) "
+                 "in this format: bf16/fp16 as they are, fp8/int8/int4 quantised per token in groups of channels "
+                 "with float32 scales; fp8+rope/int8+rope/int4+rope (MLA): the RoPE key quantised too "
+                 "(default: the model's dtype)")
 
-    parser.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
-                        help="store the KV cache (MLA: the latent; the RoPE key stays 16-bit) in this format: "
-                             "bf16/fp16 as they are, fp8/int8/int4 quantised per token in groups of channels with "
-                             "float32 scales (default: the model's dtype)")
+
+def add_kv_cache_dtype_arg(parser: argparse.ArgumentParser) -> None:
+    from mlakit.quant import KV_CACHE_CHOICES
+
+    parser.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_CHOICES, metavar="DTYPE",
+                        help=KV_CACHE_HELP)
 
 
 def add_sparse_args(parser: argparse.ArgumentParser) -> None:
@@ -126,7 +130,10 @@ def forward_options(args: argparse.Namespace, model):
     """``ForwardOptions`` from the --kv-cache-dtype and --sparse-* flags (the default where none is given)."""
     from mlakit.options import ForwardOptions
 
-    cache = ForwardOptions(kv_cache_dtype=getattr(args, "kv_cache_dtype", None))
+    cache = ForwardOptions.for_cache(getattr(args, "kv_cache_dtype", None))
+    if cache.quantize_rope and not model.config.is_mla:
+        raise MlakitError(f"--kv-cache-dtype {args.kv_cache_dtype}: +rope quantises MLA's shared RoPE key; this "
+                          f"model has per-head keys (use {cache.kv_cache_dtype}, or convert it: mlakit convert)")
     if getattr(args, "sparse_topk", None) is None:
         return cache
     if not model.config.is_mla:

@@ -108,6 +108,7 @@ def _generate(args: argparse.Namespace, job) -> int:
             sys.stdout.flush()
             printed = text
 
+    options = forward_options(args, loaded.model)  # its checks fail before anything is printed
     fast = args.compile and loaded.model.device.type == "cuda"
     if args.compile and not fast:
         # measured on the 2-core CPU box (default model): the compiled step was slower than eager
@@ -115,7 +116,6 @@ def _generate(args: argparse.Namespace, job) -> int:
     if not args.json:
         sys.stdout.write(args.prompt)
         sys.stdout.flush()
-    options = forward_options(args, loaded.model)
     generate(loaded.model, [prompt_ids], params, on_step=stream, compile=fast, options=options)
     text = tokenizer.decode(generated, skip_special_tokens=True)
     if args.json:

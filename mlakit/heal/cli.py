@@ -12,7 +12,7 @@ TEACHER_HELP = "the original model: a Hugging Face directory, a .gguf file, an m
 
 def register(subparsers) -> argparse.ArgumentParser:
     from mlakit.heal.data import TeacherDataOptions
-    from mlakit.quant import KV_CACHE_DTYPES
+    from mlakit.quant import KV_CACHE_CHOICES
     from mlakit.heal.distill import DEFAULT_LR, HealOptions
 
     d, g = HealOptions(), TeacherDataOptions()
@@ -45,9 +45,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--seq-len", type=int, default=d.seq_len,
                        help=f"window length (default {d.seq_len}; 2048 keeps long-range retrieval: passkey-v1 at "
                             "4096 tokens 80%% instead of 8%% at 50%% saving, docs/heal.md)")
-    train.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_DTYPES,
+    train.add_argument("--kv-cache-dtype", default=None, choices=KV_CACHE_CHOICES, metavar="DTYPE",
                        help="train through the cache the model will run with: the student attends over its latent "
-                            "as a cache of this format stores it (straight-through gradients)")
+                            "(with +rope, e.g. int4+rope: and its RoPE key) as a cache of this format stores it "
+                            "(straight-through gradients); one of " + ", ".join(KV_CACHE_CHOICES))
     train.add_argument("--hidden-weight", type=float, default=d.hidden_weight,
                        help="add per-layer hidden-state matching with this weight (default 0: KL only)")
     train.add_argument("--kl-chunk", type=int, default=d.kl_chunk,

@@ -93,9 +93,9 @@ class HealOptions:
         if not 0 <= self.elastic_full_share <= 1:
             raise MlakitError(f"--elastic-full-share must be in [0, 1], got {self.elastic_full_share}")
         if self.kv_cache_dtype is not None:
-            from mlakit.quant import cache_format
+            from mlakit.quant import cache_format, split_cache_choice
 
-            cache_format(self.kv_cache_dtype)
+            cache_format(split_cache_choice(self.kv_cache_dtype)[0])
 
     @property
     def learning_rate(self) -> float:
@@ -213,7 +213,7 @@ class Distiller:
         self.amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp)
         self.kl_fn = kl_sum
         self.block_fn: BlockFn | None = None
-        self.student_options = ForwardOptions(kv_cache_dtype=options.kv_cache_dtype)  # the teacher runs as it is
+        self.student_options = ForwardOptions.for_cache(options.kv_cache_dtype)  # the teacher runs as it is
         self.reduce_mean = None  # several processes: the mean over ranks (hidden_loss's scale)
 
     def compile(self) -> None:

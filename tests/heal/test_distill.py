@@ -161,16 +161,17 @@ def test_bad_inputs_are_refused():
 
 def test_quantisation_aware_healing_trains_through_the_cache_format():
     """``kv_cache_dtype``: the student's loss is computed on its latent as an int4 cache stores it
-    (a different loss from the plain run at step 0), and training still lowers it."""
+    (a different loss from the plain run at step 0), and training still lowers it; ``int4+rope``
+    rounds its RoPE key too (another loss again)."""
     from heal.helpers import gqa_config, mla_config, random_model, random_windows
 
     teacher = random_model(gqa_config(n_layers=1))
     windows = random_windows(8, 16)
     logs = {}
-    for fmt in (None, "int4"):
+    for fmt in (None, "int4", "int4+rope"):
         student = random_model(mla_config(n_layers=1), seed=1)
         options = HealOptions(tokens=6 * 4 * 16, batch_size=4, seq_len=16, lr=3e-3, val_windows=0, train="all",
                               progress=False, kv_cache_dtype=fmt)
         logs[fmt] = heal_model(student, teacher, windows, options, log=lambda *_: None).log["loss"]
-    assert logs["int4"][0] != logs[None][0]
-    assert logs["int4"][-1] < logs["int4"][0]
+    assert logs["int4"][0] != logs[None][0] and logs["int4+rope"][0] != logs["int4"][0]
+    assert logs["int4"][-1] < logs["int4"][0] and logs["int4+rope"][-1] < logs["int4+rope"][0]

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from mlakit.errors import MlakitError
+from mlakit.options import ForwardOptions
 from mlakit.quant import KV_CACHE_CHOICES, KV_CACHE_DTYPES, ROPE_SUFFIX, split_cache_choice
 
 PROTOCOL = "kv-frontier-v1"
@@ -85,12 +86,6 @@ def protocol_windows(tokenizer) -> Windows:
     return Windows(short=ev.eval_windows(tokens), long=ev.long_windows(tokens))
 
 
-def forward_options(cache: str):
-    from mlakit.options import ForwardOptions
-
-    return ForwardOptions.for_cache(cache)
-
-
 def cache_bytes_per_token_layer(model, cache: str) -> float:
     """Bytes one token takes in ``model``'s cache in format ``cache``, mean over layers."""
     name, rope = split_cache_choice(cache)
@@ -111,7 +106,7 @@ def measure(loaded, kind: str, cache: str, windows: Windows, original_bytes: flo
     from mlakit.passkey import evaluate_passkey
 
     start = time.perf_counter()
-    options = forward_options(cache)
+    options = ForwardOptions.for_cache(cache)
     model = loaded.model
     stored = cache_bytes_per_token_layer(model, cache)
     short = window_ppl(model, windows.short, 4, options)

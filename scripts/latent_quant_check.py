@@ -27,11 +27,12 @@ from mlakit import evaluate as ev  # noqa: E402
 from mlakit.quant import fake_quantize  # noqa: E402
 from mlakit.convert.rotate import ROTATIONS, transform_latent  # noqa: E402
 from mlakit.loading import load  # noqa: E402
-from mlakit.frontier import forward_options, window_ppl  # noqa: E402
+from mlakit.frontier import window_ppl  # noqa: E402
+from mlakit.options import ForwardOptions  # noqa: E402
 
 
 def ppl(model, windows, fmt: str) -> float:
-    return window_ppl(model, windows, 4, forward_options(fmt))  # kv-frontier-v1's figures, as stored
+    return window_ppl(model, windows, 4, ForwardOptions.for_cache(fmt))  # kv-frontier-v1's figures, as stored
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mlakit.config import ModelConfig
-from mlakit.quant import CacheFormat, cache_format, dequantize, quantize, rope_key_turn
+from mlakit.quant import CacheFormat, cache_format, dequantize, quantize, rope_key_turn, turn_width, turned
 
 
 class _Cache(nn.Module):
@@ -231,9 +231,9 @@ class QuantLatentCache(_Cache):
         rope_scales = (torch.zeros(max_batch, max_len, fmt.groups(rope_dim), dtype=fmt.scale_dtype, device=device)
                        if quantize_rope else None)
         self.register_buffer("rope_scales", rope_scales, persistent=False)
-        # float64: turned in the rows' own width (float32, float64 in tests); made here, not in a step
+        # in the width keys and queries are turned in (float32; float64 for float64), made here, not in a step
         turns = quantize_rope and fmt.turns_rope_key
-        self.register_buffer("rope_turn", rope_key_turn(rope_dim, device, torch.float64) if turns else None,
+        self.register_buffer("rope_turn", rope_key_turn(rope_dim, device, turn_width(dtype)).clone() if turns else None,
                              persistent=False)
 
     def update(self, latent: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor) -> None:
@@ -244,8 +244,8 @@ class QuantLatentCache(_Cache):
         rows = torch.arange(batch, device=positions.device)[:, None]  # [b, 1]
         self.values[rows, positions], self.scales[rows, positions] = quantize(latent, self.format)
         if self.quantize_rope:
-            turned = k_rope if self.rope_turn is None else self._turned(k_rope)
-            self.k_rope[rows, positions], self.rope_scales[rows, positions] = quantize(turned, self.format)
+            turned_key = k_rope if self.rope_turn is None else turned(k_rope, self.rope_turn)
+            self.k_rope[rows, positions], self.rope_scales[rows, positions] = quantize(turned_key, self.format)
         else:
             self.k_rope[rows, positions] = k_rope.to(self.k_rope.dtype)
         self._advance(positions)
@@ -271,15 +271,9 @@ class QuantLatentCache(_Cache):
                           norm_weight, norm_eps, rope_scales=self.rope_scales, rope_turn=self.rope_turn)
         self._advance(positions)
 
-    def _turned(self, x: torch.Tensor, back: bool = False) -> torch.Tensor:
-        """``x [..., rope_dim] @ rope_turn`` (``back``: ``@ rope_turn.T``), in float32 or float64."""
-        wide = torch.float64 if x.dtype == torch.float64 else torch.float32
-        turn = self.rope_turn.to(wide)
-        return x.to(wide) @ (turn.T if back else turn)
-
     def rope_query(self, q_rope: torch.Tensor) -> torch.Tensor:
         """The RoPE query for scores against ``kernel_operands``' key: turned alike where the key is."""
-        return q_rope if self.rope_turn is None else self._turned(q_rope).to(q_rope.dtype)
+        return q_rope if self.rope_turn is None else turned(q_rope, self.rope_turn).to(q_rope.dtype)
 
     def kernel_operands(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(values, scales, k_rope, rope_scales)`` of this batch's rows, as stored (views)."""
@@ -292,7 +286,7 @@ class QuantLatentCache(_Cache):
         k_rope = self.k_rope[:batch, :kv_len]
         if self.quantize_rope:
             k_rope = dequantize(k_rope, self.rope_scales[:batch, :kv_len], self.format, self.dtype)
-            k_rope = k_rope if self.rope_turn is None else self._turned(k_rope, back=True)
+            k_rope = k_rope if self.rope_turn is None else turned(k_rope, self.rope_turn, back=True)
         return torch.cat([latent, k_rope.to(self.dtype)], dim=-1)
 
     def bytes_per_token(self) -> int:

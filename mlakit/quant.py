@@ -38,7 +38,6 @@ Bottom layer: imports only torch and mlakit.errors.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -196,20 +195,42 @@ def fake_quantize(x: torch.Tensor, name: str | CacheFormat | None) -> torch.Tens
 # their energy in a few frequency pairs, and a group's scale set by them rounds the rest away;
 # turned, the energy spreads over all channels (measured: docs/protocols.md, "RoPE key").
 
-@functools.lru_cache(maxsize=None)
-def _rope_key_turn(dim: int) -> torch.Tensor:
+_ROPE_KEY_TURNS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+
+@torch.compiler.disable  # a seeded draw cannot be traced; once made, a turn is a constant to a compiled graph
+def _draw_rope_key_turn(dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     q, r = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))  # one orthogonal matrix per draw (signs fixed), float64
+    turn = (q * torch.sign(torch.diagonal(r))).to(device=device, dtype=dtype)  # signs fixed: one matrix per draw
+    _ROPE_KEY_TURNS[dim, device, dtype] = turn
+    return turn
 
 
 def rope_key_turn(dim: int, device: torch.device | str | None = None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The fixed orthogonal ``[dim, dim]`` matrix ``T`` an integer-format RoPE key is stored turned
     by (``k @ T``; the query is turned alike; ``k = stored @ T.T``): a seeded Gaussian draw made
-    orthogonal by QR, in float64 on the CPU (the same draw everywhere; caches are never kept, so
-    a write and its reads always share one ``T``). A new tensor on every call."""
-    return _rope_key_turn(dim).to(device=device, dtype=dtype, copy=True)
+    orthogonal by QR in float64 on the CPU (the same draw everywhere; caches are never kept, so a
+    write and its reads always share one ``T``), then cast. Made once per (dim, device, dtype) and
+    shared: a forward pass asks for it in every layer (no copy to the device each time), so it must
+    not be written to."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    turn = _ROPE_KEY_TURNS.get((dim, device, dtype))
+    return _draw_rope_key_turn(dim, device, dtype) if turn is None else turn
+
+
+def turned(x: torch.Tensor, turn: torch.Tensor, back: bool = False) -> torch.Tensor:
+    """``x [..., p] @ turn`` (``back``: ``@ turn.T``, the turn undone), in ``turn``'s dtype: where an
+    integer-format RoPE key (or the query scored against it) is turned (``rope_key_turn``)."""
+    return x.to(turn.dtype) @ (turn.T if back else turn)
+
+
+def turn_width(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a RoPE key of ``dtype`` is turned in: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def fake_quantize_rope_key(k: torch.Tensor, name: str | CacheFormat | None) -> torch.Tensor:
@@ -218,6 +239,5 @@ def fake_quantize_rope_key(k: torch.Tensor, name: str | CacheFormat | None) -> t
     fmt = cache_format(name, k.dtype)
     if not fmt.turns_rope_key:
         return fake_quantize(k, fmt)
-    wide = torch.float64 if k.dtype == torch.float64 else torch.float32
-    turn = rope_key_turn(k.shape[-1], k.device, wide)
-    return (fake_quantize(k.to(wide) @ turn, fmt) @ turn.T).to(k.dtype)
+    turn = rope_key_turn(k.shape[-1], k.device, turn_width(k.dtype))
+    return turned(fake_quantize(turned(k, turn), fmt), turn, back=True).to(k.dtype)

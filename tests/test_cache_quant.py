@@ -5,7 +5,7 @@ import torch
 
 from mlakit.cache import KVCache, LatentCache, ModelCache, QuantKVCache, QuantLatentCache, make_layer_cache
 from mlakit.config import ModelConfig
-from mlakit.quant import FORMATS, dequantize, quantize, rope_key_turn
+from mlakit.quant import FORMATS, dequantize, fake_quantize_rope_key, quantize, rope_key_turn
 
 QUANTISED = ("fp8", "int8", "int4")
 
@@ -141,6 +141,25 @@ def test_rope_key_turn_is_a_fixed_orthogonal_matrix():
     torch.testing.assert_close(turn @ turn.T, torch.eye(48, dtype=torch.float64), rtol=0, atol=1e-12)
     assert torch.equal(turn, rope_key_turn(48, dtype=torch.float64))
     assert turn.abs().max() < 0.7  # a mixing matrix: no channel stays mostly itself
+
+
+def test_rope_key_turn_is_made_once_and_traces_as_a_constant():
+    """Asked for in every layer of every forward, the turn is one shared tensor per (dim, device,
+    dtype), and the cacheless rounding of a RoPE key compiles as one graph: the seeded draw
+    (which torch.compile cannot trace) happens once, outside, instead of in each forward."""
+    assert rope_key_turn(40) is rope_key_turn(40, "cpu", torch.float32)
+    torch.testing.assert_close(rope_key_turn(40, dtype=torch.float64).float(), rope_key_turn(40), rtol=0, atol=0)
+
+    def rounded(k):
+        return fake_quantize_rope_key(k * 2.0, "int4")
+
+    k = torch.randn(3, 8, 40, generator=torch.Generator().manual_seed(7))
+    eager = rounded(k)
+    explained = torch._dynamo.explain(rounded)(k)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    turn = rope_key_turn(40)
+    expect = dequantize(*quantize((k * 2.0) @ turn, FORMATS["int4"]), FORMATS["int4"], torch.float32) @ turn.T
+    torch.testing.assert_close(eager, expect, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from mlakit.kernels.decode_common import HAS_TRITON, INTERPRET, check_quant_buffers
-from mlakit.quant import cache_format, quantize
+from mlakit.quant import cache_format, quantize, turned
 
 if HAS_TRITON:
     import triton
@@ -369,7 +369,7 @@ def rope_append_quant_reference(latent, k_rope, values, scales, rope_cache, posi
     if rope_scales is None:
         rope_cache[where] = rows[..., rank:].to(rope_cache.dtype)
     else:
-        rope = rows[..., rank:] if rope_turn is None else rows[..., rank:] @ rope_turn.to(rows.dtype)
+        rope = rows[..., rank:] if rope_turn is None else turned(rows[..., rank:], rope_turn)
         rope_cache[where], rope_scales[where] = quantize(rope, fmt)
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -92,8 +93,11 @@ def main() -> int:
     record = json.loads(log_path.read_text()) if log_path.exists() else {}
 
     def done(name: str, minutes: float) -> None:
-        record[name] = minutes
-        log_path.write_text(json.dumps(record, indent=2) + "\n")
+        # read again first: two of these may run side by side on one --work (different --savings)
+        record.update(json.loads(log_path.read_text()) if log_path.exists() else {}, **{name: minutes})
+        tmp = log_path.with_name(f".{log_path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(log_path)
 
     rotations = [r for r in args.rotations.split(",") if r]
     tag = {r: "" if r == "none" else "-" + r.replace("+", "-") for r in rotations}

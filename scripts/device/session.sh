@@ -11,6 +11,7 @@
 #   bash scripts/device/session.sh poll SECONDS        # wait up to SECONDS for the jobs; tails; results -> $OUT
 #
 # Jobs: frontier (kv-frontier-v1 with an equalized+Hadamard latent healed for an int4 cache),
+# frontier-rope (the same at 50% and 25%, healed through the turned int4 RoPE key too: int4+rope),
 # suite (the whole test suite with MLAKIT_TEST_DEVICE=cuda, then engine_formats_check),
 # soak (10,000 requests through one engine, default model, every 10th checked), family (mlakit on the GPU against
 # transformers at Gemma-3-270M's attention shape), gemma-eval (Gemma-3-270M's protocol
@@ -41,6 +42,17 @@ job() {
         --qat int4 --heal-minutes 12 --export /tmp/results/frontier &&
       python3 scripts/device/frontier_check.py --work /tmp/fr --savings 0.5,0.75 --rotations equalize+hadamard \
         --qat int4 --heal-minutes 12 --export /tmp/results/frontier ;;
+    frontier-rope)
+      # the 50% and 25% conversions healed through the turned int4 RoPE key side by side (the
+      # second waits for the first's teacher text, then reads it from the cache), then one frontier
+      F="python3 scripts/device/frontier_check.py --work /tmp/fr --rotations equalize+hadamard --qat int4+rope"
+      $F --savings 0.5 --steps convert,heal --heal-minutes 11 > /tmp/jobs/heal-50.out 2>&1 &
+      $F --savings 0.25 --steps convert &&
+      until ls /tmp/mlakit-cache/heal/teacher-*.json > /dev/null 2>&1; do sleep 5; done &&
+      $F --savings 0.25 --steps heal --heal-minutes 11 || return 1
+      wait; echo '--- the 50% heal:'; cat /tmp/jobs/heal-50.out
+      $F --savings 0.25,0.5 --steps frontier --latent-dtypes bf16,int8,int8+rope,int4,int4+rope \
+        --export /tmp/results/frontier ;;
     suite)
       MLAKIT_TEST_DEVICE=cuda python3 -m pytest -v -rf -p no:cacheprovider ${SUITE_XDIST:-} tests \
         --junitxml=/tmp/results/suite.xml
@@ -91,6 +103,7 @@ case "$1" in
       echo "=== $name: $(cat "/tmp/jobs/$name.rc" 2>/dev/null || echo running)"
       tail -c 1500 "$log" | tr '\r' '\n' | tail -n 12
     done
+    for out in /tmp/jobs/*.out; do echo "=== $(basename "$out")"; tail -c 600 "$out" | tr '\r' '\n' | tail -n 5; done
     nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader
     if [ -n "${OUT:-}" ]; then  # one archive: $OUT brings back at most 8 files
       mkdir -p /tmp/pack/jobs /tmp/pack/results

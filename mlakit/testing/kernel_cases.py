@@ -212,7 +212,8 @@ def run_rope_quant_case(case, device="cpu", seed=0) -> dict:
     written = ~torch.isnan(ref[1][..., 0])  # [B, L]
     got = dequantize(out[0][written], out[1][written], fmt, torch.float64)
     want = dequantize(ref[0][written], ref[1][written], fmt, torch.float64)
-    step = ref[1][written].double().repeat_interleave(fmt.group_size, -1)[:, :rank]
+    # a step is |scale|: int4's scale is negative where its group's extreme is positive (q4_0's levels)
+    step = ref[1][written].double().abs().repeat_interleave(fmt.group_size, -1)[:, :rank]
     steps_apart = float(((got - want).abs() / step.clamp_min(1e-30)).max())
     err = rel_err(got, want) if steps_apart <= 1.0 + 1e-6 else float("inf")
     if rope:

@@ -201,3 +201,22 @@ def test_quant_reference_is_fp64_attention_over_the_dequantised_cache(fmt):
     out = mla_decode_quant_reference(q_latent, q_rope, values, scales, k_rope, lens, 0.1, rank, fmt)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert float((out.double() - naive).norm() / naive.norm()) < 1e-5
+
+
+def test_rope_quant_check_counts_steps_on_negative_int4_scales(monkeypatch):
+    """The kernel check counts how many quantisation steps the kernel's rows lie from the
+    reference's. int4's scale is negative where a group's extreme is positive; a check that
+    divided by the signed scale read any float32 rounding there as ~1e23 steps (an H200 run
+    failed so). A kernel within float32 rounding of the reference must pass the check."""
+    import mlakit.kernels as kernels
+    from mlakit.kernels import rope_append_quant_reference
+    from mlakit.testing import kernel_cases as cases
+
+    def off_by_rounding(latent, *args, **kwargs):  # the reference on inputs one float32 rounding away
+        return rope_append_quant_reference(latent * (1 + 2 ** -22), *args, **kwargs)
+
+    monkeypatch.setattr(kernels, "rope_append_quant", off_by_rounding)
+    case = cases.INTERP_ROPE_QUANT_CASES["int4-f32-r48-p16"]
+    result = cases.run_rope_quant_case(case)
+    assert result["finite"] and 0 < result["steps_apart"] <= 1.0 + 1e-6, result
+    assert result["rel_err"] <= result["tol"]

@@ -128,7 +128,7 @@ class EvalResult:
 
 def protocol_name(name: str, config) -> str:
     """The name a protocol goes by for a model of ``config``'s family (``FAMILY_TAGS``)."""
-    tag = FAMILY_TAGS.get(getattr(config, "arch", ""))
+    tag = FAMILY_TAGS.get(config.arch)
     return name.replace("smollm2", tag) if tag else name
 
 

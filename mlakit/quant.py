@@ -68,6 +68,11 @@ class CacheFormat:
         return self.group_size > 0
 
     @property
+    def top_level(self) -> float:
+        """The largest quantised value: ``qmax``, or for int4 ``qmax - 1`` (q4_0's levels -8..7)."""
+        return self.qmax - 1 if self.bits == 4 else self.qmax
+
+    @property
     def turns_rope_key(self) -> bool:
         """Whether a RoPE key in this format is stored turned (``rope_key_turn``): the integer
         formats, whose one step per group the key's few large channels make coarse for the rest.
@@ -146,8 +151,7 @@ def quantize(x: torch.Tensor, fmt: CacheFormat) -> tuple[torch.Tensor, torch.Ten
     y = y.flatten(-2)[..., :channels]  # [..., C]
     if fmt.name == "fp8":
         return y.clamp(-fmt.qmax, fmt.qmax).to(torch.float8_e4m3fn), scales
-    top = fmt.qmax - 1 if fmt.bits == 4 else fmt.qmax
-    q = (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp(-fmt.qmax, top)  # round half away from 0
+    q = (torch.sign(y) * torch.floor(y.abs() + 0.5)).clamp(-fmt.qmax, fmt.top_level)  # round half away from 0
     if fmt.bits == 8:
         return q.to(torch.int8), scales
     nib = (q + 8).to(torch.uint8)  # [..., C], 0..15

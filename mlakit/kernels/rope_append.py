@@ -145,7 +145,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _quantize_store(x, values_row, scales_row, valid, BLOCK: tl.constexpr, CHANNELS: tl.constexpr,
-                        GROUP: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr):
+                        GROUP: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr, QTOP: tl.constexpr):
         """Quantise one row ``x [BLOCK]`` (fp32, zero past CHANNELS) as mlakit.quant.quantize does
         and store values and per-group scales; ``valid``: [BLOCK] write mask (position in range)."""
         groups = tl.reshape(x, [BLOCK // GROUP, GROUP])
@@ -167,7 +167,7 @@ if HAS_TRITON:
             tl.store(values_row + offs, _round_to_e4m3(y).to(values_row.dtype.element_ty), mask=valid)
         else:
             q = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(0.5 - y))  # round half away from zero
-            q = tl.minimum(tl.maximum(q, -QMAX), QMAX - 1 if QUANT == 3 else QMAX)
+            q = tl.minimum(tl.maximum(q, -QMAX), QTOP)  # CacheFormat.top_level
             if QUANT == 1:  # int8
                 tl.store(values_row + offs, q.to(tl.int8), mask=valid)
             else:  # int4: channel 2j in the low nibble, 2j + 1 in the high one, each + 8
@@ -197,6 +197,7 @@ if HAS_TRITON:
         QUANT: tl.constexpr = 0,  # 0: store as is; 1 int8, 2 fp8, 3 int4 (mlakit.quant formats)
         GROUP: tl.constexpr = 1,
         QMAX: tl.constexpr = 1.0,
+        QTOP: tl.constexpr = 1.0,
     ):
         # One program per new token.
         pid = tl.program_id(0)
@@ -222,7 +223,7 @@ if HAS_TRITON:
             tl.store(lat_row + offs_r, x.to(lat_dst_ptr.dtype.element_ty), mask=r_mask)
         else:
             _quantize_store(x, lat_row, scales_ptr + b.to(tl.int64) * stride_sb + pos * stride_sn, r_mask,
-                            BLOCK_R, RANK, GROUP, QUANT, QMAX)
+                            BLOCK_R, RANK, GROUP, QUANT, QMAX, QTOP)
 
         # RoPE key, rotate_half convention.
         if HALF > 0:
@@ -453,7 +454,7 @@ def _rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, co
         BLOCK_R=block_r, BLOCK_HALF=max(1, triton.next_power_of_2(max(half, 1))),
         HAS_NORM=norm_weight is not None,
         PER_TOKEN=per_token,
-        QUANT=_QUANT_CODES[fmt.name], GROUP=group, QMAX=float(fmt.qmax),
+        QUANT=_QUANT_CODES[fmt.name], GROUP=group, QMAX=float(fmt.qmax), QTOP=float(fmt.top_level),
         num_warps=4 if block_r >= 512 else (2 if block_r >= 128 else 1),
     )
     return None

@@ -154,6 +154,18 @@ def test_frontier_check_smoke(tmp_path):
     assert "$ mlakit" not in again  # every step's output is there: nothing runs twice
 
 
+def test_frontier_check_continues_a_heal_cut_short(tmp_path):
+    """--heal-minutes counts the teacher text too, so on the GPU a heal may stop before its last
+    step (it saves OUT.heal/ and fails the step): the next run continues it with --resume."""
+    args = ["--smoke", "--work", str(tmp_path / "fr"), "--steps", "convert,heal", "--qat", "int4"]
+    cut = subprocess.run([sys.executable, str(REPO / "scripts" / "device" / "frontier_check.py"), *args,
+                          "--heal-minutes", "0"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert cut.returncode != 0 and "rerun with --resume" in cut.stdout + cut.stderr
+    assert (tmp_path / "fr" / "healed-0.5-int4.heal").is_dir() and not (tmp_path / "fr" / "healed-0.5-int4").exists()
+    out = run_script("frontier_check.py", *args)
+    assert "--resume" in out and (tmp_path / "fr" / "healed-0.5-int4" / "mlakit.json").exists()
+
+
 def test_family_parity_check_on_the_cpu():
     """The GPU family check's code path on the CPU: mlakit at Gemma-3-270M's attention shape
     (and Qwen3 / Llama at head_dim 256 / 128) against transformers, with a control that must

@@ -13,7 +13,9 @@ next call on the same (warm) machine. Steps:
   convert   mlakit convert default -o WORK/mla-S[-R] --kv-saving S --latent-rotation R, for each S of
             --savings and R of --rotations (e.g. none,equalize+hadamard)
   heal      mlakit heal WORK/mla-S --teacher default --kv-cache-dtype Q (quantisation-aware,
-            straight-through) with --heal's arguments, for each S and Q of --qat
+            straight-through) with --heal's arguments, for each S and Q of --qat; a heal cut short
+            by --heal-minutes (which counts writing the teacher text too) fails the step, and the
+            next run continues it (--resume)
   frontier  mlakit frontier default --mla <every checkpoint> --dtype float32 --json --plot-dir
 
 ``--smoke`` runs the same steps on the CPU with a tiny random byte-level model (seconds; its
@@ -116,9 +118,11 @@ def main() -> int:
                 if args.smoke:
                     extra = ["--tokens", "4096", "--batch-size", "2", "--seq-len", "128", "--teacher-tokens", "2048",
                              "--gen-batch", "8"]
+                # a heal that --max-minutes cut short saved its state in OUT.heal/: continue it
+                again = ["--resume"] if Path(f"{path}.heal").is_dir() else ["--overwrite"]
                 done(f"heal {s} {r} {q}", mlakit("heal", str(converted[s, r]), "--teacher", source, "-o", str(path),
                                              "--kv-cache-dtype", q, "--max-minutes", f"{args.heal_minutes:g}",
-                                             "--no-progress", "--overwrite", *device, *extra)[0])
+                                             "--no-progress", *again, *device, *extra)[0])
     if "frontier" in steps:
         checkpoints = [str(p) for p in [*converted.values(), *healed.values()] if written(p)]
         plot_dir = work / "frontier"

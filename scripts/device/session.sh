@@ -45,11 +45,12 @@ job() {
     frontier-rope)
       # the 50% and 25% conversions healed through the turned int4 RoPE key side by side (the
       # second waits for the first's teacher text, then reads it from the cache), then one frontier
-      F="python3 scripts/device/frontier_check.py --work /tmp/fr --rotations equalize+hadamard --qat int4+rope"
-      $F --savings 0.5 --steps convert,heal --heal-minutes 11 > /tmp/jobs/heal-50.out 2>&1 &
+      F="python3 scripts/device/frontier_check.py --work /tmp/fr --rotations equalize+hadamard --qat int4+rope --heal-minutes 14"
+      $F --savings 0.5 --steps convert,heal > /tmp/jobs/heal-50.out 2>&1 &
       $F --savings 0.25 --steps convert &&
-      until ls /tmp/mlakit-cache/heal/teacher-*.json > /dev/null 2>&1; do sleep 5; done &&
-      $F --savings 0.25 --steps heal --heal-minutes 11 || return 1
+      # (find, not ls: under nullglob an unmatched glob leaves a bare ls, which succeeds at once)
+      until [ -n "$(find /tmp/mlakit-cache/heal -name 'teacher-*.json' 2>/dev/null)" ]; do sleep 5; done &&
+      $F --savings 0.25 --steps heal || return 1
       wait; echo '--- the 50% heal:'; cat /tmp/jobs/heal-50.out
       $F --savings 0.25,0.5 --steps frontier --latent-dtypes bf16,int8,int8+rope,int4,int4+rope \
         --export /tmp/results/frontier ;;

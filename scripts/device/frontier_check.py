@@ -92,11 +92,10 @@ def main() -> int:
     savings = [s for s in args.savings.split(",") if s]
     qat = [] if args.qat == "none" else [q for q in args.qat.split(",") if q]
     log_path = work / "steps.json"
-    record = json.loads(log_path.read_text()) if log_path.exists() else {}
 
     def done(name: str, minutes: float) -> None:
-        # read again first: two of these may run side by side on one --work (different --savings)
-        record.update(json.loads(log_path.read_text()) if log_path.exists() else {}, **{name: minutes})
+        # read at each write: two of these may run side by side on one --work (different --savings)
+        record = {**(json.loads(log_path.read_text()) if log_path.exists() else {}), name: minutes}
         tmp = log_path.with_name(f".{log_path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(record, indent=2) + "\n")
         tmp.replace(log_path)

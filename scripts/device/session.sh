@@ -48,9 +48,12 @@ job() {
       # second waits for the first's teacher text, then reads it from the cache), then one frontier
       F="python3 scripts/device/frontier_check.py --work /tmp/fr --rotations equalize+hadamard --qat int4+rope --heal-minutes 14"
       $F --savings 0.5 --steps convert,heal > /tmp/jobs/heal-50.out 2>&1 &
+      heal50=$!
       $F --savings 0.25 --steps convert &&
-      # (find, not ls: under nullglob an unmatched glob leaves a bare ls, which succeeds at once)
-      until [ -n "$(find /tmp/mlakit-cache/heal -name 'teacher-*.json' 2>/dev/null)" ]; do sleep 5; done &&
+      # (find, not ls: under nullglob an unmatched glob leaves a bare ls, which succeeds at once;
+      # and not forever: if the first heal ends without its text, the second writes its own)
+      until [ -n "$(find /tmp/mlakit-cache/heal -name 'teacher-*.json' 2>/dev/null)" ] ||
+            ! kill -0 "$heal50" 2>/dev/null; do sleep 5; done &&
       $F --savings 0.25 --steps heal || return 1
       wait; echo '--- the 50% heal:'; cat /tmp/jobs/heal-50.out
       $F --savings 0.25,0.5 --steps frontier --latent-dtypes bf16,int8,int8+rope,int4,int4+rope \

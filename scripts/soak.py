@@ -15,8 +15,8 @@ past the allowance.
 engine works through the requests (on a GPU a fresh engine captures its CUDA graphs
 anew for every request, which is what makes the references the slow half).
 ``--check-every N`` compares every Nth request only (all of them still run through the
-engine, and memory is sampled over all). On the H200, 1,000 fully checked requests took
-336 s beside the test suite; how much a sampled check saves there is not measured yet.
+engine, and memory is sampled over all). On an H200, 10,000 requests with every 10th
+checked by 6 workers took 842 s (docs/results/soak_h200.md).
 """
 
 from __future__ import annotations
@@ -120,13 +120,18 @@ def soak(model: Transformer, requests: int, seed: int = 0, workers: int = 0, mod
         pool = mp.get_context("spawn").Pool(workers, _worker_init, (model_name, str(model.device)))
         results = pool.imap_unordered(_worker_alone, [(i, *jobs[i]) for i in checked], chunksize=8)
     engine = Engine(model, 1, MAX_PROMPT + MAX_NEW)
-    outputs, references, samples = [], {}, []
+    # only the checked outputs are kept: holding all of them (a list of int objects per request,
+    # ~0.5 kB at the default model's vocabulary) is itself a growth the memory samples would count
+    outputs, references, samples, tokens = {}, {}, [], 0
     every = max(1, requests // 10)
     start = time.perf_counter()
     for i, (prompt, params) in enumerate(jobs):
-        outputs.append(run_one(model, engine, prompt, params))
-        if not workers and i % check_every == 0:
-            references[i] = alone(model, prompt, params)
+        got = run_one(model, engine, prompt, params)
+        tokens += len(got)
+        if i % check_every == 0:
+            outputs[i] = got
+            if not workers:
+                references[i] = alone(model, prompt, params)
         if i + 1 == every or (i + 1) % every == 0:
             gc.collect()
             samples.append((i + 1, rss_mb(), device_mb(model)))
@@ -140,7 +145,7 @@ def soak(model: Transformer, requests: int, seed: int = 0, workers: int = 0, mod
         pool.join()
     mismatches = sum(outputs[i] != references[i] for i in checked)
     base = samples[0]
-    return {"requests": requests, "tokens": sum(len(got) for got in outputs), "checked": len(checked),
+    return {"requests": requests, "tokens": tokens, "checked": len(checked),
             "mismatches": mismatches,
             "seconds": time.perf_counter() - start, "engine_seconds": engine_seconds,
             "rss_after_warmup_mb": base[1], "rss_end_mb": samples[-1][1],

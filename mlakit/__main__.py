@@ -1,5 +1,12 @@
+import os
 import sys
 
 from mlakit.cli import main
 
-sys.exit(main())
+code = main()
+if "RANK" in os.environ:  # under torchrun: a rank that joined the job leaves as parallel.leave says
+    from mlakit import parallel
+
+    if parallel.joined():
+        parallel.leave(code)
+sys.exit(code)

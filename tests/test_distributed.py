@@ -119,6 +119,21 @@ def test_torchrun_generate_tensor_parallel_prints_what_one_process_prints(tmp_pa
     assert len(one["output_ids"]) == 12
 
 
+def test_a_rank_leaves_with_its_output_flushed_and_without_finalisation():
+    """``parallel.leave``: what was printed (unflushed, to a pipe) arrives, the exit status is
+    the command's, and the interpreter's finalisation (where gloo's worker threads could abort
+    the process) does not run: an atexit handler stays silent. ``python -m mlakit`` leaves so
+    only in a process that joined a job (``parallel.joined``)."""
+    code = ("import atexit, sys; from mlakit import parallel; atexit.register(print, 'finalised'); "
+            "print('rank output', end=''); sys.stderr.write('a line'); parallel.leave(3)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "rank output", "a line")
+    from mlakit import parallel
+
+    assert not parallel.joined()  # this (one) process never joined a job: it exits as usual
+
+
 def test_tensor_parallel_needs_torchrun_and_even_splits(capsys, monkeypatch):
     from mlakit.cli import main
     from mlakit.errors import MlakitError

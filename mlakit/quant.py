@@ -202,7 +202,6 @@ def fake_quantize(x: torch.Tensor, name: str | CacheFormat | None) -> torch.Tens
 _ROPE_KEY_TURNS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
 
-@torch.compiler.disable  # a seeded draw cannot be traced; once made, a turn is a constant to a compiled graph
 def _draw_rope_key_turn(dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     q, r = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
@@ -223,7 +222,11 @@ def rope_key_turn(dim: int, device: torch.device | str | None = None,
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     turn = _ROPE_KEY_TURNS.get((dim, device, dtype))
-    return _draw_rope_key_turn(dim, device, dtype) if turn is None else turn
+    if turn is None:
+        # a seeded draw cannot be traced; once made, a turn is a constant to a compiled graph. Disabled
+        # here, not by a decorator: at import that would load torch._dynamo (~1.3 s) into every command
+        turn = torch.compiler.disable(_draw_rope_key_turn)(dim, device, dtype)
+    return turn
 
 
 def turned(x: torch.Tensor, turn: torch.Tensor, back: bool = False) -> torch.Tensor:

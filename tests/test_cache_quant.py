@@ -162,6 +162,21 @@ def test_rope_key_turn_is_made_once_and_traces_as_a_constant():
     torch.testing.assert_close(eager, expect, rtol=0, atol=1e-6)
 
 
+def test_a_rope_key_turn_first_asked_for_inside_a_compiled_function():
+    """The draw happens outside the graph even when the first request for a turn comes from
+    code torch.compile traces (a width no eager call has asked for yet)."""
+    from mlakit import quant
+
+    quant._ROPE_KEY_TURNS.pop((36, torch.device("cpu"), torch.float32), None)
+    k = torch.randn(2, 5, 36, generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(lambda x: fake_quantize_rope_key(x, "int8"), backend="eager")
+    got = compiled(k)
+    turn = rope_key_turn(36)
+    expect = dequantize(*quantize(k @ turn, FORMATS["int8"]), FORMATS["int8"], torch.float32) @ turn.T
+    torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
+    assert rope_key_turn(36) is turn
+
+
 @pytest.mark.parametrize("name", ["int8", "int4"])
 def test_turned_rope_key_keeps_scores_and_rounds_the_small_channels_better(name):
     """RoPE keys carry their energy in a few frequency pairs, which set an integer group's one

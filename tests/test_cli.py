@@ -80,3 +80,16 @@ def test_bench_attention_without_gpu_is_explained(capsys):
         pytest.skip("a GPU is present")
     assert main(["bench", "attention"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_command_line_starts_without_the_compiler():
+    """``import mlakit.cli`` (what every command, a rejected argument included, pays before it
+    can say anything) loads neither torch._dynamo nor triton: either costs about a second."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, mlakit.cli; print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -24,8 +24,18 @@ from mlakit.heal import cli as heal_cli
 COMMANDS = (generate, info, evaluate, convert, demo, heal_cli, export_cli, bench_cli, frontier)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with mlakit's error line: a bad argument (unknown flag, invalid choice,
+    a number that is not one, a missing one) is one line naming it and the command's help,
+    as every other error is, instead of the usage block; exit status 2 as argparse's.
+    The subcommands' parsers are of this class too (argparse makes them of the parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"mlakit: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="mlakit",
         description="Multi-Head Latent Attention (MLA) for Llama-family models: run, inspect, convert.",
     )

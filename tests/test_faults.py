@@ -368,6 +368,25 @@ def test_fault(name, models, tmp_path, capsys, monkeypatch):
         assert seconds < 3, f"{name}: rejected after {seconds:.1f}s, not before loading"
 
 
+@pytest.mark.parametrize("argv, culprit", [
+    (["eval", "default", "--kv-cache-dtype", "int3"], "invalid choice: 'int3'"),
+    (["convert", "default", "--kv-saving", "abc"], "--kv-saving: invalid float value: 'abc'"),
+    (["generate", "default", "--prompt", "hi", "--max-new-tokenz", "4"], "unrecognized arguments: --max-new-tokenz"),
+    (["heal", "default"], "the following arguments are required: --teacher, -o/--output"),
+    (["bench", "attention", "--grid"], "argument --grid: expected one argument"),
+    ([], "the following arguments are required: COMMAND"),
+])
+def test_bad_arguments_argparse_sees_are_one_line_too(argv, culprit, capsys):
+    """What argparse itself rejects reads as every other error: one line naming the argument
+    and the command's --help (not the usage block), exit status 2, nothing on stdout."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2 and out == ""
+    assert err.startswith("mlakit: error: ") and err.count("\n") == 1 and culprit in err, err
+    assert err.rstrip().endswith("--help)") and "usage:" not in err
+
+
 def test_corpus_is_large_enough():
     assert len(CASES) >= 40
 

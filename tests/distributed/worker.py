@@ -43,3 +43,4 @@ def main(case: str, out: str, state_dir: str | None = None) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    parallel.leave(0)  # as `python -m mlakit`'s ranks leave (mlakit.parallel.leave says why)

@@ -21,7 +21,7 @@ from mlakit.config import ModelConfig
 from mlakit.fused import FusedLinears
 from mlakit.norm import RMSNorm
 from mlakit.options import DEFAULT, ForwardOptions
-from mlakit.quant import fake_quantize, fake_quantize_rope_key
+from mlakit.quant import fake_quantize, fake_quantize_turned, turned
 from mlakit.rope import apply_rope
 
 # the parameters of MLAttention that the conversion creates (healing trains these by name)
@@ -116,10 +116,14 @@ class GQAttention(nn.Module):
         q = apply_rope(q, cos, sin).transpose(1, 2)  # [b, h, s, d]
         k = apply_rope(k, cos, sin)
         if cache is None and options.kv_cache_dtype is not None:  # keys and values as a cache would store them
-            k, v = fake_quantize(k, options.kv_cache_dtype), fake_quantize(v, options.kv_cache_dtype)
+            k, v = fake_quantize_turned(k, options.kv_cache_dtype), fake_quantize_turned(v, options.kv_cache_dtype)
+        turn = None if cache is None else cache.turn  # an integer-format cache stores k T and v T
         if cache is not None:
             cache.update(k, v, positions)
-            k, v = (t.to(q.dtype) for t in cache.dequantized(b, mask.shape[-1]))  # [b, kv_h, L, d], as stored
+            # as stored, still turned: the query is turned alike (scores unchanged) and the output back
+            k, v = (t.to(q.dtype) for t in cache.dequantized(b, mask.shape[-1], turned_back=False))  # [b, kv_h, L, d]
+            if turn is not None:
+                q = turned(q, turn).to(q.dtype)
         else:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [b, kv_h, s, d]
         group = self.n_heads // self.n_kv_heads
@@ -139,6 +143,8 @@ class GQAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, scale=self.scale,
             )  # [b, h, s, d]
+        if turn is not None:
+            out = turned(out, turn, back=True).to(q.dtype)
         return self.wo(out.reshape(b, self.n_heads, s, self.head_dim).transpose(1, 2).reshape(b, s, -1))
 
 
@@ -241,7 +247,7 @@ class MLAttention(nn.Module):
             if options.kv_cache_dtype is not None:  # the latent (and RoPE key) as a cache would store them
                 latent = fake_quantize(latent, options.kv_cache_dtype)
                 if options.quantize_rope:  # else kept in the model's dtype, as QuantLatentCache keeps it
-                    k_rope = fake_quantize_rope_key(k_rope, options.kv_cache_dtype)
+                    k_rope = fake_quantize_turned(k_rope, options.kv_cache_dtype)
         else:
             self._write_cache(latent, k_rope, positions, cos, sin, cache, options)
             if absorbed and options.kernels and self.kernel_fits:

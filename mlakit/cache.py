@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mlakit.config import ModelConfig
-from mlakit.quant import CacheFormat, cache_format, dequantize, quantize, rope_key_turn, turn_width, turned
+from mlakit.quant import CacheFormat, cache_format, cache_turn, dequantize, quantize, turn_width, turned
 
 
 class _Cache(nn.Module):
@@ -58,6 +58,8 @@ class KVCache(_Cache):
     contiguous block, with no transpose copy per step.
     """
 
+    turn = None  # what keys and values are stored turned by (QuantKVCache); nothing here
+
     def __init__(self, max_batch: int, max_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
         super().__init__(max_batch, max_len, device)
@@ -77,8 +79,10 @@ class KVCache(_Cache):
         self._advance(positions)
         return self.k[:batch], self.v[:batch]
 
-    def dequantized(self, batch: int, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[batch, kv_heads, kv_len, head_dim]`` as attention sees them (views)."""
+    def dequantized(self, batch: int, kv_len: int | None = None,
+                    turned_back: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[batch, kv_heads, kv_len, head_dim]`` as attention sees them (views;
+        nothing is stored turned, so ``turned_back`` changes nothing)."""
         return self.k[:batch, :, :kv_len], self.v[:batch, :, :kv_len]
 
     def bytes_per_token(self) -> int:
@@ -152,7 +156,10 @@ class QuantKVCache(_Cache):
     per token, head and group of channels; ``dtype`` is what ``dequantized`` returns.
 
     Buffers ``k_values / v_values [B, kv_heads, L, stored]`` and ``k_scales / v_scales
-    [B, kv_heads, L, groups]`` (float32), head-major like ``KVCache``.
+    [B, kv_heads, L, groups]`` (float32), head-major like ``KVCache``. In an integer format both
+    are stored turned by ``turn`` (``mlakit.quant.cache_turn`` of the head dim; else None) and
+    turned back on reading: the key is a RoPE key over all its dims, and turning the values is what
+    folding an orthogonal matrix into ``wv`` and ``wo`` would give, without changing the weights.
     """
 
     def __init__(self, max_batch: int, max_len: int, n_kv_heads: int, head_dim: int, fmt: CacheFormat | str,
@@ -171,6 +178,8 @@ class QuantKVCache(_Cache):
             self.register_buffer(f"{name}_scales", torch.zeros(
                 max_batch, n_kv_heads, max_len, fmt.groups(head_dim), dtype=fmt.scale_dtype, device=device),
                 persistent=False)
+        turn = cache_turn(head_dim, device, turn_width(dtype)).clone() if fmt.stores_turned else None
+        self.register_buffer("turn", turn, persistent=False)
 
     def update(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """``KVCache.update``: write k, v ``[b, s, kv_heads, head_dim]`` (quantised) at ``positions [b, s]``;
@@ -179,16 +188,26 @@ class QuantKVCache(_Cache):
         batch = k.shape[0]
         rows = torch.arange(batch, device=positions.device)[:, None]  # [b, 1]
         for name, x in (("k", k), ("v", v)):
+            x = x if self.turn is None else turned(x, self.turn)
             values, scales = quantize(x, self.format)  # [b, s, kv_heads, stored], [b, s, kv_heads, groups]
             getattr(self, f"{name}_values")[rows, :, positions] = values
             getattr(self, f"{name}_scales")[rows, :, positions] = scales
         self._advance(positions)
 
-    def dequantized(self, batch: int, kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[batch, kv_heads, kv_len, head_dim]`` as attention sees them (a new tensor)."""
-        return tuple(dequantize(getattr(self, f"{n}_values")[:batch, :, :kv_len],
-                                getattr(self, f"{n}_scales")[:batch, :, :kv_len], self.format, self.dtype)
-                     for n in ("k", "v"))
+    def dequantized(self, batch: int, kv_len: int | None = None,
+                    turned_back: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[batch, kv_heads, kv_len, head_dim]`` as attention sees them (new tensors).
+        ``turned_back=False``: as stored, still turned by ``turn`` (attention then turns the query
+        alike and its output back: two small products instead of two over the whole cache)."""
+        back = turned_back and self.turn is not None
+
+        def read(name: str) -> torch.Tensor:
+            width = self.turn.dtype if back else self.dtype  # turned back before the cast
+            x = dequantize(getattr(self, f"{name}_values")[:batch, :, :kv_len],
+                           getattr(self, f"{name}_scales")[:batch, :, :kv_len], self.format, width)
+            return (turned(x, self.turn, back=True) if back else x).to(self.dtype)
+
+        return read("k"), read("v")
 
     def bytes_per_token(self) -> int:
         return 2 * self.k_values.shape[1] * self.format.bytes_per_token(self.head_dim)
@@ -202,7 +221,7 @@ class QuantLatentCache(_Cache):
     Buffers: ``values [B, L, stored(r)]`` and ``scales [B, L, groups(r)]`` (float32); ``k_rope
     [B, L, rope_dim]``, or with ``quantize_rope`` ``k_rope [B, L, stored(rope_dim)]`` in the format
     and ``rope_scales [B, L, groups(rope_dim)]`` (else None). In an integer format that RoPE key
-    is stored turned by ``rope_turn`` (``mlakit.quant.rope_key_turn``; else None). The absorbed
+    is stored turned by ``rope_turn`` (``mlakit.quant.cache_turn``; else None). The absorbed
     decode kernel reads the buffers as they are, with the query turned alike:
     ``mlakit.kernels.mla_decode_quant(q_latent, cache.rope_query(q_rope), *cache.kernel_operands(b),
     lengths, scale, r, cache.format)``; other paths read ``cache.dequantized(b, kv_len)`` (the key
@@ -232,8 +251,8 @@ class QuantLatentCache(_Cache):
                        if quantize_rope else None)
         self.register_buffer("rope_scales", rope_scales, persistent=False)
         # in the width keys and queries are turned in (float32; float64 for float64), made here, not in a step
-        turns = quantize_rope and fmt.turns_rope_key
-        self.register_buffer("rope_turn", rope_key_turn(rope_dim, device, turn_width(dtype)).clone() if turns else None,
+        turns = quantize_rope and fmt.stores_turned
+        self.register_buffer("rope_turn", cache_turn(rope_dim, device, turn_width(dtype)).clone() if turns else None,
                              persistent=False)
 
     def update(self, latent: torch.Tensor, k_rope: torch.Tensor, positions: torch.Tensor) -> None:
@@ -285,7 +304,8 @@ class QuantLatentCache(_Cache):
         latent = dequantize(self.values[:batch, :kv_len], self.scales[:batch, :kv_len], self.format, self.dtype)
         k_rope = self.k_rope[:batch, :kv_len]
         if self.quantize_rope:
-            k_rope = dequantize(k_rope, self.rope_scales[:batch, :kv_len], self.format, self.dtype)
+            width = self.dtype if self.rope_turn is None else self.rope_turn.dtype  # turned back before the cast
+            k_rope = dequantize(k_rope, self.rope_scales[:batch, :kv_len], self.format, width)
             k_rope = k_rope if self.rope_turn is None else turned(k_rope, self.rope_turn, back=True)
         return torch.cat([latent, k_rope.to(self.dtype)], dim=-1)
 

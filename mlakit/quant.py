@@ -73,9 +73,10 @@ class CacheFormat:
         return self.qmax - 1 if self.bits == 4 else self.qmax
 
     @property
-    def turns_rope_key(self) -> bool:
-        """Whether a RoPE key in this format is stored turned (``rope_key_turn``): the integer
-        formats, whose one step per group the key's few large channels make coarse for the rest.
+    def stores_turned(self) -> bool:
+        """Whether RoPE keys (MLA's, with ``+rope``; an attention's keys, RoPE'd over all their dims)
+        and the original's values are stored turned in this format (``cache_turn``): the integer
+        formats, whose one step per group a vector's few large channels make coarse for the rest.
         fp8 rounds each value relative to itself; turning mixes the large errors into small values."""
         return self.quantized and self.name != "fp8"
 
@@ -197,23 +198,26 @@ def fake_quantize(x: torch.Tensor, name: str | CacheFormat | None) -> torch.Tens
 # A RoPE key in an integer format is stored turned: k @ T, with T a fixed orthogonal matrix,
 # and the query turned alike (q @ T), which leaves every score q . k as it was. RoPE keys carry
 # their energy in a few frequency pairs, and a group's scale set by them rounds the rest away;
-# turned, the energy spreads over all channels (measured: docs/protocols.md, "RoPE key").
+# turned, the energy spreads over all channels (measured: docs/protocols.md, "RoPE key"). The
+# original's values are stored turned too (v @ T, read back as stored @ T.T): the rounding an
+# orthogonal matrix folded into wv / wo would give, with the weights unchanged.
 
-_ROPE_KEY_TURNS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+_CACHE_TURNS: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _draw_rope_key_turn(dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _draw_cache_turn(dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     q, r = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
     turn = (q * torch.sign(torch.diagonal(r))).to(device=device, dtype=dtype)  # signs fixed: one matrix per draw
-    _ROPE_KEY_TURNS[dim, device, dtype] = turn
+    _CACHE_TURNS[dim, device, dtype] = turn
     return turn
 
 
-def rope_key_turn(dim: int, device: torch.device | str | None = None,
-                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The fixed orthogonal ``[dim, dim]`` matrix ``T`` an integer-format RoPE key is stored turned
-    by (``k @ T``; the query is turned alike; ``k = stored @ T.T``): a seeded Gaussian draw made
+def cache_turn(dim: int, device: torch.device | str | None = None,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The fixed orthogonal ``[dim, dim]`` matrix ``T`` an integer-format cache stores RoPE keys (and
+    the original's values) turned by (``k @ T``; a query scored against the stored key is turned
+    alike; ``k = stored @ T.T``): a seeded Gaussian draw made
     orthogonal by QR in float64 on the CPU (the same draw everywhere; caches are never kept, so a
     write and its reads always share one ``T``), then cast. Made once per (dim, device, dtype) and
     shared: a forward pass asks for it in every layer (no copy to the device each time), so it must
@@ -221,30 +225,31 @@ def rope_key_turn(dim: int, device: torch.device | str | None = None,
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    turn = _ROPE_KEY_TURNS.get((dim, device, dtype))
+    turn = _CACHE_TURNS.get((dim, device, dtype))
     if turn is None:
         # a seeded draw cannot be traced; once made, a turn is a constant to a compiled graph. Disabled
         # here, not by a decorator: at import that would load torch._dynamo (~1.3 s) into every command
-        turn = torch.compiler.disable(_draw_rope_key_turn)(dim, device, dtype)
+        turn = torch.compiler.disable(_draw_cache_turn)(dim, device, dtype)
     return turn
 
 
 def turned(x: torch.Tensor, turn: torch.Tensor, back: bool = False) -> torch.Tensor:
     """``x [..., p] @ turn`` (``back``: ``@ turn.T``, the turn undone), in ``turn``'s dtype: where an
-    integer-format RoPE key (or the query scored against it) is turned (``rope_key_turn``)."""
+    integer-format cache turns what it stores (or a query scored against it) (``cache_turn``)."""
     return x.to(turn.dtype) @ (turn.T if back else turn)
 
 
 def turn_width(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a RoPE key of ``dtype`` is turned in: float64 for float64, else float32."""
+    """The dtype a vector of ``dtype`` is turned in: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def fake_quantize_rope_key(k: torch.Tensor, name: str | CacheFormat | None) -> torch.Tensor:
-    """``fake_quantize`` of a RoPE key ``[..., p]`` as its cache gives it back: turned, rounded and
-    turned back in a format that ``turns_rope_key``, as ``fake_quantize`` in the others."""
-    fmt = cache_format(name, k.dtype)
-    if not fmt.turns_rope_key:
-        return fake_quantize(k, fmt)
-    turn = rope_key_turn(k.shape[-1], k.device, turn_width(k.dtype))
-    return turned(fake_quantize(turned(k, turn), fmt), turn, back=True).to(k.dtype)
+def fake_quantize_turned(x: torch.Tensor, name: str | CacheFormat | None) -> torch.Tensor:
+    """``fake_quantize`` of what a cache stores turned (a RoPE key, the original's keys and values,
+    ``[..., d]``) as the cache gives it back: turned, rounded and turned back in a format that
+    ``stores_turned``, as ``fake_quantize`` in the others."""
+    fmt = cache_format(name, x.dtype)
+    if not fmt.stores_turned:
+        return fake_quantize(x, fmt)
+    turn = cache_turn(x.shape[-1], x.device, turn_width(x.dtype))
+    return turned(fake_quantize(turned(x, turn), fmt), turn, back=True).to(x.dtype)

@@ -9,7 +9,7 @@ the ppl from 8 windows x 512 of calibration tokens [16384, 20480). ``--protocol`
 wikitext2-smollm2-v1 (the protocol's 40 windows) for every row, ``--long`` the long-window ppl
 of longctx-smollm2-v1 (5 windows x 4096 of the evaluation range). ``--unturned`` adds, for each
 transform, a row with the quantised RoPE key (the ``+rope`` formats) rounded as it is instead
-of turned first (``mlakit.quant.rope_key_turn``): what the turn buys, side by side.
+of turned first (``mlakit.quant.cache_turn``): what the turn buys, side by side.
 """
 
 from __future__ import annotations
@@ -58,17 +58,17 @@ def main() -> int:
     head = ["transform"] + [f"{f} ({name})" for name, _, _ in sets for f in formats]
     print(f"checkpoint {args.checkpoint}; ppl through the cache as stored\n")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head), flush=True)
-    turned = attention.fake_quantize_rope_key
+    turned = attention.fake_quantize_turned
     for kind in args.transforms.split(","):
         model = load(args.checkpoint, dtype=torch.float32).model
         transform_latent(model, kind, stats)
         for turn in (True, False) if args.unturned else (True,):
             start = time.perf_counter()
-            attention.fake_quantize_rope_key = turned if turn else fake_quantize  # the uncached path's rounding
+            attention.fake_quantize_turned = turned if turn else fake_quantize  # the uncached path's rounding
             cells = [f"{ppl(model, windows, f, batch):.2f}" for _, windows, batch in sets for f in formats]
             label = kind if turn else f"{kind}, RoPE key unturned"
             print(f"| {label} | " + " | ".join(cells) + f" |   ({time.perf_counter() - start:.0f} s)", flush=True)
-    attention.fake_quantize_rope_key = turned
+    attention.fake_quantize_turned = turned
     return 0
 
 

@@ -5,7 +5,7 @@ import torch
 
 from mlakit.cache import KVCache, LatentCache, ModelCache, QuantKVCache, QuantLatentCache, make_layer_cache
 from mlakit.config import ModelConfig
-from mlakit.quant import FORMATS, dequantize, fake_quantize_rope_key, quantize, rope_key_turn
+from mlakit.quant import FORMATS, dequantize, fake_quantize_turned, quantize, cache_turn
 
 QUANTISED = ("fp8", "int8", "int4")
 
@@ -34,7 +34,7 @@ def test_latent_cache_update_reads_back_the_quantised_rows(name, quantize_rope):
     exact = plain.kv[:2, :6]  # what an unquantised cache holds
     want_latent = dequantize(*quantize(exact[..., :64], fmt), fmt)
     # an integer-format RoPE key is stored turned, and read back turned back
-    turn = rope_key_turn(16) if fmt.turns_rope_key else torch.eye(16)
+    turn = cache_turn(16) if fmt.stores_turned else torch.eye(16)
     want_rope = dequantize(*quantize(exact[..., 64:] @ turn, fmt), fmt) @ turn.T if quantize_rope else exact[..., 64:]
     got = cache.dequantized(2, 6)
     torch.testing.assert_close(got, torch.cat([want_latent, want_rope], -1), rtol=0, atol=0)
@@ -67,7 +67,10 @@ def test_latent_cache_append_rotated_matches_update_of_the_reference_rows(name):
 
 @pytest.mark.parametrize("name", QUANTISED)
 def test_kv_cache_update_reads_back_the_quantised_heads(name):
+    """Keys and values read back as rounded; in an integer format rounded turned (``cache_turn``)
+    and turned back, fp8 as they are."""
     fmt = FORMATS[name]
+    turn = cache_turn(32) if fmt.stores_turned else torch.eye(32)
     cache, plain = QuantKVCache(2, 8, 3, 32, name, dtype=torch.bfloat16), KVCache(2, 8, 3, 32)
     gen = torch.Generator().manual_seed(2)
     k, v = torch.randn(2, 4, 3, 32, generator=gen), torch.randn(2, 4, 3, 32, generator=gen)
@@ -77,7 +80,8 @@ def test_kv_cache_update_reads_back_the_quantised_heads(name):
     plain.update(k, v, positions)
     assert k_out.shape == (2, 3, 8, 32) and k_out.dtype == torch.bfloat16
     for got, exact in zip(cache.dequantized(2, 4), (plain.k[:, :, :4], plain.v[:, :, :4])):
-        torch.testing.assert_close(got, dequantize(*quantize(exact, fmt), fmt, torch.bfloat16), rtol=0, atol=0)
+        want = dequantize(*quantize(exact @ turn, fmt), fmt) @ turn.T
+        torch.testing.assert_close(got, want.to(torch.bfloat16), rtol=0, atol=0)
     assert cache.bytes_per_token() == 2 * 3 * fmt.bytes_per_token(32)
 
 
@@ -137,9 +141,9 @@ def test_quantised_rope_write_under_graph_capture_writes_the_same_bytes(name, mo
 
 
 def test_rope_key_turn_is_a_fixed_orthogonal_matrix():
-    turn = rope_key_turn(48, dtype=torch.float64)
+    turn = cache_turn(48, dtype=torch.float64)
     torch.testing.assert_close(turn @ turn.T, torch.eye(48, dtype=torch.float64), rtol=0, atol=1e-12)
-    assert torch.equal(turn, rope_key_turn(48, dtype=torch.float64))
+    assert torch.equal(turn, cache_turn(48, dtype=torch.float64))
     assert turn.abs().max() < 0.7  # a mixing matrix: no channel stays mostly itself
 
 
@@ -147,17 +151,17 @@ def test_rope_key_turn_is_made_once_and_traces_as_a_constant():
     """Asked for in every layer of every forward, the turn is one shared tensor per (dim, device,
     dtype), and the cacheless rounding of a RoPE key compiles as one graph: the seeded draw
     (which torch.compile cannot trace) happens once, outside, instead of in each forward."""
-    assert rope_key_turn(40) is rope_key_turn(40, "cpu", torch.float32)
-    torch.testing.assert_close(rope_key_turn(40, dtype=torch.float64).float(), rope_key_turn(40), rtol=0, atol=0)
+    assert cache_turn(40) is cache_turn(40, "cpu", torch.float32)
+    torch.testing.assert_close(cache_turn(40, dtype=torch.float64).float(), cache_turn(40), rtol=0, atol=0)
 
     def rounded(k):
-        return fake_quantize_rope_key(k * 2.0, "int4")
+        return fake_quantize_turned(k * 2.0, "int4")
 
     k = torch.randn(3, 8, 40, generator=torch.Generator().manual_seed(7))
     eager = rounded(k)
     explained = torch._dynamo.explain(rounded)(k)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
-    turn = rope_key_turn(40)
+    turn = cache_turn(40)
     expect = dequantize(*quantize((k * 2.0) @ turn, FORMATS["int4"]), FORMATS["int4"], torch.float32) @ turn.T
     torch.testing.assert_close(eager, expect, rtol=0, atol=1e-6)
 
@@ -167,14 +171,14 @@ def test_a_rope_key_turn_first_asked_for_inside_a_compiled_function():
     code torch.compile traces (a width no eager call has asked for yet)."""
     from mlakit import quant
 
-    quant._ROPE_KEY_TURNS.pop((36, torch.device("cpu"), torch.float32), None)
+    quant._CACHE_TURNS.pop((36, torch.device("cpu"), torch.float32), None)
     k = torch.randn(2, 5, 36, generator=torch.Generator().manual_seed(3))
-    compiled = torch.compile(lambda x: fake_quantize_rope_key(x, "int8"), backend="eager")
+    compiled = torch.compile(lambda x: fake_quantize_turned(x, "int8"), backend="eager")
     got = compiled(k)
-    turn = rope_key_turn(36)
+    turn = cache_turn(36)
     expect = dequantize(*quantize(k @ turn, FORMATS["int8"]), FORMATS["int8"], torch.float32) @ turn.T
     torch.testing.assert_close(got, expect, rtol=0, atol=1e-6)
-    assert rope_key_turn(36) is turn
+    assert cache_turn(36) is turn
 
 
 @pytest.mark.parametrize("name", ["int8", "int4"])
@@ -203,6 +207,37 @@ def test_turned_rope_key_keeps_scores_and_rounds_the_small_channels_better(name)
         return float((torch.einsum("bshp,blp->bshl", q[..., small], key[..., small]) - exact).norm() / exact.norm())
 
     assert error(read_back) < 0.7 * error(unturned), (error(read_back), error(unturned))
+
+
+def test_the_originals_turned_cache_gives_attention_what_reading_it_back_gives():
+    """GQA attention reads an integer cache as stored (keys and values turned) with the query
+    turned alike and its output turned back; that equals attention over the keys and values read
+    back (float64), and its keys score the small channels closer to exact than unturned rounding."""
+    gen = torch.Generator().manual_seed(8)
+    scale = torch.ones(64, dtype=torch.float64)
+    scale[[3, 35, 10, 42]] = 6.0  # two strong RoPE pairs (channels i and i + 32)
+    k = torch.randn(1, 40, 2, 64, generator=gen, dtype=torch.float64) * scale  # [b, s, kv_h, d]
+    v = torch.randn(1, 40, 2, 64, generator=gen, dtype=torch.float64)
+    q = torch.randn(1, 2, 1, 64, generator=gen, dtype=torch.float64)  # [b, kv_h, 1, d]
+    cache = QuantKVCache(1, 40, 2, 64, "int4", dtype=torch.float64)
+    cache.update(k, v, torch.arange(40)[None])
+    k_stored, v_stored = cache.dequantized(1, turned_back=False)
+    k_back, v_back = cache.dequantized(1)
+    turn = cache.turn
+
+    def attend(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) / 8, dim=-1) @ v
+
+    as_stored = attend(q @ turn, k_stored, v_stored) @ turn.T
+    torch.testing.assert_close(as_stored, attend(q, k_back, v_back), rtol=1e-9, atol=1e-9)
+    small = scale == 1.0
+    exact = q[..., small] @ k.transpose(1, 2)[..., small].transpose(-1, -2)
+
+    def error(key):  # key [b, kv_h, L, d]
+        return float((q[..., small] @ key[..., small].transpose(-1, -2) - exact).norm() / exact.norm())
+
+    unturned = dequantize(*quantize(k, FORMATS["int4"]), FORMATS["int4"], torch.float64).transpose(1, 2)
+    assert error(k_back) < 0.7 * error(unturned), (error(k_back), error(unturned))
 
 
 def test_fp8_rope_key_is_stored_as_it_is():

@@ -395,7 +395,7 @@ def rope_append_quant(
     name or CacheFormat) into ``values [>= batch, max_len, stored(r)]`` and ``scales [.., groups(r)]``,
     the rotated key into ``rope_cache [.., rope_dim]`` (16-bit). With ``rope_scales`` the key is
     quantised too (``rope_cache [.., stored(rope_dim)]``), after ``@ rope_turn [rope_dim, rope_dim]``
-    where given (``mlakit.quant.rope_key_turn``); that case runs the reference.
+    where given (``mlakit.quant.cache_turn``); that case runs the reference.
 
     One launch on CUDA (fp8 needs sm_89+) and under TRITON_INTERPRET=1, the reference elsewhere.
     Stores the same bytes as the reference (a value within float32 rounding of a rounding tie may

@@ -117,11 +117,12 @@ class GQAttention(nn.Module):
         k = apply_rope(k, cos, sin)
         if cache is None and options.kv_cache_dtype is not None:  # keys and values as a cache would store them
             k, v = fake_quantize_turned(k, options.kv_cache_dtype), fake_quantize_turned(v, options.kv_cache_dtype)
-        turn = None if cache is None else cache.turn  # an integer-format cache stores k T and v T
+        turn = None  # what the cache stores k and v turned by (QuantKVCache in an integer format)
         if cache is not None:
             cache.update(k, v, positions)
             # as stored, still turned: the query is turned alike (scores unchanged) and the output back
             k, v = (t.to(q.dtype) for t in cache.dequantized(b, mask.shape[-1], turned_back=False))  # [b, kv_h, L, d]
+            turn = cache.turn
             if turn is not None:
                 q = turned(q, turn).to(q.dtype)
         else:

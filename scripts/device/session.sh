@@ -14,7 +14,8 @@
 # Jobs: frontier (kv-frontier-v1 with an equalized+Hadamard latent healed for an int4 cache),
 # frontier-rope (the same at 50% and 25%, healed through the turned int4 RoPE key too: int4+rope),
 # suite (the whole test suite with MLAKIT_TEST_DEVICE=cuda, then engine_formats_check),
-# soak (10,000 requests through one engine, default model, every 10th checked), family (mlakit on the GPU against
+# soak (10,000 requests through one engine, default model, every 10th checked; 858 s on an H200), original
+# (the original's kv-frontier-v1 rows), sparse (scripts/device/sparse_check.py --no-e2e), family (mlakit on the GPU against
 # transformers at Gemma-3-270M's attention shape), gemma-eval (Gemma-3-270M's protocol
 # fingerprint and first-window ppl on the CPU and the GPU), gemma (Gemma-3-270M:
 # original, training-free and healed at 50% and 75% of its KV values, every protocol).
@@ -64,6 +65,11 @@ job() {
       python3 scripts/device/engine_formats_check.py ;;
     soak)
       python3 scripts/soak.py --model default --device cuda --requests 10000 --workers 6 --check-every 10 ;;
+    original)  # the original's rows of kv-frontier-v1 alone (its int8/int4 caches now store k and v turned)
+      python3 -m mlakit frontier default --cache-dtypes bf16,int8,int4 --dtype float32 \
+        --plot-dir /tmp/results/original --json ;;
+    sparse)  # decode-attn-v1 extended: the sparse kernels' checks and the dense / sparse table (~1 min)
+      python3 scripts/device/sparse_check.py --no-e2e --out /tmp/results/sparse ;;
     family)
       python3 scripts/device/family_parity_check.py ;;
     gemma-eval)

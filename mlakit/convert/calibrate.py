@@ -16,7 +16,7 @@ layer's work), collecting for every layer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +86,17 @@ class LayerStore:
             self._items.append(item)
             return
         path = self.directory / f"{self.prefix}{len(self._items)}.pt"
-        torch.save(item, path)
-        self._items.append(path)
+        # the fields, not the object: read back with weights_only=True (tensors and plain values),
+        # so a file planted in the spill directory cannot run code; the class is kept here
+        torch.save({f.name: getattr(item, f.name) for f in fields(item)}, path)
+        self._items.append((path, type(item)))
 
     def __getitem__(self, index: int) -> Any:
         item = self._items[index]
         if self.directory is None:
             return item
-        return torch.load(item, weights_only=False)  # our own file, written by this process
+        path, cls = item
+        return cls(**torch.load(path, weights_only=True))
 
     def __len__(self) -> int:
         return len(self._items)

@@ -1,6 +1,7 @@
 """GQA -> MLA conversion: exact at the full budget (against transformers), finite below it."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -175,3 +176,31 @@ def test_spilled_statistics_give_the_same_model(tmp_path, tokens):
     assert len(list(spill.glob("stats*.pt"))) == len(list(spill.glob("spectrum*.pt"))) == source.config.n_layers
     with torch.no_grad():
         assert torch.equal(in_memory(tokens), spilled(tokens))
+
+
+class _Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this would create the marker file
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+def test_a_spill_file_swapped_for_a_pickle_runs_no_code(tmp_path):
+    """The spill directory's files are read with weights_only=True: one replaced between the write
+    and the read by a pickle that would run code is refused, and the code does not run."""
+    import pickle
+
+    from mlakit.convert.calibrate import LayerStats, LayerStore
+
+    store = LayerStore(tmp_path, prefix="stats")
+    stats = LayerStats(sigma=torch.eye(3, dtype=torch.float64), dist=torch.ones(2, 4) / 4, tokens=7)
+    store.append(stats)
+    back = store[0]
+    assert isinstance(back, LayerStats) and back.tokens == 7 and back.sigma_attn is None
+    assert torch.equal(back.sigma, stats.sigma) and torch.equal(back.dist, stats.dist)
+    marker = tmp_path / "code-ran.txt"
+    torch.save(_Planted(str(marker)), tmp_path / "stats0.pt", pickle_module=pickle)
+    with pytest.raises(pickle.UnpicklingError):
+        store[0]
+    assert not marker.exists()

@@ -213,6 +213,11 @@ def _heal(*extra, message):
     return case
 
 
+def _resume_finished(m, tmp):
+    (tmp / "out").mkdir()  # a finished heal's output: its state is gone
+    return _heal("--resume", message="its heal has finished, nothing is left to resume")(m, tmp)
+
+
 def _shape_mismatch(m, tmp):
     path = copy_model(m["hf"], tmp)
     edit_config(path, lambda c: {**c, "intermediate_size": 64})
@@ -318,6 +323,7 @@ CASES = {
     "heal-lr-nan": _heal("--lr", "nan", message="--lr must be a finite number"),
     "heal-tokens-zero": _heal("--tokens", "0", message="--tokens"),
     "heal-data-missing": _heal("--data", "/no/such/file.txt", message="--data /no/such/file.txt does not exist"),
+    "heal-resume-finished": _resume_finished,
     # text
     "prompt-not-utf8": _generate("--prompt", "caf\udce9"),
     "prompt-file-missing": _generate("--prompt-file", "/no/such/prompt.txt"),
@@ -374,6 +380,8 @@ def test_fault(name, models, tmp_path, capsys, monkeypatch):
     (["generate", "default", "--prompt", "hi", "--max-new-tokenz", "4"], "unrecognized arguments: --max-new-tokenz"),
     (["heal", "default"], "the following arguments are required: --teacher, -o/--output"),
     (["bench", "attention", "--grid"], "argument --grid: expected one argument"),
+    (["bench", "e2e", "--device", "cpu", "--preset", "tiny", "--grid", "1x-5"], "must be >= 1, got 1x-5"),
+    (["bench", "attention", "--grid", "0x8192"], "must be >= 1, got 0x8192"),
     ([], "the following arguments are required: COMMAND"),
 ])
 def test_bad_arguments_argparse_sees_are_one_line_too(argv, culprit, capsys):

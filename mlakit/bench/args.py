@@ -15,4 +15,7 @@ def parse_grid(text: str) -> List[Tuple[int, int]]:
             grid.append((int(batch), int(context)))
     except ValueError:
         raise argparse.ArgumentTypeError(f"grid must be BATCHxCONTEXT pairs like 1x8192,16x8192, got {text!r}") from None
+    for batch, context in grid:  # a row of zero or negative size would only fail when it runs
+        if batch < 1 or context < 1:
+            raise argparse.ArgumentTypeError(f"grid's batch and context must be >= 1, got {batch}x{context}")
     return grid

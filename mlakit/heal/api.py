@@ -136,6 +136,9 @@ def _check_run(out: Path, options: HealOptions, data_options: TeacherDataOptions
     if data is None:
         data_options.check()  # before loading anything: a bad --doc-tokens or --gen-batch fails at once
     if out.exists() and not overwrite:
+        if resume:  # OUT is written when a run finishes, and its state removed then
+            raise MlakitError(f"{out} already exists: its heal has finished, nothing is left to resume "
+                              "(pass --overwrite to heal again)")
         raise MlakitError(f"{out} already exists (pass --overwrite to replace it)")
     state_dir = state_dir_for(out)
     if any((state_dir / name).exists() for name in (STATE_FILENAME, LEGACY_STATE_FILENAME)) and not resume:

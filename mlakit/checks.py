@@ -18,6 +18,37 @@ from mlakit.errors import MlakitError
 _DEVICE_RE = re.compile(r"(cpu|cuda)(:\d+)?")
 
 
+def attention_kind(ref: str) -> str | None:
+    """Whether the model ``ref`` names (checked by ``model_ref``) is MLA: "mla", "other", or None
+    where the header does not say (the loader then decides). Reads only a config file or a GGUF's
+    first key (``general.architecture``, which writers put first), not the weights."""
+    import json
+    import struct
+
+    if ref == "default":
+        return "other"  # SmolLM2-135M: Llama
+    path = Path(ref)
+    try:
+        if path.is_dir():
+            if (path / "mlakit.json").exists():
+                return "mla" if json.loads((path / "mlakit.json").read_text()).get("attention") == "mla" else "other"
+            model_type = str(json.loads((path / "config.json").read_text()).get("model_type", ""))
+            return "mla" if model_type.startswith("deepseek") else "other"
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        if head[:4] != b"GGUF":
+            return None
+        (key_len,) = struct.unpack_from("<Q", head, 24)
+        key = head[32:32 + key_len]
+        value_type, value_len = struct.unpack_from("<IQ", head, 32 + key_len)
+        if key != b"general.architecture" or value_type != 8:  # 8: string
+            return None
+        arch = head[44 + key_len:44 + key_len + value_len].decode("utf-8", "replace")
+        return "mla" if arch.startswith("deepseek") else "other"
+    except (OSError, ValueError, struct.error, AttributeError):  # unreadable or odd: the loader says what
+        return None
+
+
 def device(name: str | None) -> str:
     """``name`` as a device mlakit can run on (None: cuda when available, else cpu)."""
     if name is None:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlakit import checks  # noqa: E402
 from mlakit import ModelConfig, Transformer
 from mlakit.errors import MlakitError
 from mlakit.export import export_gguf
@@ -58,6 +59,7 @@ def test_gguf_layout(tmp_path, tokenizer_gguf):
     reader = gguf.GGUFReader(str(path))
     f = {k: v.contents() for k, v in reader.fields.items()}
     assert f["general.architecture"] == "deepseek2"
+    assert checks.attention_kind(str(path)) == "mla"  # read from the file's first key, as mlakit's checks do
     assert f["deepseek2.block_count"] == f["deepseek2.leading_dense_block_count"] == 2
     assert f["deepseek2.attention.kv_lora_rank"] == 32  # padded to the largest layer
     assert f["deepseek2.attention.head_count_kv"] == 1

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from mlakit import checks  # noqa: E402
 from mlakit import ModelConfig, Transformer
 from mlakit.errors import MlakitError
 from mlakit.export import export_hf_deepseek, to_deepseek
@@ -63,6 +64,7 @@ def test_transformers_matches_mlakit(tmp_path, rel_err, name):
     tokens = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(3))
     form = export_hf_deepseek(model, tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert checks.attention_kind(str(tmp_path / "out")) == "mla"
     assert config["first_k_dense_replace"] == config["num_hidden_layers"] == 2
     assert config["rope_interleave"] is True and config["rms_norm_eps"] == 1e-6
     ours, theirs, hf = logits_pair(model, tmp_path / "out", tokens)

@@ -196,6 +196,12 @@ def _export(*extra, message, fmt="gguf", existing_dir=False):
     return case
 
 
+def _export_source(model, message):
+    def case(m, tmp):
+        return ["export", str(m.get(model, model)), "--format", "gguf", "-o", str(tmp / "out.gguf")], message
+    return case
+
+
 def _tokenizer_gguf(content, message):
     def case(m, tmp):
         path = tmp / "tok.gguf"
@@ -304,6 +310,8 @@ CASES = {
     "export-gguf-onto-dir": _export("--overwrite", message="is a directory, but the output is a file",
                                     existing_dir=True),
     "export-dtype-for-gguf": _export("--dtype", "float32", message="--dtype is for --format hf-deepseek"),
+    "export-not-mla": _export_source("hf", message="export needs an MLA model"),
+    "export-not-mla-default": _export_source("default", message="export needs an MLA model; default is not one"),
     # numbers
     "temperature-nan": _generate("--prompt", "hi", "--temperature", "nan"),
     "temperature-negative": _generate("--prompt", "hi", "--temperature", "-1"),
@@ -368,7 +376,7 @@ def test_fault(name, models, tmp_path, capsys, monkeypatch):
     assert out == ""  # nothing echoed before the error (a long prompt included)
     assert leftovers(tmp_path, before) == []  # no output, no temporaries, no lock files
     assert not (tmp_path / MARKER).exists()  # no code from the data ran
-    if name.startswith(("kv-saving", "rope-dim", "calib", "sweep", "output", "export-output", "heal-",
+    if name.startswith(("kv-saving", "rope-dim", "calib", "sweep", "output", "export-output", "export-not", "heal-",
                         "report", "tokenizer-gguf", "device", "temperature", "top-", "max-new", "prompt-not",
                         "prompt-file", "prompt-empty", "model-")):
         assert seconds < 3, f"{name}: rejected after {seconds:.1f}s, not before loading"

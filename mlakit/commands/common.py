@@ -86,6 +86,11 @@ def check_model_args(args: argparse.Namespace) -> None:
     checks.device(getattr(args, "device", None))
     rank = getattr(args, "runtime_rank", None)
     checks.at_least(None if rank == "auto" else rank, "--runtime-rank", 1)
+    if getattr(args, "sparse_topk", None) is not None:  # the numbers; whether the model is MLA, once loaded
+        checks.at_least(args.sparse_topk, "--sparse-topk", 1)
+        checks.at_least(args.sparse_window, "--sparse-window", 0)
+        checks.at_least(args.sparse_sink, "--sparse-sink", 0)
+        checks.at_least(args.sparse_index_rank, "--sparse-index-rank", 1)
 
 
 def load_model(args: argparse.Namespace):

@@ -17,6 +17,9 @@ def check_args(args: argparse.Namespace) -> None:
     from mlakit import checks
 
     checks.model_ref(args.model)
+    if checks.attention_kind(args.model) == "other":  # before a load of minutes: the loaded model is checked too
+        raise MlakitError(f"export needs an MLA model; {args.model} is not one (convert it to MLA first: "
+                          "mlakit convert)")
     if args.format == "hf-deepseek" and (args.type is not None or args.tokenizer_gguf is not None):
         raise MlakitError("--type and --tokenizer-gguf are for --format gguf (use --dtype for hf-deepseek)")
     if args.format == "gguf" and args.dtype is not None:

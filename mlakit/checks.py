@@ -33,7 +33,7 @@ def attention_kind(ref: str) -> str | None:
             if (path / "mlakit.json").exists():
                 return "mla" if json.loads((path / "mlakit.json").read_text()).get("attention") == "mla" else "other"
             model_type = str(json.loads((path / "config.json").read_text()).get("model_type", ""))
-            return "mla" if model_type.startswith("deepseek_v") else "other"  # DeepSeek-V2/V3; the first DeepSeek is MHA
+            return "mla" if model_type.startswith("deepseek_v") else "other"  # V2/V3 (the first DeepSeek: MHA)
         with open(path, "rb") as f:
             head = f.read(4096)
         if head[:4] != b"GGUF":

@@ -62,10 +62,18 @@ def test_sparse_and_auto_rank_need_mla(tiny_converted, capsys, argv, message):
     assert message in err and err.count("\n") == 1
 
 
-def test_bad_sparse_values_are_one_line(tiny_converted, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--sparse-topk", "0"], "--sparse-topk must be >= 1, got 0"),
+    (["--sparse-topk", "4", "--sparse-window", "-1"], "--sparse-window must be >= 0, got -1"),
+    (["--sparse-topk", "4", "--sparse-sink", "-2"], "--sparse-sink must be >= 0, got -2"),
+    (["--sparse-topk", "4", "--sparse-index-rank", "0"], "--sparse-index-rank must be >= 1, got 0"),
+])
+def test_bad_sparse_values_are_one_line(tiny_converted, capsys, argv, message):
+    """Named by their flags, before the model is loaded."""
     _, converted = tiny_converted
-    assert main(["generate", str(converted), *GEN, "--sparse-topk", "0"]) == 2
-    assert "sparse_topk must be >= 1" in capsys.readouterr().err
+    assert main(["generate", str(converted), *GEN, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
 
 
 def test_auto_rank_rule():

@@ -25,13 +25,15 @@ def attention_kind(ref: str) -> str | None:
     import json
     import struct
 
+    from mlakit.config import CONFIG_FILENAME, ModelConfig
+
     if ref == "default":
         return "other"  # SmolLM2-135M: Llama
     path = Path(ref)
     try:
         if path.is_dir():
-            if (path / "mlakit.json").exists():
-                return "mla" if json.loads((path / "mlakit.json").read_text()).get("attention") == "mla" else "other"
+            if (path / CONFIG_FILENAME).exists():
+                return "mla" if ModelConfig.load(path).is_mla else "other"
             model_type = str(json.loads((path / "config.json").read_text()).get("model_type", ""))
             return "mla" if model_type.startswith("deepseek_v") else "other"  # V2/V3 (the first DeepSeek: MHA)
         with open(path, "rb") as f:
@@ -45,7 +47,7 @@ def attention_kind(ref: str) -> str | None:
             return None
         arch = head[44 + key_len:44 + key_len + value_len].decode("utf-8", "replace")
         return "mla" if arch.startswith("deepseek") else "other"
-    except (OSError, ValueError, struct.error, AttributeError):  # unreadable or odd: the loader says what
+    except (OSError, ValueError, struct.error, AttributeError, MlakitError):  # odd: the loader says what
         return None
 
 

@@ -15,7 +15,8 @@
 # frontier-rope (the same at 50% and 25%, healed through the turned int4 RoPE key too: int4+rope),
 # suite (the whole test suite with MLAKIT_TEST_DEVICE=cuda, then engine_formats_check),
 # soak (10,000 requests through one engine, default model, every 10th checked; 858 s on an H200), original
-# (the original's kv-frontier-v1 rows), sparse (scripts/device/sparse_check.py --no-e2e), family (mlakit on the GPU against
+# (the original's kv-frontier-v1 rows), longrange (#19's 75% / 87.5% rows healed on long windows and #20's
+# 87.5%-fewer-bytes point, ~20 min), sparse (scripts/device/sparse_check.py --no-e2e), family (mlakit on the GPU against
 # transformers at Gemma-3-270M's attention shape), gemma-eval (Gemma-3-270M's protocol
 # fingerprint and first-window ppl on the CPU and the GPU), gemma (Gemma-3-270M:
 # original, training-free and healed at 50% and 75% of its KV values, every protocol).
@@ -59,6 +60,28 @@ job() {
       wait; echo '--- the 50% heal:'; cat /tmp/jobs/heal-50.out
       $F --savings 0.25,0.5 --steps frontier --latent-dtypes bf16,int8,int8+rope,int4,int4+rope \
         --export /tmp/results/frontier ;;
+    longrange)
+      # #19's 75% and 87.5% conversions (longctx_check: every protocol, training-free and healed
+      # on 2048-token windows, the 50% row's recipe) and #20's 87.5%-fewer-bytes point (the 62.5%
+      # conversion healed through the int4 latent and turned int4 RoPE key), side by side on one
+      # text: the int4+rope heal writes it, the two longctx heals wait for it and read it
+      H="--seq-len 2048 --train all --compile --batch-size 16 --tokens 20M --teacher-tokens 8M --gen-batch 1024"
+      F="python3 scripts/device/frontier_check.py --work /tmp/fr --rotations equalize+hadamard --qat int4+rope --heal-minutes 20 --heal"
+      $F "$H" --savings 0.625 --steps convert,heal > /tmp/jobs/heal-0.625.out 2>&1 &
+      first=$!
+      for s in 0.75 0.875; do
+        (L="python3 scripts/device/longctx_check.py --out /tmp/lc-$s --savings $s --protocols all"
+         $L || exit 1
+         until [ -n "$(find /tmp/mlakit-cache/heal -name 'teacher-*.json' 2>/dev/null)" ] ||
+               ! kill -0 "$first" 2>/dev/null; do sleep 5; done
+         $L --heal "$H"; rc=$?
+         cp /tmp/lc-$s/longctx.json "/tmp/results/longctx-$s.json"; cp /tmp/lc-$s/longctx.md "/tmp/results/longctx-$s.md"
+         exit $rc) > "/tmp/jobs/longctx-$s.out" 2>&1 &
+      done
+      wait "$first" || { echo '--- the 62.5% heal failed:'; cat /tmp/jobs/heal-0.625.out; }
+      $F "$H" --savings 0.625 --steps frontier --latent-dtypes bf16,int8,int8+rope,int4,int4+rope \
+        --export /tmp/results/frontier
+      wait; for out in /tmp/jobs/longctx-*.out; do echo "--- $out"; tail -n 30 "$out"; done ;;
     suite)
       MLAKIT_TEST_DEVICE=cuda python3 -m pytest -v -rf -p no:cacheprovider ${SUITE_XDIST:-} tests \
         --junitxml=/tmp/results/suite.xml
@@ -123,7 +146,7 @@ case "$1" in
       mkdir -p /tmp/pack/jobs /tmp/pack/results
       cp /tmp/jobs/*.log /tmp/jobs/*.rc /tmp/pack/jobs/ 2>/dev/null
       cp -r /tmp/results/. /tmp/pack/results/ 2>/dev/null
-      for f in /tmp/fr/healed-*/heal_log.json /tmp/gemma-run/healed-*/heal_log.json; do
+      for f in /tmp/fr/healed-*/heal_log.json /tmp/gemma-run/healed-*/heal_log.json /tmp/lc-*/healed-*/heal_log.json; do
         [ -e "$f" ] && cp "$f" "/tmp/pack/results/$(basename "$(dirname "$(dirname "$f")")")-$(basename "$(dirname "$f")")-heal_log.json"
       done
       cp /tmp/gemma-run/longctx.json /tmp/gemma-run/longctx.md /tmp/pack/results/ 2>/dev/null

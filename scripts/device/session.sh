@@ -76,6 +76,9 @@ job() {
                ! kill -0 "$first" 2>/dev/null; do sleep 5; done
          $L --heal "$H"; rc=$?
          cp /tmp/lc-$s/longctx.json "/tmp/results/longctx-$s.json"; cp /tmp/lc-$s/longctx.md "/tmp/results/longctx-$s.md"
+         # #23's quality target on a healed model: longctx-smollm2-v1 through top-k 1024 sparse attention
+         [ "$rc" = 0 ] && python3 -m mlakit eval /tmp/lc-$s/healed-$s --protocol longctx --sparse-topk 1024 \
+           --dtype float32 --json > "/tmp/results/sparse1024-longctx-$s.json"
          exit $rc) > "/tmp/jobs/longctx-$s.out" 2>&1 &
       done
       wait "$first" || { echo '--- the 62.5% heal failed:'; cat /tmp/jobs/heal-0.625.out; }

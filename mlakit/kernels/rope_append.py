@@ -179,7 +179,7 @@ if HAS_TRITON:
     @triton.jit
     def _rope_append_kernel(
         latent_ptr, k_rope_ptr, lat_dst_ptr, rope_dst_ptr, scales_ptr, positions_ptr, cos_ptr, sin_ptr,
-        norm_weight_ptr,
+        norm_weight_ptr, rope_scales_ptr, turn_ptr,
         seq, pos_limit, norm_eps,
         stride_lb, stride_ls,
         stride_kb, stride_ks,
@@ -187,6 +187,7 @@ if HAS_TRITON:
         stride_db, stride_dn,  # latent destination: the packed cache, or the quantised values
         stride_rb, stride_rn,  # RoPE key destination: the packed cache past RANK, or the 16-bit key buffer
         stride_sb, stride_sn,  # scales (QUANT only)
+        stride_rsb, stride_rsn,  # the RoPE key's scales (ROPE_QUANT only)
         stride_cb, stride_cs, stride_cn,  # cos/sin: [b, s, half] (per token) or [max_pos, half] (table)
         RANK: tl.constexpr,
         HALF: tl.constexpr,  # rope_dim // 2
@@ -198,6 +199,9 @@ if HAS_TRITON:
         GROUP: tl.constexpr = 1,
         QMAX: tl.constexpr = 1.0,
         QTOP: tl.constexpr = 1.0,
+        ROPE_QUANT: tl.constexpr = False,  # quantise the RoPE key too (QUANT's format) into rope_dst / rope_scales
+        TURN: tl.constexpr = False,  # ... after turning it: key @ turn [2 * HALF, 2 * HALF] (fp32, row-major)
+        BLOCK_P: tl.constexpr = 1,  # next_pow2(2 * HALF), >= GROUP (ROPE_QUANT only)
     ):
         # One program per new token.
         pid = tl.program_id(0)
@@ -239,10 +243,31 @@ if HAS_TRITON:
                 angle_row = pos * stride_cn
             c = tl.load(cos_ptr + angle_row + offs_h, mask=offs_h < HALF, other=0.0).to(tl.float32)
             s = tl.load(sin_ptr + angle_row + offs_h, mask=offs_h < HALF, other=0.0).to(tl.float32)
-            out_dtype = rope_dst_ptr.dtype.element_ty
             rope_row = rope_dst_ptr + b.to(tl.int64) * stride_rb + pos * stride_rn
-            tl.store(rope_row + offs_h, (k1 * c - k2 * s).to(out_dtype), mask=h_mask)
-            tl.store(rope_row + HALF + offs_h, (k2 * c + k1 * s).to(out_dtype), mask=h_mask)
+            r1 = k1 * c - k2 * s
+            r2 = k2 * c + k1 * s
+            if ROPE_QUANT:
+                # The key as one row [BLOCK_P] = [r1, r2] @ M, M = turn or the identity: the halves
+                # cannot be concatenated in registers when HALF is not a power of two, and with M
+                # the identity every sum adds zeros to one product, so the row is exact.
+                offs_p = tl.arange(0, BLOCK_P)
+                rows_ok = (offs_h < HALF)[:, None] & (offs_p < 2 * HALF)[None, :]
+                if TURN:
+                    m1 = tl.load(turn_ptr + offs_h[:, None] * (2 * HALF) + offs_p[None, :], mask=rows_ok, other=0.0)
+                    m2 = tl.load(turn_ptr + (HALF + offs_h)[:, None] * (2 * HALF) + offs_p[None, :], mask=rows_ok,
+                                 other=0.0)
+                else:
+                    m1 = tl.where(rows_ok & (offs_p[None, :] == offs_h[:, None]), 1.0, 0.0)
+                    m2 = tl.where(rows_ok & (offs_p[None, :] == (HALF + offs_h)[:, None]), 1.0, 0.0)
+                key = tl.sum(r1[:, None] * m1, 0) + tl.sum(r2[:, None] * m2, 0)  # [BLOCK_P], zero past the key
+                pos_p = tl.zeros([BLOCK_P], tl.int64) + raw_pos
+                p_mask = (offs_p < 2 * HALF) & (pos_p >= 0) & (pos_p < pos_limit)
+                _quantize_store(key, rope_row, rope_scales_ptr + b.to(tl.int64) * stride_rsb + pos * stride_rsn,
+                                p_mask, BLOCK_P, 2 * HALF, GROUP, QUANT, QMAX, QTOP)
+            else:
+                out_dtype = rope_dst_ptr.dtype.element_ty
+                tl.store(rope_row + offs_h, r1.to(out_dtype), mask=h_mask)
+                tl.store(rope_row + HALF + offs_h, r2.to(out_dtype), mask=h_mask)
 
 
 def rope_append(
@@ -302,12 +327,14 @@ def _rope_append(latent, k_rope, kv_cache, positions, cos, sin, norm_weight, nor
     _rope_append_kernel[(batch * seq,)](
         latent, k_rope, kv_cache, kv_cache[..., rank:], kv_cache, positions, cos, sin,  # kv_cache: no scales
         norm_weight if norm_weight is not None else latent,  # dummy pointer when HAS_NORM is False
+        kv_cache, kv_cache,  # no RoPE-key scales, no turn
         seq, pos_limit, norm_eps,
         latent.stride(0), latent.stride(1),
         k_rope.stride(0), k_rope.stride(1),
         positions.stride(0), positions.stride(1),
         kv_cache.stride(0), kv_cache.stride(1),
         kv_cache.stride(0), kv_cache.stride(1),
+        0, 0,
         0, 0,
         stride_cb, stride_cs, stride_cn,
         RANK=rank, HALF=half,
@@ -395,7 +422,7 @@ def rope_append_quant(
     name or CacheFormat) into ``values [>= batch, max_len, stored(r)]`` and ``scales [.., groups(r)]``,
     the rotated key into ``rope_cache [.., rope_dim]`` (16-bit). With ``rope_scales`` the key is
     quantised too (``rope_cache [.., stored(rope_dim)]``), after ``@ rope_turn [rope_dim, rope_dim]``
-    where given (``mlakit.quant.cache_turn``); that case runs the reference.
+    where given (``mlakit.quant.cache_turn``), in the same kernel.
 
     One launch on CUDA (fp8 needs sm_89+) and under TRITON_INTERPRET=1, the reference elsewhere.
     Stores the same bytes as the reference (a value within float32 rounding of a rounding tie may
@@ -412,10 +439,12 @@ def rope_append_quant(
 
 def _rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, cos, sin, fmt, norm_weight, norm_eps,
                        rope_scales, rope_turn=None) -> None:
+    if rope_turn is not None and rope_scales is None:
+        raise ValueError("rope_turn turns a quantised RoPE key: it needs rope_scales")
     use_triton = HAS_TRITON and (latent.is_cuda or (INTERPRET and latent.device.type == "cpu"))
     if fmt.name == "fp8" and latent.is_cuda and torch.cuda.get_device_capability(latent.device) < (8, 9):
         use_triton = False  # no e4m3 conversion before Ada / Hopper
-    if not use_triton or rope_scales is not None or latent.dtype == torch.float64:
+    if not use_triton or latent.dtype == torch.float64:
         rope_append_quant_reference(latent, k_rope, values, scales, rope_cache, positions, cos, sin, fmt,
                                     norm_weight, norm_eps, rope_scales=rope_scales, rope_turn=rope_turn)
         return None
@@ -425,8 +454,16 @@ def _rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, co
     half = k_rope.shape[2] // 2
     if batch * seq == 0:
         return None
-    if values.stride(2) != 1 or scales.stride(2) != 1 or (half and rope_cache.stride(2) != 1):
-        raise ValueError("values, scales and rope_cache must be contiguous in their last dim")
+    quant_rope = rope_scales is not None and half > 0
+    if values.stride(2) != 1 or scales.stride(2) != 1 or (half and rope_cache.stride(2) != 1) or (
+            quant_rope and rope_scales.stride(2) != 1):
+        raise ValueError("values, scales, rope_cache and rope_scales must be contiguous in their last dim")
+    turn = None
+    if quant_rope and rope_turn is not None:
+        if tuple(rope_turn.shape) != (2 * half, 2 * half):
+            raise ValueError(f"rope_turn must be [rope_dim, rope_dim] = {(2 * half, 2 * half)}, "
+                             f"got {tuple(rope_turn.shape)}")
+        turn = rope_turn.to(device=latent.device, dtype=torch.float32).contiguous()
     latent = latent if latent.stride(2) == 1 else latent.contiguous()
     k_rope = k_rope if (half == 0 or k_rope.stride(2) == 1) else k_rope.contiguous()
     per_token = cos.dim() == 3
@@ -442,6 +479,7 @@ def _rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, co
     _rope_append_kernel[(batch * seq,)](
         latent, k_rope, values, rope_cache, scales, positions, cos, sin,
         norm_weight if norm_weight is not None else latent,
+        rope_scales if quant_rope else scales, turn if turn is not None else scales,  # dummies when unused
         seq, pos_limit, norm_eps,
         latent.stride(0), latent.stride(1),
         k_rope.stride(0), k_rope.stride(1),
@@ -449,12 +487,15 @@ def _rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, co
         values.stride(0), values.stride(1),
         rope_cache.stride(0), rope_cache.stride(1),
         scales.stride(0), scales.stride(1),
+        *((rope_scales.stride(0), rope_scales.stride(1)) if quant_rope else (0, 0)),
         *angle_strides,
         RANK=rank, HALF=half,
         BLOCK_R=block_r, BLOCK_HALF=max(1, triton.next_power_of_2(max(half, 1))),
         HAS_NORM=norm_weight is not None,
         PER_TOKEN=per_token,
         QUANT=_QUANT_CODES[fmt.name], GROUP=group, QMAX=float(fmt.qmax), QTOP=float(fmt.top_level),
+        ROPE_QUANT=quant_rope, TURN=turn is not None,
+        BLOCK_P=max(triton.next_power_of_2(max(2 * half, 1)), group) if quant_rope else 1,
         num_warps=4 if block_r >= 512 else (2 if block_r >= 128 else 1),
     )
     return None

@@ -148,8 +148,13 @@ def run_rope_case(case, device="cpu", seed=0) -> dict:
     }
 
 
-# Quantise on write (rope_append_quant). id: (format, dtype, batch, s, rank, rope, max_len, norm, per_token)
+# Quantise on write (rope_append_quant). id: (format, dtype, batch, s, rank, rope, max_len, norm, per_token[,
+# quantise the RoPE key too: turned by cache_turn where the format stores it turned])
 INTERP_ROPE_QUANT_CASES = {
+    "int8-f32-r48-p24-quant-rope": ("int8", "float32", 2, 3, 48, 24, 10, True, False, True),  # a partial group
+    "int4-bf16-r64-p64-quant-rope": ("int4", "bfloat16", 2, 3, 64, 64, 9, True, True, True),
+    "int4-f32-r48-p16-quant-rope": ("int4", "float32", 1, 4, 48, 16, 12, False, False, True),  # key < one group
+    "fp8-f16-r64-p32-quant-rope": ("fp8", "float16", 2, 2, 64, 32, 8, False, True, True),  # fp8: not turned
     "int8-f32-r48-p24-norm": ("int8", "float32", 2, 3, 48, 24, 10, True, False),  # a partial group
     "int8-bf16-r128-p32-per-token": ("int8", "bfloat16", 3, 1, 128, 32, 7, False, True),
     "fp8-f32-r64-p32-norm": ("fp8", "float32", 2, 2, 64, 32, 8, True, True),
@@ -162,6 +167,9 @@ CUDA_ROPE_QUANT_CASES.update({
     "int8-bf16-r512-p64-norm-b128": ("int8", "bfloat16", 128, 1, 512, 64, 256, True, True),
     "fp8-bf16-r512-p64-norm-b4": ("fp8", "bfloat16", 4, 1, 512, 64, 64, True, True),
     "int4-bf16-r512-p64-norm-b16": ("int4", "bfloat16", 16, 2, 512, 64, 64, True, True),
+    "int8-bf16-r512-p64-norm-b64-quant-rope": ("int8", "bfloat16", 64, 1, 512, 64, 128, True, True, True),
+    "int4-bf16-r512-p64-norm-b16-quant-rope": ("int4", "bfloat16", 16, 2, 512, 64, 64, True, True, True),
+    "fp8-bf16-r512-p64-norm-b4-quant-rope": ("fp8", "bfloat16", 4, 1, 512, 64, 64, True, True, True),
 })
 
 # a value no quantiser writes: int8 never stores -128, fp8 NaN. int4 may write any byte (all 16
@@ -175,10 +183,12 @@ def run_rope_quant_case(case, device="cpu", seed=0) -> dict:
     import torch
 
     from mlakit.kernels import rope_append_quant, rope_append_quant_reference
-    from mlakit.quant import FORMATS, dequantize
+    from mlakit.quant import FORMATS, cache_turn, dequantize, turn_width
 
-    fmt_name, dtype_name, batch, seq, rank, rope, max_len, norm, per_token = case
+    fmt_name, dtype_name, batch, seq, rank, rope, max_len, norm, per_token, *more = case
+    quant_rope = bool(more and more[0])
     fmt, dtype = FORMATS[fmt_name], getattr(torch, dtype_name)
+    turn = cache_turn(rope, device, turn_width(dtype)) if quant_rope and fmt.stores_turned else None
     gen = torch.Generator(device="cpu").manual_seed(seed)
     latent = (torch.randn(batch, seq, rank, generator=gen) * 3).to(device=device, dtype=dtype)
     k_rope = torch.randn(batch, seq, rope, generator=gen).to(device=device, dtype=dtype)
@@ -195,28 +205,53 @@ def run_rope_quant_case(case, device="cpu", seed=0) -> dict:
             values.view(torch.uint8).fill_(0x7F)  # NaN
         else:
             values.fill_(_UNWRITTEN[fmt_name])
-        scales = torch.full((batch + 1, max_len, fmt.groups(rank)), float("nan"), device=device)
-        rope_cache = torch.full((batch + 1, max_len, rope), float("nan"), device=device, dtype=dtype)
-        return values, scales, rope_cache
+    def quantised(channels):  # values and scales of `channels` per row, poisoned
+        values = torch.empty(batch + 1, max_len, fmt.stored_channels(channels), device=device,
+                             dtype=fmt.storage_dtype)
+        if fmt_name == "fp8":
+            values.view(torch.uint8).fill_(0x7F)  # NaN
+        else:
+            values.fill_(_UNWRITTEN[fmt_name])
+        return values, torch.full((batch + 1, max_len, fmt.groups(channels)), float("nan"), device=device)
+
+    def buffers():
+        values, scales = quantised(rank)
+        if quant_rope:
+            rope_cache, rope_scales = quantised(rope)
+        else:
+            rope_cache = torch.full((batch + 1, max_len, rope), float("nan"), device=device, dtype=dtype)
+            rope_scales = None
+        return values, scales, rope_cache, rope_scales
 
     out, ref = buffers(), buffers()
-    rope_append_quant(latent, k_rope, *out, positions, cos, sin, fmt_name, weight)
-    rope_append_quant_reference(latent, k_rope, *ref, positions, cos, sin, fmt_name, weight)
+    rope_append_quant(latent, k_rope, *out[:3], positions, cos, sin, fmt_name, weight, rope_scales=out[3],
+                      rope_turn=turn)
+    rope_append_quant_reference(latent, k_rope, *ref[:3], positions, cos, sin, fmt_name, weight,
+                                rope_scales=ref[3], rope_turn=turn)
 
     def poisoned(values):
         return torch.isnan(values.float()) if fmt_name == "fp8" else values == _UNWRITTEN[fmt_name]
 
-    same_slots = all(bool(torch.equal(a, b)) for a, b in (
-        (poisoned(out[0]), poisoned(ref[0])), (torch.isnan(out[1]), torch.isnan(ref[1])),
-        (torch.isnan(out[2]), torch.isnan(ref[2]))))
+    pairs = [(poisoned(out[0]), poisoned(ref[0])), (torch.isnan(out[1]), torch.isnan(ref[1]))]
+    pairs += ([(poisoned(out[2]), poisoned(ref[2])), (torch.isnan(out[3]), torch.isnan(ref[3]))] if quant_rope
+              else [(torch.isnan(out[2]), torch.isnan(ref[2]))])
+    same_slots = all(bool(torch.equal(a, b)) for a, b in pairs)
     written = ~torch.isnan(ref[1][..., 0])  # [B, L]
-    got = dequantize(out[0][written], out[1][written], fmt, torch.float64)
-    want = dequantize(ref[0][written], ref[1][written], fmt, torch.float64)
-    # a step is |scale|: int4's scale is negative where its group's extreme is positive (q4_0's levels)
-    step = ref[1][written].double().abs().repeat_interleave(fmt.group_size, -1)[:, :rank]
-    steps_apart = float(((got - want).abs() / step.clamp_min(1e-30)).max())
-    err = rel_err(got, want) if steps_apart <= 1.0 + 1e-6 else float("inf")
-    if rope:
+
+    def compare(got_values, got_scales, want_values, want_scales, channels):
+        """(steps apart at most, relative error) of two quantised row sets, dequantised."""
+        got = dequantize(got_values[written], got_scales[written], fmt, torch.float64)
+        want = dequantize(want_values[written], want_scales[written], fmt, torch.float64)
+        # a step is |scale|: int4's scale is negative where its group's extreme is positive (q4_0's levels)
+        step = want_scales[written].double().abs().repeat_interleave(fmt.group_size, -1)[:, :channels]
+        return float(((got - want).abs() / step.clamp_min(1e-30)).max()), rel_err(got, want)
+
+    steps_apart, err = compare(out[0], out[1], ref[0], ref[1], rank)
+    if quant_rope and rope:
+        rope_steps, rope_err = compare(out[2], out[3], ref[2], ref[3], rope)
+        steps_apart, err = max(steps_apart, rope_steps), max(err, rope_err)
+    err = err if steps_apart <= 1.0 + 1e-6 else float("inf")
+    if rope and not quant_rope:
         err = max(err, rel_err(out[2][written], ref[2][written]))
     return {"rel_err": err, "finite": same_slots, "tol": 1e-2, "steps_apart": steps_apart}
 

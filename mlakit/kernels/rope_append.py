@@ -514,3 +514,37 @@ def _rope_append_quant_op(latent: torch.Tensor, k_rope: torch.Tensor, values: to
 def _rope_append_quant_fake(latent, k_rope, values, scales, rope_cache, positions, cos, sin, fmt, norm_weight,
                             norm_eps, rope_scales, rope_turn) -> None:
     return None
+
+
+def compile_report(fmt: str | None = "int8", rank: int = 512, rope: int = 64, quant_rope: bool = True,
+                   arch: int = 90) -> dict:
+    """Compile the fused kernel for ``sm_{arch}`` without a GPU (bf16 inputs, per-token angles, the
+    latent norm; ``fmt`` None: the 16-bit cache): shared memory and PTX size. The interpreter runs
+    the numbers but not the compiler, which alone rejects some programs (tests/kernels/test_rope_append_compile.py)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    f = cache_format(fmt) if fmt else None
+    storage = "*bf16" if f is None else {"int8": "*i8", "fp8": "*fp8e4nv", "int4": "*u8"}[f.name]
+    group = f.group_size if f else 1
+    quant_rope = bool(f) and quant_rope
+    half = rope // 2
+    constexprs = dict(RANK=rank, HALF=half, BLOCK_R=max(triton.next_power_of_2(rank), group),
+                      BLOCK_HALF=max(1, triton.next_power_of_2(max(half, 1))), HAS_NORM=True, PER_TOKEN=True,
+                      QUANT=_QUANT_CODES[f.name] if f else 0, GROUP=group, QMAX=float(f.qmax) if f else 1.0,
+                      QTOP=float(f.top_level) if f else 1.0, ROPE_QUANT=quant_rope,
+                      TURN=quant_rope and f.stores_turned,
+                      BLOCK_P=max(triton.next_power_of_2(max(rope, 1)), group) if quant_rope else 1)
+    pointers = {"latent_ptr": "*bf16", "k_rope_ptr": "*bf16", "lat_dst_ptr": storage,
+                "rope_dst_ptr": storage if quant_rope else "*bf16", "scales_ptr": "*fp32", "positions_ptr": "*i64",
+                "cos_ptr": "*fp32", "sin_ptr": "*fp32", "norm_weight_ptr": "*bf16", "rope_scales_ptr": "*fp32",
+                "turn_ptr": "*fp32"}
+    fn = _rope_append_kernel
+    names = fn.arg_names
+    signature = {n: pointers.get(n) or ("constexpr" if n in constexprs else "fp32" if n == "norm_eps" else "i32")
+                 for n in names}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    block_r = constexprs["BLOCK_R"]
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                            options=dict(num_warps=4 if block_r >= 512 else (2 if block_r >= 128 else 1)))
+    return {"shared_bytes": kernel.metadata.shared, "ptx_lines": kernel.asm["ptx"].count("\n")}

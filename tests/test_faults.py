@@ -403,6 +403,22 @@ def test_bad_arguments_argparse_sees_are_one_line_too(argv, culprit, capsys):
     assert err.rstrip().endswith("--help)") and "usage:" not in err
 
 
+@pytest.mark.parametrize("argv, help_of", [
+    (["generate", "default", "--prompt", "hi", "--max-new-tokenz", "4"], "mlakit generate"),
+    (["convert", "default", "-o", "out", "--no-progress"], "mlakit convert"),
+    (["bench", "attention", "--bogus"], "mlakit bench attention"),
+])
+def test_unknown_flag_names_its_commands_help(argv, help_of, capsys):
+    """An unknown flag points to the help of the command it was given to (argparse's own
+    parse_args names the top-level help, which does not list any command's flags)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert f"unrecognized arguments: {argv[-1] if argv[-1] != '4' else argv[-2]}" in err, err
+    assert err.rstrip().endswith(f"(see {help_of} --help)"), err
+
+
 def test_corpus_is_large_enough():
     assert len(CASES) >= 40
 

@@ -347,14 +347,9 @@ def compile_report(heads: int = 32, rank: int = 512, rope: int = 64, stages: int
 
     The offline check of this file (tests/kernels/test_mla_decode_gluon.py): Gluon has no
     interpreter, so compiling is what a machine without a GPU can verify."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from mlakit.kernels.ptxas import ptxas_path, ptxas_resources
+    from mlakit.kernels.ptxas import compile_offline, ptxas_path, ptxas_resources
 
     check_shape(heads, s_q, rank, rope, torch.bfloat16)
-    fn = _mla_decode_gluon_kernel
-    names = fn.arg_names
     block_h = block_h_for(s_q * heads)
     num_warps = num_warps or gluon_config(1, s_q, heads, rank, BLOCK_N, 1)["num_warps"]
     lat_layout, rope_layout = _tile_layouts(rank, rope, torch.bfloat16)
@@ -364,11 +359,8 @@ def compile_report(heads: int = 32, rank: int = 512, rope: int = 64, stages: int
                 "part_lse_ptr": "*fp32", "out_ptr": "*bf16",
                 "lat_desc": f"tensordesc<bf16[{BLOCK_N}, {rank}],{lat_layout!r}>",
                 "rope_desc": f"tensordesc<bf16[{BLOCK_N}, {rope}],{rope_layout!r}>"}
-    signature = {n: pointers.get(n) or ("constexpr" if n in constexprs else "fp32" if n == "scale_log2" else "i32")
-                 for n in names}
-    source = GluonASTSource(fn=fn, signature=signature,
-                            constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    kernel = compile_offline(_mla_decode_gluon_kernel, pointers, constexprs, dict(num_warps=num_warps), gluon=True,
+                             floats=("scale_log2",))
     ptx = kernel.asm["ptx"]
     result = {"wgmma": ptx.count("wgmma.mma_async"), "tma": ptx.count("cp.async.bulk.tensor"),
               "shared_bytes": kernel.metadata.shared}

@@ -334,10 +334,7 @@ def compile_report(fmt: str = "int8", heads: int = 32, rank: int = 512, rope: in
     """Compile the split kernel for ``sm_{arch}`` without a GPU (bf16 queries, ``default_config``'s
     tiles for an H200-sized launch): registers, spills and shared memory, what a machine without a
     GPU can check (tests/kernels/test_mla_decode_quant_compile.py)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from mlakit.kernels.ptxas import ptxas_path, ptxas_resources
+    from mlakit.kernels.ptxas import compile_offline, ptxas_path, ptxas_resources
 
     fmt_ = cache_format(fmt)
     cfg = default_config(1, s_q, heads, rank, rope, 4096, torch.device("cuda"), torch.bfloat16) \
@@ -352,13 +349,9 @@ def compile_report(fmt: str = "int8", heads: int = 32, rank: int = 512, rope: in
                       GROUP=fmt_.group_size, QUANT=_QUANT_CODES[fmt_.name],
                       ROPE_QUANT=_QUANT_CODES[fmt_.name] if quant_rope else 0, WRITE_PARTIAL=num_splits > 1,
                       DOT_PRECISION="tf32", DOT_UPCAST=False)
-    fn = _mla_decode_quant_split_kernel
-    names = fn.arg_names
-    signature = {n: pointers.get(n) or ("constexpr" if n in constexprs else "fp32" if n == "scale_log2" else "i32")
-                 for n in names}
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    kernel = compile_offline(_mla_decode_quant_split_kernel, pointers, constexprs,
+                             dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]), arch=arch,
+                             floats=("scale_log2",))
     result = {"shared_bytes": kernel.metadata.shared, "config": cfg}
     ptxas = ptxas_path()
     if ptxas:

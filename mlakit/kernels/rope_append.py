@@ -521,8 +521,7 @@ def compile_report(fmt: str | None = "int8", rank: int = 512, rope: int = 64, qu
     """Compile the fused kernel for ``sm_{arch}`` without a GPU (bf16 inputs, per-token angles, the
     latent norm; ``fmt`` None: the 16-bit cache): shared memory and PTX size. The interpreter runs
     the numbers but not the compiler, which alone rejects some programs (tests/kernels/test_rope_append_compile.py)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from mlakit.kernels.ptxas import compile_offline
 
     f = cache_format(fmt) if fmt else None
     storage = "*bf16" if f is None else {"int8": "*i8", "fp8": "*fp8e4nv", "int4": "*u8"}[f.name]
@@ -539,12 +538,8 @@ def compile_report(fmt: str | None = "int8", rank: int = 512, rope: int = 64, qu
                 "rope_dst_ptr": storage if quant_rope else "*bf16", "scales_ptr": "*fp32", "positions_ptr": "*i64",
                 "cos_ptr": "*fp32", "sin_ptr": "*fp32", "norm_weight_ptr": "*bf16", "rope_scales_ptr": "*fp32",
                 "turn_ptr": "*fp32"}
-    fn = _rope_append_kernel
-    names = fn.arg_names
-    signature = {n: pointers.get(n) or ("constexpr" if n in constexprs else "fp32" if n == "norm_eps" else "i32")
-                 for n in names}
-    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
     block_r = constexprs["BLOCK_R"]
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=4 if block_r >= 512 else (2 if block_r >= 128 else 1)))
+    kernel = compile_offline(_rope_append_kernel, pointers, constexprs,
+                             dict(num_warps=4 if block_r >= 512 else (2 if block_r >= 128 else 1)), arch=arch,
+                             floats=("norm_eps",))
     return {"shared_bytes": kernel.metadata.shared, "ptx_lines": kernel.asm["ptx"].count("\n")}

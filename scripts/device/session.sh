@@ -15,7 +15,7 @@
 # frontier-rope (the same at 50% and 25%, healed through the turned int4 RoPE key too: int4+rope),
 # suite (the whole test suite with MLAKIT_TEST_DEVICE=cuda, then engine_formats_check),
 # soak (10,000 requests through one engine, default model, every 10th checked; 858 s on an H200), original
-# (the original's kv-frontier-v1 rows), longrange (#19's 75% / 87.5% rows healed on long windows and #20's
+# (the original's kv-frontier-v1 rows), quant-gluon (mla_decode_quant_gluon checked and timed), longrange (#19's 75% / 87.5% rows healed on long windows and #20's
 # 87.5%-fewer-bytes point, ~20 min), sparse (scripts/device/sparse_check.py --no-e2e), family (mlakit on the GPU against
 # transformers at Gemma-3-270M's attention shape), gemma-eval (Gemma-3-270M's protocol
 # fingerprint and first-window ppl on the CPU and the GPU), gemma (Gemma-3-270M:
@@ -91,6 +91,9 @@ job() {
       python3 scripts/device/engine_formats_check.py ;;
     soak)
       python3 scripts/soak.py --model default --device cuda --requests 10000 --workers 6 --check-every 10 ;;
+    quant-gluon)  # #20: the Gluon quantised-latent kernel's GPU tests, then decode-attn-v1 beside bf16 (~2 min)
+      python3 -m pytest -q -p no:cacheprovider tests/kernels/test_mla_decode_quant_gluon.py
+      python3 scripts/device/quant_gluon_bench.py --json /tmp/results/quant_gluon.json ;;
     original)  # the original's rows of kv-frontier-v1 alone (its int8/int4 caches now store k and v turned)
       python3 -m mlakit frontier default --cache-dtypes bf16,int8,int4 --dtype float32 \
         --plot-dir /tmp/results/original --json ;;

@@ -176,3 +176,11 @@ def test_family_parity_check_on_the_cpu():
     out = run_script("family_parity_check.py", "--device", "cpu", "--quick")
     assert out.rstrip().endswith("PASS")
     assert "| gemma3 270m attention | 300 | 4 |" in out and "control: another seed" in out
+
+
+def test_quant_gluon_bench_smoke():
+    """The bench's code path on the CPU: the Triton quantised kernel's reference check runs, and
+    the Gluon kernel's refusal off Hopper is reported per row without stopping the others."""
+    out = run_script("quant_gluon_bench.py", "--smoke")
+    assert "decode-attn-v1" in out and "| batch x ctx | format |" in out, out
+    assert out.count("needs a Hopper GPU") >= 3 and all(f"| {f} |" in out for f in ("int8", "fp8", "int4")), out

@@ -334,12 +334,12 @@ def compile_report(fmt: str = "int8", heads: int = 32, rank: int = 512, rope: in
     """Compile the split kernel for ``sm_{arch}`` without a GPU (bf16 queries, ``default_config``'s
     tiles for an H200-sized launch): registers, spills and shared memory, what a machine without a
     GPU can check (tests/kernels/test_mla_decode_quant_compile.py)."""
-    from mlakit.kernels.ptxas import compile_offline, ptxas_path, ptxas_resources
+    from mlakit.kernels.ptxas import STORAGE_TYPES, compile_offline, ptxas_path, ptxas_resources
 
     fmt_ = cache_format(fmt)
     cfg = default_config(1, s_q, heads, rank, rope, 4096, torch.device("cuda"), torch.bfloat16) \
         if torch.cuda.is_available() else _offline_config(s_q * heads, rank)
-    storage = {"int8": "*i8", "fp8": "*fp8e4nv", "int4": "*u8"}[fmt_.name]
+    storage = "*" + STORAGE_TYPES[fmt_.name]
     pointers = {"q_latent_ptr": "*bf16", "q_rope_ptr": "*bf16", "values_ptr": storage, "scales_ptr": "*fp32",
                 "rope_ptr": storage if quant_rope else "*bf16", "rope_scales_ptr": "*fp32", "lengths_ptr": "*i64",
                 "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}

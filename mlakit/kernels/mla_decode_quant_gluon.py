@@ -471,7 +471,7 @@ def compile_report(fmt: CacheFormat | str = "int8", heads: int = 32, rank: int =
 
     Gluon has no interpreter: compiling is what a machine without a GPU can check
     (tests/kernels/test_mla_decode_quant_gluon.py)."""
-    from mlakit.kernels.ptxas import compile_offline, ptxas_path, ptxas_resources
+    from mlakit.kernels.ptxas import STORAGE_TYPES, compile_offline, ptxas_path, ptxas_resources
 
     fmt = cache_format(fmt)
     check_shape(fmt, heads, s_q, rank, rope, torch.bfloat16)
@@ -479,7 +479,7 @@ def compile_report(fmt: CacheFormat | str = "int8", heads: int = 32, rank: int =
     num_warps = num_warps or (4 if block_h <= 32 else 8)
     rope_stages = rope_stages or _rope_stages(fmt, rank, rope, block_h, stages)
     val_layout, scl_layout, rope_layout = _layouts(fmt.name, rank, rope, torch.bfloat16)
-    storage = {"int8": "i8", "fp8": "fp8e4nv", "int4": "u8"}[fmt.name]
+    storage = STORAGE_TYPES[fmt.name]
     constexprs = dict(RANK=rank, ROPE=rope, GROUP=fmt.group_size, PACK=_PACK[fmt.name], BLOCK_H=block_h,
                       BLOCK_N=BLOCK_N, CHUNK=CHUNK, STAGES=stages, ROPE_STAGES=rope_stages, OVERLAP=overlap,
                       EARLY_MERGE=not direct, DIRECT=direct, num_warps=num_warps)

@@ -33,6 +33,10 @@ def ptxas_resources(ptx: str, ptxas: str, arch: str = "sm_90a") -> dict:
     return dict(registers=int(regs.group(1)) if regs else None, spill_bytes=int(spills.group(1)) if spills else None)
 
 
+# Triton's type names of what each quantised cache format stores (a pointer is "*" + the name)
+STORAGE_TYPES = {"int8": "i8", "fp8": "fp8e4nv", "int4": "u8"}
+
+
 def compile_offline(fn, pointers: dict, constexprs: dict, options: dict, arch: int = 90, gluon: bool = False,
                     floats: tuple = ()):
     """``fn`` (a ``triton.jit`` or ``gluon.jit`` kernel) compiled for ``sm_{arch}`` without a GPU:

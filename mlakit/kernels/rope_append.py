@@ -270,6 +270,14 @@ if HAS_TRITON:
                 tl.store(rope_row + HALF + offs_h, r2.to(out_dtype), mask=h_mask)
 
 
+def _launch_shape(rank: int, half: int, group: int = 1, quant_rope: bool = False) -> tuple[dict, int]:
+    """The kernel's block constexprs for a call (and the compile report), and its warps."""
+    block_r = max(triton.next_power_of_2(rank), group)
+    blocks = dict(BLOCK_R=block_r, BLOCK_HALF=max(1, triton.next_power_of_2(max(half, 1))),
+                  BLOCK_P=max(triton.next_power_of_2(max(2 * half, 1)), group) if quant_rope else 1)
+    return blocks, 4 if block_r >= 512 else (2 if block_r >= 128 else 1)
+
+
 def rope_append(
     latent: torch.Tensor,
     k_rope: torch.Tensor,
@@ -323,7 +331,7 @@ def _rope_append(latent, k_rope, kv_cache, positions, cos, sin, norm_weight, nor
         stride_cb, stride_cs, stride_cn = cos.stride(0), cos.stride(1), 0
     else:
         stride_cb, stride_cs, stride_cn = 0, 0, cos.stride(0)
-    block_r = triton.next_power_of_2(rank)
+    blocks, num_warps = _launch_shape(rank, half)
     _rope_append_kernel[(batch * seq,)](
         latent, k_rope, kv_cache, kv_cache[..., rank:], kv_cache, positions, cos, sin,  # kv_cache: no scales
         norm_weight if norm_weight is not None else latent,  # dummy pointer when HAS_NORM is False
@@ -337,11 +345,10 @@ def _rope_append(latent, k_rope, kv_cache, positions, cos, sin, norm_weight, nor
         0, 0,
         0, 0,
         stride_cb, stride_cs, stride_cn,
-        RANK=rank, HALF=half,
-        BLOCK_R=block_r, BLOCK_HALF=max(1, triton.next_power_of_2(max(half, 1))),
+        RANK=rank, HALF=half, **blocks,
         HAS_NORM=norm_weight is not None,
         PER_TOKEN=per_token,
-        num_warps=4 if block_r >= 512 else (2 if block_r >= 128 else 1),
+        num_warps=num_warps,
     )
     return None
 
@@ -475,7 +482,7 @@ def _rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, co
     group = fmt.group_size
     if group & (group - 1):
         raise ValueError(f"the kernel needs a power-of-two group size, got {group}")
-    block_r = max(triton.next_power_of_2(rank), group)
+    blocks, num_warps = _launch_shape(rank, half, group, quant_rope)
     _rope_append_kernel[(batch * seq,)](
         latent, k_rope, values, rope_cache, scales, positions, cos, sin,
         norm_weight if norm_weight is not None else latent,
@@ -489,14 +496,12 @@ def _rope_append_quant(latent, k_rope, values, scales, rope_cache, positions, co
         scales.stride(0), scales.stride(1),
         *((rope_scales.stride(0), rope_scales.stride(1)) if quant_rope else (0, 0)),
         *angle_strides,
-        RANK=rank, HALF=half,
-        BLOCK_R=block_r, BLOCK_HALF=max(1, triton.next_power_of_2(max(half, 1))),
+        RANK=rank, HALF=half, **blocks,
         HAS_NORM=norm_weight is not None,
         PER_TOKEN=per_token,
         QUANT=_QUANT_CODES[fmt.name], GROUP=group, QMAX=float(fmt.qmax), QTOP=float(fmt.top_level),
         ROPE_QUANT=quant_rope, TURN=turn is not None,
-        BLOCK_P=max(triton.next_power_of_2(max(2 * half, 1)), group) if quant_rope else 1,
-        num_warps=4 if block_r >= 512 else (2 if block_r >= 128 else 1),
+        num_warps=num_warps,
     )
     return None
 
@@ -521,25 +526,20 @@ def compile_report(fmt: str | None = "int8", rank: int = 512, rope: int = 64, qu
     """Compile the fused kernel for ``sm_{arch}`` without a GPU (bf16 inputs, per-token angles, the
     latent norm; ``fmt`` None: the 16-bit cache): shared memory and PTX size. The interpreter runs
     the numbers but not the compiler, which alone rejects some programs (tests/kernels/test_rope_append_compile.py)."""
-    from mlakit.kernels.ptxas import compile_offline
+    from mlakit.kernels.ptxas import STORAGE_TYPES, compile_offline
 
     f = cache_format(fmt) if fmt else None
-    storage = "*bf16" if f is None else {"int8": "*i8", "fp8": "*fp8e4nv", "int4": "*u8"}[f.name]
-    group = f.group_size if f else 1
+    storage = "*bf16" if f is None else "*" + STORAGE_TYPES[f.name]
     quant_rope = bool(f) and quant_rope
-    half = rope // 2
-    constexprs = dict(RANK=rank, HALF=half, BLOCK_R=max(triton.next_power_of_2(rank), group),
-                      BLOCK_HALF=max(1, triton.next_power_of_2(max(half, 1))), HAS_NORM=True, PER_TOKEN=True,
-                      QUANT=_QUANT_CODES[f.name] if f else 0, GROUP=group, QMAX=float(f.qmax) if f else 1.0,
-                      QTOP=float(f.top_level) if f else 1.0, ROPE_QUANT=quant_rope,
-                      TURN=quant_rope and f.stores_turned,
-                      BLOCK_P=max(triton.next_power_of_2(max(rope, 1)), group) if quant_rope else 1)
+    blocks, num_warps = _launch_shape(rank, rope // 2, f.group_size if f else 1, quant_rope)
+    constexprs = dict(RANK=rank, HALF=rope // 2, **blocks, HAS_NORM=True, PER_TOKEN=True,
+                      QUANT=_QUANT_CODES[f.name] if f else 0, GROUP=f.group_size if f else 1,
+                      QMAX=float(f.qmax) if f else 1.0, QTOP=float(f.top_level) if f else 1.0,
+                      ROPE_QUANT=quant_rope, TURN=quant_rope and f.stores_turned)
     pointers = {"latent_ptr": "*bf16", "k_rope_ptr": "*bf16", "lat_dst_ptr": storage,
                 "rope_dst_ptr": storage if quant_rope else "*bf16", "scales_ptr": "*fp32", "positions_ptr": "*i64",
                 "cos_ptr": "*fp32", "sin_ptr": "*fp32", "norm_weight_ptr": "*bf16", "rope_scales_ptr": "*fp32",
                 "turn_ptr": "*fp32"}
-    block_r = constexprs["BLOCK_R"]
-    kernel = compile_offline(_rope_append_kernel, pointers, constexprs,
-                             dict(num_warps=4 if block_r >= 512 else (2 if block_r >= 128 else 1)), arch=arch,
+    kernel = compile_offline(_rope_append_kernel, pointers, constexprs, dict(num_warps=num_warps), arch=arch,
                              floats=("norm_eps",))
     return {"shared_bytes": kernel.metadata.shared, "ptx_lines": kernel.asm["ptx"].count("\n")}
